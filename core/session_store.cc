@@ -1,0 +1,200 @@
+#include "core/session_store.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/status_macros.h"
+
+namespace sparsekv {
+
+absl::Status ValidateSessionId(const std::string& id) {
+  if (id.empty() || id.size() > 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session_id must be 1..128 characters, got ", id.size()));
+  }
+  for (char c : id) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == ':' || c == '-';
+    if (!ok) {
+      return absl::InvalidArgumentError("session_id may only contain letters, digits and . _ : -");
+    }
+  }
+  return absl::OkStatus();
+}
+
+SessionStore::SessionStore(SessionStoreOptions options)
+    : options_(std::move(options)),
+      backend_(options_.backend ? options_.backend : &kernels::CpuBackend()),
+      budget_(
+          std::make_shared<MemoryBudget>(options_.host_budget_bytes, options_.tenant_budget_bytes)),
+      rng_(std::random_device{}()) {
+  if (options_.janitor_period > absl::ZeroDuration()) {
+    janitor_ = std::thread([this] { JanitorLoop(); });
+  }
+}
+
+SessionStore::~SessionStore() {
+  {
+    absl::MutexLock lock(&mu_);
+    shutting_down_ = true;
+  }
+  if (janitor_.joinable()) janitor_.join();
+}
+
+void SessionStore::JanitorLoop() {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return shutting_down_; };
+      mu_.AwaitWithTimeout(absl::Condition(&stop), options_.janitor_period);
+      if (shutting_down_) return;
+    }
+    EvictExpired(absl::Now());
+  }
+}
+
+std::string SessionStore::NewId() {
+  for (;;) {
+    std::string id = absl::StrFormat("s-%016x", rng_());
+    if (sessions_.find(id) == sessions_.end()) return id;
+  }
+}
+
+absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
+  if (!params.id.empty()) SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(params.id));
+  if (params.tenant.empty()) params.tenant = "default";
+  if (params.tenant.size() > 128) {
+    return absl::InvalidArgumentError("tenant must be at most 128 characters");
+  }
+  SPARSEKV_RETURN_IF_ERROR(ValidateLayout(params.layout));
+  SPARSEKV_RETURN_IF_ERROR(ValidatePolicy(params.policy));
+  if (params.ttl < absl::ZeroDuration() || params.ttl > options_.max_ttl) {
+    return absl::InvalidArgumentError(absl::StrCat("ttl must be at most ",
+                                                   absl::FormatDuration(options_.max_ttl), ", got ",
+                                                   absl::FormatDuration(params.ttl)));
+  }
+  SessionInfo info;
+  info.tenant = std::move(params.tenant);
+  info.layout = params.layout;
+  info.policy = params.policy;
+  info.ttl = params.ttl == absl::ZeroDuration() ? options_.default_ttl : params.ttl;
+  info.labels = std::move(params.labels);
+  info.create_time = absl::Now();
+  info.last_access_time = info.create_time;
+
+  absl::MutexLock lock(&mu_);
+  if (shutting_down_) return absl::UnavailableError("session store is shutting down");
+  if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session limit reached: ", options_.max_sessions, " sessions (--max_sessions)"));
+  }
+  if (params.id.empty()) {
+    info.id = NewId();
+  } else if (sessions_.count(params.id)) {
+    return absl::AlreadyExistsError(absl::StrCat("session \"", params.id, "\" already exists"));
+  } else {
+    info.id = std::move(params.id);
+  }
+  auto session = std::make_shared<Session>(info, budget_);
+  sessions_.emplace(info.id, std::move(session));
+  return info;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionStore::Get(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
+  }
+  return it->second;
+}
+
+ListSessionsResult SessionStore::List(const std::string& tenant, int page_size,
+                                      const std::string& page_token) const {
+  std::vector<std::shared_ptr<Session>> page;
+  ListSessionsResult result;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sessions_.upper_bound(page_token); it != sessions_.end(); ++it) {
+      if (!tenant.empty() && it->second->tenant() != tenant) continue;
+      if (static_cast<int>(page.size()) == page_size) {
+        result.next_page_token = page.back()->id();
+        break;
+      }
+      page.push_back(it->second);
+    }
+  }
+  // Stats take each session's own lock: gather them outside the store lock.
+  result.sessions.reserve(page.size());
+  for (const auto& s : page) result.sessions.push_back(s->Info());
+  return result;
+}
+
+absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
+  std::shared_ptr<Session> victim;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) {
+      return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
+    }
+    victim = std::move(it->second);
+    sessions_.erase(it);
+  }
+  return victim->bytes();
+}
+
+absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
+                                       std::vector<DecodeOutput>* outputs) {
+  std::vector<std::shared_ptr<Session>> sessions;
+  sessions.reserve(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    absl::StatusOr<std::shared_ptr<Session>> s = Get(items[i].session_id);
+    absl::Status st = s.ok() ? (*s)->CheckDecode(items[i]) : s.status();
+    if (!st.ok()) {
+      if (items.size() == 1) return st;
+      return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
+    }
+    sessions.push_back(*std::move(s));
+  }
+  outputs->resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    absl::Status st = sessions[i]->Decode(items[i], *backend_, &(*outputs)[i]);
+    if (!st.ok()) {
+      if (items.size() == 1) return st;
+      return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+int SessionStore::EvictExpired(absl::Time now) {
+  std::vector<std::shared_ptr<Session>> victims;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      if (it->second->expired(now)) {
+        victims.push_back(std::move(it->second));
+        it = sessions_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    evicted_total_ += static_cast<int64_t>(victims.size());
+  }
+  return static_cast<int>(victims.size());
+}
+
+StoreStats SessionStore::Stats() const {
+  StoreStats s;
+  {
+    absl::MutexLock lock(&mu_);
+    s.sessions = static_cast<int64_t>(sessions_.size());
+    s.evicted_total = evicted_total_;
+  }
+  s.bytes_used = budget_->used();
+  return s;
+}
+
+}  // namespace sparsekv

@@ -1,0 +1,115 @@
+// The set of live sessions: creation, lookup, paged listing, deletion, TTL eviction, the host
+// byte budget, and batched decode steps across sessions.
+//
+// Thread-safe. Lookups hand out shared_ptr<Session>, so a request that holds a session keeps
+// it alive even if it is deleted or evicted meanwhile; its bytes return to the budget when the
+// last holder lets go.
+#ifndef SPARSEKV_CORE_SESSION_STORE_H_
+#define SPARSEKV_CORE_SESSION_STORE_H_
+
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/memory_budget.h"
+#include "core/session.h"
+#include "core/types.h"
+#include "kernels/backend.h"
+
+namespace sparsekv {
+
+struct SessionStoreOptions {
+  int64_t host_budget_bytes = 0;    // all sessions together; 0 = unlimited
+  int64_t tenant_budget_bytes = 0;  // each tenant; 0 = unlimited
+  int max_sessions = 100000;
+  absl::Duration default_ttl = absl::Hours(1);  // for sessions that ask for none
+  absl::Duration max_ttl = absl::Hours(24);
+  // How often the background janitor evicts expired sessions; zero = no janitor thread (tests
+  // call EvictExpired themselves).
+  absl::Duration janitor_period = absl::Seconds(1);
+  const kernels::Backend* backend = nullptr;  // null = kernels::CpuBackend()
+};
+
+// What CreateSession asks for.
+struct CreateSessionParams {
+  std::string id;      // empty = generate
+  std::string tenant;  // empty = "default"
+  Layout layout;
+  Policy policy;
+  absl::Duration ttl = absl::ZeroDuration();  // zero = options.default_ttl
+  std::map<std::string, std::string> labels;
+};
+
+struct ListSessionsResult {
+  std::vector<SessionInfo> sessions;  // ordered by id
+  std::string next_page_token;        // empty on the last page
+};
+
+// Aggregate figures for metrics.
+struct StoreStats {
+  int64_t sessions = 0;
+  int64_t bytes_used = 0;
+  int64_t evicted_total = 0;
+};
+
+class SessionStore {
+ public:
+  explicit SessionStore(SessionStoreOptions options);
+  ~SessionStore();  // stops the janitor
+
+  SessionStore(const SessionStore&) = delete;
+  SessionStore& operator=(const SessionStore&) = delete;
+
+  // InvalidArgument for a bad id, layout, policy or TTL; Unimplemented for policies not built
+  // yet; AlreadyExists for a taken id; ResourceExhausted at max_sessions.
+  absl::StatusOr<SessionInfo> Create(CreateSessionParams params);
+  // NotFound for an unknown id.
+  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id) const;
+  // Sessions of `tenant` (all when empty) with id > page_token, at most page_size (1..1000).
+  ListSessionsResult List(const std::string& tenant, int page_size,
+                          const std::string& page_token) const;
+  // Removes the session. NotFound for an unknown id. Returns the bytes it held.
+  absl::StatusOr<int64_t> Delete(const std::string& id);
+
+  // Runs every item of a decode step. All items are looked up and checked first; if any fails
+  // nothing is appended and that item's error is returned (message prefixed with its index).
+  // outputs is resized to items.size().
+  absl::Status DecodeBatch(const std::vector<DecodeInput>& items,
+                           std::vector<DecodeOutput>* outputs);
+
+  // Removes sessions idle for longer than their TTL; returns how many.
+  int EvictExpired(absl::Time now);
+
+  StoreStats Stats() const;
+  const MemoryBudget& budget() const { return *budget_; }
+  const kernels::Backend& backend() const { return *backend_; }
+
+ private:
+  std::string NewId() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void JanitorLoop();
+
+  const SessionStoreOptions options_;
+  const kernels::Backend* const backend_;
+  const std::shared_ptr<MemoryBudget> budget_;
+
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
+  int64_t evicted_total_ ABSL_GUARDED_BY(mu_) = 0;
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread janitor_;
+};
+
+// OK for 1..128 characters of [A-Za-z0-9._:-], else InvalidArgument.
+absl::Status ValidateSessionId(const std::string& id);
+
+}  // namespace sparsekv
+
+#endif  // SPARSEKV_CORE_SESSION_STORE_H_

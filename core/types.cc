@@ -1,0 +1,76 @@
+#include "core/types.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/status_macros.h"
+
+namespace sparsekv {
+
+absl::Status ValidateLayout(const Layout& l) {
+  if (l.num_layers < 1 || l.num_layers > kMaxLayers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layout.num_layers must be in [1, ", kMaxLayers, "], got ", l.num_layers));
+  }
+  if (l.num_kv_heads < 1 || l.num_kv_heads > kMaxHeads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layout.num_kv_heads must be in [1, ", kMaxHeads, "], got ", l.num_kv_heads));
+  }
+  if (l.num_q_heads < 1 || l.num_q_heads > kMaxHeads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layout.num_q_heads must be in [1, ", kMaxHeads, "], got ", l.num_q_heads));
+  }
+  if (l.num_q_heads % l.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("layout.num_q_heads (", l.num_q_heads,
+                                                   ") must be a multiple of layout.num_kv_heads (",
+                                                   l.num_kv_heads, ")"));
+  }
+  if (l.head_dim < 1 || l.head_dim > kMaxHeadDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layout.head_dim must be in [1, ", kMaxHeadDim, "], got ", l.head_dim));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status ValidateTensorPolicy(const TensorPolicy& p, const char* which) {
+  if (!(p.sparsity >= 0.0f && p.sparsity < 1.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.", which, ".sparsity must be in [0, 1), got ", p.sparsity));
+  }
+  if (p.sparsity > 0.0f) {
+    return absl::UnimplementedError(
+        absl::StrCat("policy.", which,
+                     ".sparsity > 0 needs background pruning (issue #3, "
+                     "\"MUSTAFAR core on the CPU\"), which is not implemented yet; use 0"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidatePolicy(const Policy& p) {
+  if (p.dense_window < 0 || p.dense_window > 65536) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.dense_window must be in [0, 65536], got ", p.dense_window));
+  }
+  if (p.group_tokens != 32 && p.group_tokens != 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.group_tokens must be 32 or 64, got ", p.group_tokens));
+  }
+  if (p.chunk_tokens < p.group_tokens || p.chunk_tokens % p.group_tokens != 0 ||
+      p.chunk_tokens > 8192) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.chunk_tokens must be a multiple of group_tokens (", p.group_tokens,
+                     ") in [", p.group_tokens, ", 8192], got ", p.chunk_tokens));
+  }
+  SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.k, "k"));
+  SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.v, "v"));
+  return absl::OkStatus();
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+}  // namespace sparsekv

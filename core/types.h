@@ -1,0 +1,110 @@
+// Value types shared by the session layer: cache layout, pruning policy, tensor views, stats.
+//
+// Plain structs; no synchronisation needed.
+#ifndef SPARSEKV_CORE_TYPES_H_
+#define SPARSEKV_CORE_TYPES_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "kernels/dtype.h"
+
+namespace sparsekv {
+
+using kernels::DType;
+
+inline constexpr int kMaxHeadDim = 512;
+inline constexpr int kMaxLayers = 1024;
+inline constexpr int kMaxHeads = 1024;
+
+// Shape of a session's cache, fixed at creation.
+struct Layout {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int num_q_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kFloat16;  // storage dtype
+
+  int group_size() const { return num_q_heads / num_kv_heads; }
+  // Bytes of one token of one layer, K and V together.
+  int64_t token_bytes() const {
+    return 2 * static_cast<int64_t>(num_kv_heads) * head_dim * kernels::DTypeSize(dtype);
+  }
+};
+
+enum class PruneDirection { kPerToken, kPerChannel };
+enum class Scoring { kMagnitude, kOutputAware };
+
+struct TensorPolicy {
+  float sparsity = 0.0f;
+  PruneDirection direction = PruneDirection::kPerToken;
+  Scoring scoring = Scoring::kMagnitude;
+};
+
+struct Policy {
+  TensorPolicy k;
+  TensorPolicy v;
+  int dense_window = 32;
+  int chunk_tokens = 256;
+  int group_tokens = 32;
+};
+
+// InvalidArgument naming the first bad field, or OK.
+absl::Status ValidateLayout(const Layout& layout);
+// InvalidArgument for out-of-range values; Unimplemented for sparsity > 0 until the pruner
+// (issue #3) lands.
+absl::Status ValidatePolicy(const Policy& policy);
+
+// A borrowed, read-only tensor: `data` holds product(shape) elements of `dtype`, row-major,
+// little-endian. The service checks that the byte length matches before building one.
+struct TensorView {
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+
+  int64_t num_elements() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  bool empty() const { return data == nullptr && shape.empty(); }
+};
+
+// "[2, 3, 4]" for messages.
+std::string ShapeString(const std::vector<int64_t>& shape);
+
+// Live figures of one session; see SessionStats in the proto for field meanings.
+struct SessionStats {
+  std::vector<int64_t> tokens_per_layer;
+  int64_t tokens_total = 0;
+  int64_t bytes_dense = 0;
+  int64_t bytes_compressed = 0;
+  int64_t bytes_dense_equivalent = 0;
+  float achieved_sparsity_k = 0.0f;
+  float achieved_sparsity_v = 0.0f;
+  Scoring scoring_in_force_k = Scoring::kMagnitude;
+  Scoring scoring_in_force_v = Scoring::kMagnitude;
+  int64_t pruning_backlog_tokens = 0;
+  int64_t decode_steps = 0;
+};
+
+// Everything a client can learn about a session.
+struct SessionInfo {
+  std::string id;
+  std::string tenant;
+  Layout layout;
+  Policy policy;
+  absl::Duration ttl;
+  std::map<std::string, std::string> labels;
+  absl::Time create_time;
+  absl::Time last_access_time;
+  SessionStats stats;
+};
+
+}  // namespace sparsekv
+
+#endif  // SPARSEKV_CORE_TYPES_H_

@@ -1,0 +1,83 @@
+// sparsekv-server: the KV-cache compression service. Flags are documented by --help.
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/time/time.h"
+#include "service/server.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address HOST:PORT; port 0 = any");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
+          "Prometheus /metrics listen address HOST:PORT; port 0 = any; empty = off");
+ABSL_FLAG(int, max_message_bytes, 64 << 20,
+          "Largest gRPC message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, host_budget_bytes, 0,
+          "Byte budget for all cached K/V in host memory; 0 = unlimited. Appends over it get "
+          "RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, tenant_budget_bytes, 0, "Byte budget per tenant; 0 = unlimited");
+ABSL_FLAG(int, max_sessions, 100000, "Most live sessions; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(absl::Duration, default_ttl, absl::Hours(1),
+          "Idle time after which a session that asked for no TTL is evicted");
+ABSL_FLAG(absl::Duration, max_ttl, absl::Hours(24), "Largest TTL a session may ask for");
+ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(5),
+          "On SIGTERM/SIGINT, how long running RPCs may take to finish");
+ABSL_FLAG(std::string, ready_file, "",
+          "If set, written once serving: lines grpc_port=N and metrics_port=M (for scripts "
+          "that start the server on port 0)");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("sparsekv-server: KV-cache compression service (gRPC)");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the stop signals in every thread (gRPC's included) and take them with sigwait below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  sparsekv::service::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.store.host_budget_bytes = absl::GetFlag(FLAGS_host_budget_bytes);
+  options.store.tenant_budget_bytes = absl::GetFlag(FLAGS_tenant_budget_bytes);
+  options.store.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.store.default_ttl = absl::GetFlag(FLAGS_default_ttl);
+  options.store.max_ttl = absl::GetFlag(FLAGS_max_ttl);
+
+  auto server = sparsekv::service::Server::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "sparsekv-server: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  const auto& build = (*server)->build();
+  std::fprintf(stderr,
+               "sparsekv-server %s (%s): kernels %s/%s; grpc listening on port %d, metrics on "
+               "port %d\n",
+               build.version.c_str(), build.git_commit.c_str(), build.kernel_backend.c_str(),
+               build.kernel_variant.c_str(), (*server)->grpc_port(), (*server)->metrics_port());
+  const std::string ready = absl::GetFlag(FLAGS_ready_file);
+  if (!ready.empty()) {
+    // Write then rename so that a reader never sees a half-written file.
+    const std::string tmp = ready + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << "grpc_port=" << (*server)->grpc_port() << "\nmetrics_port=" << (*server)->metrics_port()
+        << "\n";
+    }
+    std::rename(tmp.c_str(), ready.c_str());
+  }
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::fprintf(stderr, "sparsekv-server: signal %d, shutting down\n", sig);
+  (*server)->Shutdown(absl::GetFlag(FLAGS_shutdown_grace));
+  std::fprintf(stderr, "sparsekv-server: stopped\n");
+  return 0;
+}

@@ -1,0 +1,131 @@
+#include "service/metrics.h"
+
+#include <prometheus/collectable.h>
+#include <prometheus/gauge.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
+
+#include <vector>
+
+#include "service/grpc_status.h"
+
+namespace sparsekv::service {
+
+const char* const kRpcMethods[] = {"CreateSession", "GetSession",    "ListSessions",
+                                   "DeleteSession", "AppendKV",      "Decode",
+                                   "DecodeStream",  "Flush",         "ReadKV",
+                                   "ExportSession", "ImportSession", "GetServerInfo"};
+const int kNumRpcMethods = sizeof(kRpcMethods) / sizeof(kRpcMethods[0]);
+
+namespace {
+
+// Gauges computed from the store when Prometheus scrapes, so they are never stale.
+class StoreCollector final : public prometheus::Collectable {
+ public:
+  explicit StoreCollector(const SessionStore* store) : store_(store) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    const StoreStats s = store_->Stats();
+    std::vector<prometheus::MetricFamily> out;
+    out.push_back(Single("sparsekv_sessions", "Live sessions.", prometheus::MetricType::Gauge,
+                         static_cast<double>(s.sessions), {}));
+    out.push_back(Single("sparsekv_kv_bytes", "Bytes of cached K/V (payload and metadata).",
+                         prometheus::MetricType::Gauge, static_cast<double>(s.bytes_used),
+                         {{"tier", "host"}}));
+    out.push_back(Single("sparsekv_kv_budget_bytes",
+                         "Byte budget for cached K/V; 0 means unlimited.",
+                         prometheus::MetricType::Gauge,
+                         static_cast<double>(store_->budget().limit()), {{"tier", "host"}}));
+    out.push_back(
+        Single("sparsekv_sessions_evicted_total", "Sessions removed because their TTL expired.",
+               prometheus::MetricType::Counter, static_cast<double>(s.evicted_total), {}));
+    return out;
+  }
+
+ private:
+  static prometheus::MetricFamily Single(const char* name, const char* help,
+                                         prometheus::MetricType type, double value,
+                                         std::vector<prometheus::ClientMetric::Label> labels) {
+    prometheus::MetricFamily f;
+    f.name = name;
+    f.help = help;
+    f.type = type;
+    prometheus::ClientMetric m;
+    m.label = std::move(labels);
+    if (type == prometheus::MetricType::Counter) {
+      m.counter.value = value;
+    } else {
+      m.gauge.value = value;
+    }
+    f.metric.push_back(std::move(m));
+    return f;
+  }
+
+  const SessionStore* store_;
+};
+
+}  // namespace
+
+Metrics::Metrics(const SessionStore* store, BuildInfo build)
+    : registry_(std::make_shared<prometheus::Registry>()) {
+  requests_ = &prometheus::BuildCounter()
+                   .Name("sparsekv_rpc_requests_total")
+                   .Help("Finished RPCs by method and gRPC status code.")
+                   .Register(*registry_);
+  latency_ = &prometheus::BuildHistogram()
+                  .Name("sparsekv_rpc_duration_seconds")
+                  .Help("RPC handling time from arrival to status, by method.")
+                  .Register(*registry_);
+  for (int i = 0; i < kNumRpcMethods; ++i) {
+    requests_->Add({{"method", kRpcMethods[i]}, {"code", "OK"}});
+  }
+  decode_items_ = &prometheus::BuildCounter()
+                       .Name("sparsekv_decode_items_total")
+                       .Help("Decode items (one session, one layer) served.")
+                       .Register(*registry_)
+                       .Add({});
+  appended_rows_ = &prometheus::BuildCounter()
+                        .Name("sparsekv_appended_token_rows_total")
+                        .Help("Token rows (layers x tokens) appended to caches.")
+                        .Register(*registry_)
+                        .Add({});
+  received_bytes_ = &prometheus::BuildCounter()
+                         .Name("sparsekv_appended_bytes_total")
+                         .Help("K/V tensor bytes received by AppendKV, as sent on the wire.")
+                         .Register(*registry_)
+                         .Add({});
+  prometheus::BuildGauge()
+      .Name("sparsekv_build_info")
+      .Help("Build and kernel selection of this server; value is always 1.")
+      .Register(*registry_)
+      .Add({{"version", build.version},
+            {"git_commit", build.git_commit},
+            {"kernel_backend", build.kernel_backend},
+            {"kernel_variant", build.kernel_variant}})
+      .Set(1);
+  store_collector_ = std::make_shared<StoreCollector>(store);
+}
+
+std::vector<std::shared_ptr<prometheus::Collectable>> Metrics::collectables() const {
+  return {registry_, store_collector_};
+}
+
+std::string Metrics::Serialize() const {
+  std::vector<prometheus::MetricFamily> families;
+  for (const auto& c : collectables()) {
+    for (auto& f : c->Collect()) families.push_back(std::move(f));
+  }
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+void Metrics::RecordRpc(const std::string& method, grpc::StatusCode code, absl::Duration latency) {
+  requests_->Add({{"method", method}, {"code", GrpcCodeName(code)}}).Increment();
+  // Buckets from 50 us (small decode steps) to 10 s (bulk uploads).
+  static const prometheus::Histogram::BucketBoundaries* const kBuckets =
+      new prometheus::Histogram::BucketBoundaries{5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+                                                  5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,  0.25,
+                                                  0.5,  1,    2.5,    5,    10};
+  latency_->Add({{"method", method}}, *kBuckets).Observe(absl::ToDoubleSeconds(latency));
+}
+
+}  // namespace sparsekv::service
