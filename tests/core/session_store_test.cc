@@ -1,0 +1,136 @@
+#include "core/session_store.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/core/test_util.h"
+
+namespace sparsekv {
+namespace {
+
+SessionStoreOptions NoJanitor() {
+  SessionStoreOptions o;
+  o.janitor_period = absl::ZeroDuration();
+  return o;
+}
+
+CreateSessionParams Params(std::string id = "", std::string tenant = "") {
+  CreateSessionParams p;
+  p.id = std::move(id);
+  p.tenant = std::move(tenant);
+  p.layout = Layout{2, 2, 4, 16, DType::kFloat16};
+  return p;
+}
+
+TEST(SessionStoreTest, CreateGetDelete) {
+  SessionStore store(NoJanitor());
+  auto info = store.Create(Params());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->tenant, "default");
+  EXPECT_EQ(info->ttl, absl::Hours(1));
+  EXPECT_TRUE(store.Get(info->id).ok());
+  EXPECT_EQ(store.Create(Params(info->id)).status().code(), absl::StatusCode::kAlreadyExists);
+  auto freed = store.Delete(info->id);
+  ASSERT_TRUE(freed.ok());
+  EXPECT_EQ(store.Get(info->id).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.Delete(info->id).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(SessionStoreTest, RejectsBadIdsAndLayouts) {
+  SessionStore store(NoJanitor());
+  EXPECT_EQ(store.Create(Params("has space")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Create(Params(std::string(129, 'a'))).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  CreateSessionParams p = Params();
+  p.layout.num_q_heads = 5;
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  p = Params();
+  p.ttl = absl::Hours(48);
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Stats().sessions, 0);
+}
+
+TEST(SessionStoreTest, ListPagesInIdOrderAndFiltersByTenant) {
+  SessionStore store(NoJanitor());
+  for (const char* id : {"c", "a", "e", "b", "d"}) {
+    ASSERT_TRUE(store.Create(Params(id, std::string(id) < "c" ? "x" : "y")).ok());
+  }
+  std::vector<std::string> seen;
+  std::string token;
+  do {
+    ListSessionsResult r = store.List("", 2, token);
+    EXPECT_LE(r.sessions.size(), 2u);
+    for (const auto& s : r.sessions) seen.push_back(s.id);
+    token = r.next_page_token;
+  } while (!token.empty());
+  EXPECT_EQ(seen, (std::vector<std::string>{"a", "b", "c", "d", "e"}));
+  ListSessionsResult x = store.List("x", 100, "");
+  ASSERT_EQ(x.sessions.size(), 2u);
+  EXPECT_EQ(x.sessions[0].id, "a");
+  EXPECT_TRUE(x.next_page_token.empty());
+}
+
+TEST(SessionStoreTest, EvictsOnlyExpiredSessions) {
+  SessionStore store(NoJanitor());
+  CreateSessionParams p = Params("short");
+  p.ttl = absl::Seconds(10);
+  ASSERT_TRUE(store.Create(p).ok());
+  ASSERT_TRUE(store.Create(Params("long")).ok());  // default 1 h
+  EXPECT_EQ(store.EvictExpired(absl::Now() + absl::Seconds(5)), 0);
+  EXPECT_EQ(store.EvictExpired(absl::Now() + absl::Seconds(60)), 1);
+  EXPECT_EQ(store.Get("short").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(store.Get("long").ok());
+  EXPECT_EQ(store.Stats().evicted_total, 1);
+}
+
+TEST(SessionStoreTest, MaxSessions) {
+  SessionStoreOptions o = NoJanitor();
+  o.max_sessions = 1;
+  SessionStore store(o);
+  ASSERT_TRUE(store.Create(Params()).ok());
+  EXPECT_EQ(store.Create(Params()).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST(SessionStoreTest, BatchWithOneBadItemAppendsNothing) {
+  SessionStore store(NoJanitor());
+  ASSERT_TRUE(store.Create(Params("a")).ok());
+  std::mt19937 rng(1);
+  auto q = testing::RandomTensor({4, 16}, &rng);
+  auto nk = testing::RandomTensor({2, 16}, &rng);
+  std::vector<DecodeInput> items(2);
+  items[0].session_id = "a";
+  items[0].q = q.view;
+  items[0].new_k = nk.view;
+  items[0].new_v = nk.view;
+  items[1].session_id = "missing";
+  items[1].q = q.view;
+  std::vector<DecodeOutput> out;
+  absl::Status st = store.DecodeBatch(items, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(st.message().find("items[1]"), std::string::npos);
+  EXPECT_EQ((*store.Get("a"))->tokens(0), 0);
+  items[1].session_id = "a";
+  items[1].layer = 1;
+  ASSERT_TRUE(store.DecodeBatch(items, &out).ok());
+  EXPECT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0].tokens_attended, 1);
+  EXPECT_EQ(out[1].tokens_attended, 0);  // layer 1 is empty: zero output
+}
+
+TEST(SessionStoreTest, DeleteReturnsBytesToBudget) {
+  SessionStoreOptions o = NoJanitor();
+  o.host_budget_bytes = 1 << 20;
+  SessionStore store(o);
+  ASSERT_TRUE(store.Create(Params("a")).ok());
+  std::mt19937 rng(2);
+  auto k = testing::RandomTensor({2, 10, 2, 16}, &rng);
+  ASSERT_TRUE((*store.Get("a"))->Append(0, k.view, k.view).ok());
+  EXPECT_EQ(store.Stats().bytes_used, 2 * 10 * 2 * 2 * 16 * 2);
+  auto freed = store.Delete("a");
+  ASSERT_TRUE(freed.ok());
+  EXPECT_EQ(*freed, 2 * 10 * 2 * 2 * 16 * 2);
+  EXPECT_EQ(store.Stats().bytes_used, 0);
+}
+
+}  // namespace
+}  // namespace sparsekv

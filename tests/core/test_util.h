@@ -1,0 +1,70 @@
+// Helpers for core tests: random K/V tensors and a float64 attention reference.
+#ifndef SPARSEKV_TESTS_CORE_TEST_UTIL_H_
+#define SPARSEKV_TESTS_CORE_TEST_UTIL_H_
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/types.h"
+
+namespace sparsekv::testing {
+
+// Owns the data of a float32 TensorView.
+struct OwnedTensor {
+  std::vector<float> values;
+  TensorView view;
+};
+
+inline OwnedTensor RandomTensor(std::vector<int64_t> shape, std::mt19937* rng) {
+  OwnedTensor t;
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  t.values.resize(n);
+  for (float& x : t.values) x = dist(*rng);
+  t.view.dtype = DType::kFloat32;
+  t.view.shape = std::move(shape);
+  t.view.data = t.values.data();
+  return t;
+}
+
+// Value as stored in `dtype` (rounded), as double.
+inline double Stored(DType dtype, float x) {
+  uint8_t buf[4];
+  kernels::StoreFromFloat(dtype, buf, 0, x);
+  return kernels::LoadAsFloat(dtype, buf, 0);
+}
+
+// out[h, :] = softmax(q[h] . K[g]^T * scale) V[g], g = h / group, over rows of K/V laid out
+// [tokens, kv_heads, head_dim] (float64 throughout).
+inline std::vector<double> AttentionReference(const std::vector<double>& q,
+                                              const std::vector<double>& k,
+                                              const std::vector<double>& v, int q_heads,
+                                              int kv_heads, int d, int64_t tokens) {
+  std::vector<double> out(static_cast<size_t>(q_heads) * d, 0.0);
+  const int group = q_heads / kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  for (int h = 0; h < q_heads; ++h) {
+    const int g = h / group;
+    std::vector<double> s(tokens);
+    double m = -INFINITY;
+    for (int64_t t = 0; t < tokens; ++t) {
+      double dot = 0;
+      for (int j = 0; j < d; ++j) dot += q[h * d + j] * k[(t * kv_heads + g) * d + j];
+      s[t] = dot * scale;
+      m = std::max(m, s[t]);
+    }
+    double z = 0;
+    for (double x : s) z += std::exp(x - m);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const double p = std::exp(s[t] - m) / z;
+      for (int j = 0; j < d; ++j) out[h * d + j] += p * v[(t * kv_heads + g) * d + j];
+    }
+  }
+  return out;
+}
+
+}  // namespace sparsekv::testing
+
+#endif  // SPARSEKV_TESTS_CORE_TEST_UTIL_H_
