@@ -5,7 +5,7 @@
 namespace sparsekv {
 
 absl::Status MemoryBudget::Reserve(const std::string& tenant, int64_t bytes) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (limit_ > 0 && used_ + bytes > limit_) {
     return absl::ResourceExhaustedError(absl::StrCat("host memory budget exceeded: request needs ",
                                                      bytes, " bytes, ", used_, " of ", limit_,
@@ -23,7 +23,7 @@ absl::Status MemoryBudget::Reserve(const std::string& tenant, int64_t bytes) {
 }
 
 void MemoryBudget::Release(const std::string& tenant, int64_t bytes) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   used_ -= bytes;
   auto it = tenant_used_.find(tenant);
   if (it != tenant_used_.end()) {
@@ -33,12 +33,12 @@ void MemoryBudget::Release(const std::string& tenant, int64_t bytes) {
 }
 
 int64_t MemoryBudget::used() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return used_;
 }
 
 int64_t MemoryBudget::tenant_used(const std::string& tenant) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = tenant_used_.find(tenant);
   return it == tenant_used_.end() ? 0 : it->second;
 }

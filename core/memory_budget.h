@@ -10,7 +10,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "core/mutex.h"
 
 namespace sparsekv {
 
@@ -37,7 +37,7 @@ class MemoryBudget {
  private:
   const int64_t limit_;
   const int64_t tenant_limit_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   int64_t used_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<std::string, int64_t> tenant_used_ ABSL_GUARDED_BY(mu_);
 };

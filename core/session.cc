@@ -18,7 +18,7 @@ Session::Session(SessionInfo info, std::shared_ptr<MemoryBudget> budget)
 }
 
 Session::~Session() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (bytes_ > 0) budget_->Release(info_.tenant, bytes_);
 }
 
@@ -57,7 +57,7 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
   SPARSEKV_RETURN_IF_ERROR(budget_->Reserve(info_.tenant, add));
   const size_t src_layer_bytes =
       static_cast<size_t>(tokens) * l.num_kv_heads * l.head_dim * kernels::DTypeSize(k.dtype);
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (int64_t i = 0; i < layers; ++i) {
     layers_[layer_begin + i].Append(
         k.dtype, static_cast<const uint8_t*>(k.data) + i * src_layer_bytes,
@@ -109,7 +109,7 @@ absl::Status Session::Decode(const DecodeInput& in, const kernels::Backend& back
   const int group = l.group_size();
   const float scale = in.scale > 0.0f ? in.scale : 1.0f / std::sqrt(static_cast<float>(l.head_dim));
 
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   DenseLayer& layer = layers_[in.layer];
   if (append) {
     layer.Append(in.new_k.dtype, in.new_k.data, in.new_v.data, 1);
@@ -142,7 +142,7 @@ absl::StatusOr<int64_t> Session::Read(int layer, int64_t token_begin, int64_t co
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer, " outside the session's ", l.num_layers, " layers"));
   }
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const DenseLayer& d = layers_[layer];
   if (count < 0) count = d.tokens() - token_begin;
   if (token_begin < 0 || count < 0 || token_begin + count > d.tokens()) {
@@ -155,7 +155,7 @@ absl::StatusOr<int64_t> Session::Read(int layer, int64_t token_begin, int64_t co
 }
 
 SessionInfo Session::Info() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   SessionInfo info = info_;
   info.last_access_time = last_access_;
   SessionStats& s = info.stats;
@@ -171,17 +171,17 @@ SessionInfo Session::Info() const {
 }
 
 int64_t Session::tokens(int layer) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return layers_[layer].tokens();
 }
 
 int64_t Session::bytes() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return bytes_;
 }
 
 absl::Time Session::last_access() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return last_access_;
 }
 

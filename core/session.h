@@ -12,10 +12,10 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/dense_layer.h"
 #include "core/memory_budget.h"
+#include "core/mutex.h"
 #include "core/types.h"
 #include "kernels/backend.h"
 
@@ -86,7 +86,7 @@ class Session {
   void Touch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::shared_ptr<MemoryBudget> budget_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   SessionInfo info_;  // stats unused; mutable fields below
   std::vector<DenseLayer> layers_ ABSL_GUARDED_BY(mu_);
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;

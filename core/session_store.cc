@@ -36,19 +36,21 @@ SessionStore::SessionStore(SessionStoreOptions options)
 
 SessionStore::~SessionStore() {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     shutting_down_ = true;
+    shutting_down_flag_ = true;
   }
+  janitor_cv_.notify_all();
   if (janitor_.joinable()) janitor_.join();
 }
 
 void SessionStore::JanitorLoop() {
   for (;;) {
     {
-      absl::MutexLock lock(&mu_);
-      auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return shutting_down_; };
-      mu_.AwaitWithTimeout(absl::Condition(&stop), options_.janitor_period);
-      if (shutting_down_) return;
+      std::unique_lock<std::mutex> lock(mu_.native());
+      janitor_cv_.wait_for(lock, absl::ToChronoMilliseconds(options_.janitor_period),
+                           [this] { return shutting_down_flag_; });
+      if (shutting_down_flag_) return;
     }
     EvictExpired(absl::Now());
   }
@@ -83,7 +85,7 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
   info.create_time = absl::Now();
   info.last_access_time = info.create_time;
 
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (shutting_down_) return absl::UnavailableError("session store is shutting down");
   if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -96,13 +98,13 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
   } else {
     info.id = std::move(params.id);
   }
-  auto session = std::make_shared<Session>(info, budget_);
-  sessions_.emplace(info.id, std::move(session));
-  return info;
+  auto session = std::make_shared<Session>(std::move(info), budget_);
+  sessions_.emplace(session->id(), session);
+  return session->Info();
 }
 
 absl::StatusOr<std::shared_ptr<Session>> SessionStore::Get(const std::string& id) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) {
     return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
@@ -115,7 +117,7 @@ ListSessionsResult SessionStore::List(const std::string& tenant, int page_size,
   std::vector<std::shared_ptr<Session>> page;
   ListSessionsResult result;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (auto it = sessions_.upper_bound(page_token); it != sessions_.end(); ++it) {
       if (!tenant.empty() && it->second->tenant() != tenant) continue;
       if (static_cast<int>(page.size()) == page_size) {
@@ -134,7 +136,7 @@ ListSessionsResult SessionStore::List(const std::string& tenant, int page_size,
 absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
   std::shared_ptr<Session> victim;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     auto it = sessions_.find(id);
     if (it == sessions_.end()) {
       return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
@@ -172,7 +174,7 @@ absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
 int SessionStore::EvictExpired(absl::Time now) {
   std::vector<std::shared_ptr<Session>> victims;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (auto it = sessions_.begin(); it != sessions_.end();) {
       if (it->second->expired(now)) {
         victims.push_back(std::move(it->second));
@@ -189,7 +191,7 @@ int SessionStore::EvictExpired(absl::Time now) {
 StoreStats SessionStore::Stats() const {
   StoreStats s;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     s.sessions = static_cast<int64_t>(sessions_.size());
     s.evicted_total = evicted_total_;
   }

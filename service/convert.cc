@@ -37,7 +37,7 @@ v1::DType ToProto(DType d) {
 
 absl::StatusOr<TensorView> ViewTensor(const v1::Tensor& t, const char* field) {
   TensorView v;
-  SPARSEKV_ASSIGN_OR_RETURN(v.dtype, FromProto(t.dtype(), field));
+  SPARSEKV_ASSIGN_OR_RETURN(v.dtype, FromProto(t.dtype(), absl::StrCat(field, ".dtype").c_str()));
   if (t.shape_size() == 0 || t.shape_size() > 8) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ".shape must have 1..8 dimensions, got ", t.shape_size()));
@@ -131,7 +131,7 @@ absl::StatusOr<CreateSessionParams> FromProto(const v1::CreateSessionRequest& re
   if (l.dtype() == v1::DTYPE_UNSPECIFIED) {
     p.layout.dtype = DType::kFloat16;
   } else {
-    SPARSEKV_ASSIGN_OR_RETURN(p.layout.dtype, FromProto(l.dtype(), "layout"));
+    SPARSEKV_ASSIGN_OR_RETURN(p.layout.dtype, FromProto(l.dtype(), "layout.dtype"));
   }
   const v1::Policy& pol = req.policy();
   SPARSEKV_ASSIGN_OR_RETURN(p.policy.k, FromProto(pol.k(), "policy.k"));

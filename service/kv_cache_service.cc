@@ -369,7 +369,7 @@ absl::Status KvCacheServiceImpl::RunDecode(const v1::DecodeRequest& req, v1::Dec
   if (req.items_size() == 0) return absl::InvalidArgumentError("DecodeRequest has no items");
   DType out_dtype = DType::kFloat32;
   if (req.out_dtype() != v1::DTYPE_UNSPECIFIED) {
-    SPARSEKV_ASSIGN_OR_RETURN(out_dtype, FromProto(req.out_dtype(), "out"));
+    SPARSEKV_ASSIGN_OR_RETURN(out_dtype, FromProto(req.out_dtype(), "out_dtype"));
   }
   std::vector<DecodeInput> items;
   items.reserve(req.items_size());

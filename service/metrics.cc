@@ -70,11 +70,15 @@ Metrics::Metrics(const SessionStore* store, BuildInfo build)
     : registry_(std::make_shared<prometheus::Registry>()) {
   requests_ = &prometheus::BuildCounter()
                    .Name("sparsekv_rpc_requests_total")
-                   .Help("Finished RPCs by method and gRPC status code.")
+                   .Help(
+                       "Finished RPCs by method and gRPC status code; DecodeStream counts each "
+                       "request message.")
                    .Register(*registry_);
   latency_ = &prometheus::BuildHistogram()
                   .Name("sparsekv_rpc_duration_seconds")
-                  .Help("RPC handling time from arrival to status, by method.")
+                  .Help(
+                      "RPC handling time from arrival to status, by method; DecodeStream per "
+                      "request message.")
                   .Register(*registry_);
   for (int i = 0; i < kNumRpcMethods; ++i) {
     requests_->Add({{"method", kRpcMethods[i]}, {"code", "OK"}});

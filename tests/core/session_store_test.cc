@@ -37,8 +37,7 @@ TEST(SessionStoreTest, CreateGetDelete) {
 
 TEST(SessionStoreTest, RejectsBadIdsAndLayouts) {
   SessionStore store(NoJanitor());
-  EXPECT_EQ(store.Create(Params("has space")).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Create(Params("has space")).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(store.Create(Params(std::string(129, 'a'))).status().code(),
             absl::StatusCode::kInvalidArgument);
   CreateSessionParams p = Params();

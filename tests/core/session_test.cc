@@ -90,11 +90,12 @@ TEST(SessionTest, ReadReturnsStoredRowsInRequestLayout) {
   EXPECT_EQ(*rows, 5);
   ASSERT_EQ(ko.size(), 5u * 3 * 8 * 2);
   for (size_t i = 0; i < 5 * 3 * 8; ++i) {
-    EXPECT_EQ(kernels::LoadAsFloat(DType::kFloat16, ko.data(), i), Stored(DType::kFloat16, k.values[2 * 24 + i]));
-    EXPECT_EQ(kernels::LoadAsFloat(DType::kFloat16, vo.data(), i), Stored(DType::kFloat16, v.values[2 * 24 + i]));
+    EXPECT_EQ(kernels::LoadAsFloat(DType::kFloat16, ko.data(), i),
+              Stored(DType::kFloat16, k.values[2 * 24 + i]));
+    EXPECT_EQ(kernels::LoadAsFloat(DType::kFloat16, vo.data(), i),
+              Stored(DType::kFloat16, v.values[2 * 24 + i]));
   }
-  EXPECT_EQ(f.session->Read(0, 8, 5, &ko, &vo).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.session->Read(0, 8, 5, &ko, &vo).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(SessionTest, BadShapesAreNamed) {

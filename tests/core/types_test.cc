@@ -20,8 +20,10 @@ TEST(TypesTest, HeadsThatDoNotDivideAreNamed) {
 TEST(TypesTest, ZeroFieldsAreRejected) {
   for (int field = 0; field < 4; ++field) {
     Layout l = Good();
-    (field == 0 ? l.num_layers : field == 1 ? l.num_kv_heads : field == 2 ? l.num_q_heads
-                                                                          : l.head_dim) = 0;
+    (field == 0   ? l.num_layers
+     : field == 1 ? l.num_kv_heads
+     : field == 2 ? l.num_q_heads
+                  : l.head_dim) = 0;
     EXPECT_EQ(ValidateLayout(l).code(), absl::StatusCode::kInvalidArgument) << field;
   }
   Layout l = Good();

@@ -1,0 +1,301 @@
+#include "clients/cli/args.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/flags/commandlineflag.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+
+ABSL_FLAG(std::string, server, "localhost:50051", "sparsekv server address, HOST:PORT");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(10),
+          "deadline of each call (and of connecting), e.g. 10s, 500ms, 2m");
+ABSL_FLAG(bool, json, false, "print one JSON object instead of human-readable text");
+
+ABSL_FLAG(uint32_t, layers, 0, "transformer layers of the session (required)");
+ABSL_FLAG(uint32_t, kv_heads, 0, "key/value heads per layer (required)");
+ABSL_FLAG(uint32_t, q_heads, 0, "query heads per layer, a multiple of --kv_heads (required)");
+ABSL_FLAG(uint32_t, head_dim, 0, "elements per head vector, 1..512 (required)");
+ABSL_FLAG(std::string, dtype, "float16", "cache storage dtype: float16, bfloat16 or float32");
+ABSL_FLAG(std::string, id, "", "session id to use (empty: the server picks one)");
+ABSL_FLAG(std::string, tenant, "", "tenant (create: empty = default; list: empty = all)");
+ABSL_FLAG(absl::Duration, ttl, absl::ZeroDuration(),
+          "idle time before the server may evict the session, e.g. 3600s (0: server default)");
+ABSL_FLAG(std::vector<std::string>, label, {}, "label KEY=VALUE; repeat the flag for more");
+ABSL_FLAG(float, k_sparsity, 0.0f, "fraction of K elements pruned, in [0, 1)");
+ABSL_FLAG(float, v_sparsity, 0.0f, "fraction of V elements pruned, in [0, 1)");
+ABSL_FLAG(std::string, k_direction, "", "K pruning direction: per_token or per_channel");
+ABSL_FLAG(std::string, v_direction, "", "V pruning direction: per_token or per_channel");
+ABSL_FLAG(std::string, k_scoring, "", "K scoring: magnitude or output_aware");
+ABSL_FLAG(std::string, v_scoring, "", "V scoring: magnitude or output_aware");
+ABSL_FLAG(uint32_t, dense_window, 0, "newest tokens never pruned (0: server default, 32)");
+ABSL_FLAG(uint32_t, chunk_tokens, 0, "tokens per compressed chunk (0: server default, 256)");
+ABSL_FLAG(uint32_t, group_tokens, 0, "tokens per per-channel group, 32 or 64 (0: default 32)");
+ABSL_FLAG(uint32_t, page_size, 0, "sessions per ListSessions page (0: server default)");
+
+ABSL_FLAG(std::string, k, "",
+          "keys .npy (<f4 or <f2): [layers, tokens, kv_heads, head_dim] or "
+          "[tokens, kv_heads, head_dim] for one layer");
+ABSL_FLAG(std::string, v, "", "values .npy, same shape as --k");
+ABSL_FLAG(uint32_t, layer_begin, 0, "first layer the upload goes to");
+ABSL_FLAG(int64_t, message_bytes, (4 << 20) - (64 << 10),
+          "largest K+V payload per AppendKV message; the upload is split along tokens");
+
+ABSL_FLAG(int32_t, layer, -1, "layer (attend: required; read: default all layers)");
+ABSL_FLAG(std::string, q, "", "query .npy [q_heads, head_dim] (required)");
+ABSL_FLAG(std::string, new_k, "", "new token's key .npy [kv_heads, head_dim], appended first");
+ABSL_FLAG(std::string, new_v, "", "new token's value .npy [kv_heads, head_dim]");
+ABSL_FLAG(bool, lse, false, "also return the log-sum-exp of the scores per query head");
+ABSL_FLAG(std::string, out, "", "write the attention output to this .npy (float32)");
+ABSL_FLAG(float, scale, 0.0f, "softmax scale (0: 1/sqrt(head_dim))");
+ABSL_FLAG(int32_t, show, 8, "values per head in the human-readable output");
+
+ABSL_FLAG(std::string, k_out, "", "write the keys to this .npy");
+ABSL_FLAG(std::string, v_out, "", "write the values to this .npy");
+ABSL_FLAG(bool, float32, false,
+          "write float32 even when the cache is float16 (bfloat16 is always written as float32)");
+
+namespace sparsekv::cli {
+namespace {
+
+const CommandSpec* FindCommand(absl::string_view name) {
+  for (const CommandSpec& c : Commands()) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+bool IsBoolFlag(const absl::CommandLineFlag& flag) { return flag.IsOfType<bool>(); }
+
+// Whether `name` is one of our flags (Abseil registers a few of its own, such as --flagfile,
+// which the CLI does not offer).
+bool IsOurFlag(absl::string_view name) {
+  for (const char* g : GlobalFlags()) {
+    if (name == g) return true;
+  }
+  for (const CommandSpec& c : Commands()) {
+    for (const char* f : c.flags) {
+      if (name == f) return true;
+    }
+  }
+  return false;
+}
+
+void ResetFlag(const char* name) {
+  absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+  std::string error;
+  if (flag != nullptr) flag->ParseFrom(flag->DefaultValue(), &error);
+}
+
+}  // namespace
+
+const std::vector<const char*>& GlobalFlags() {
+  static const auto* flags = new std::vector<const char*>{"server", "timeout", "json"};
+  return *flags;
+}
+
+const std::vector<CommandSpec>& Commands() {
+  static const auto* commands = new std::vector<CommandSpec>{
+      {"create",
+       "",
+       0,
+       0,
+       {"layers", "kv_heads", "q_heads", "head_dim", "dtype", "id", "tenant", "ttl", "label",
+        "k_sparsity", "v_sparsity", "k_direction", "v_direction", "k_scoring", "v_scoring",
+        "dense_window", "chunk_tokens", "group_tokens"},
+       "create a session; prints it, id first"},
+      {"list", "", 0, 0, {"tenant", "page_size"}, "list sessions (all pages)"},
+      {"get", "ID", 1, 1, {}, "show a session and its statistics"},
+      {"delete", "ID", 1, 1, {}, "delete a session"},
+      {"append",
+       "ID",
+       1,
+       1,
+       {"k", "v", "layer_begin", "message_bytes"},
+       "upload K/V from .npy files (AppendKV stream)"},
+      {"attend",
+       "ID",
+       1,
+       1,
+       {"layer", "q", "new_k", "new_v", "lse", "out", "scale", "show"},
+       "one decode step: attention of q over a layer's cache"},
+      {"read",
+       "ID",
+       1,
+       1,
+       {"layer", "k_out", "v_out", "float32"},
+       "read the cache back (dense) into .npy files"},
+      {"flush", "ID", 1, 1, {}, "compress every eligible token now"},
+      {"info", "", 0, 0, {}, "show server information"},
+      {"health", "", 0, 0, {}, "check server health (exit status 0 only when SERVING)"},
+      {"help", "[COMMAND]", 0, 1, {}, "show usage"},
+  };
+  return *commands;
+}
+
+absl::StatusOr<Invocation> ParseArgs(const std::vector<std::string>& args) {
+  // Start from the defaults, so that parsing depends on `args` alone even when a process
+  // (a test) runs the CLI several times.
+  for (const char* name : GlobalFlags()) ResetFlag(name);
+  for (const CommandSpec& c : Commands()) {
+    for (const char* name : c.flags) ResetFlag(name);
+  }
+  Invocation inv;
+  std::vector<std::pair<std::string, std::string>> assignments;
+  std::vector<std::string> words;
+  bool options_done = false;
+  for (size_t i = 1; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (options_done || arg.size() < 2 || arg[0] != '-') {
+      words.push_back(arg);
+      continue;
+    }
+    if (arg == "--") {
+      options_done = true;
+      continue;
+    }
+    if (arg == "-h" || arg == "--help" || arg == "-help") {
+      inv.command = "help";
+      continue;
+    }
+    absl::string_view body(arg);
+    body.remove_prefix(absl::StartsWith(body, "--") ? 2 : 1);
+    std::string name, value;
+    bool has_value = false;
+    const size_t eq = body.find('=');
+    if (eq != absl::string_view::npos) {
+      name = std::string(body.substr(0, eq));
+      value = std::string(body.substr(eq + 1));
+      has_value = true;
+    } else {
+      name = std::string(body);
+    }
+    absl::CommandLineFlag* flag = IsOurFlag(name) ? absl::FindCommandLineFlag(name) : nullptr;
+    if (flag == nullptr && !has_value && absl::StartsWith(name, "no")) {
+      // --noNAME sets boolean NAME to false.
+      const std::string positive = name.substr(2);
+      absl::CommandLineFlag* b =
+          IsOurFlag(positive) ? absl::FindCommandLineFlag(positive) : nullptr;
+      if (b != nullptr && IsBoolFlag(*b)) {
+        assignments.emplace_back(positive, "false");
+        continue;
+      }
+    }
+    if (flag == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    }
+    if (!has_value) {
+      if (IsBoolFlag(*flag)) {
+        value = "true";
+      } else if (i + 1 < args.size()) {
+        value = args[++i];
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+      }
+    }
+    assignments.emplace_back(name, value);
+  }
+
+  size_t first_positional = 0;
+  if (inv.command.empty()) {
+    if (words.empty()) {
+      inv.command = "help";
+    } else {
+      inv.command = words[0];
+      first_positional = 1;
+    }
+  }
+  const CommandSpec* spec = FindCommand(inv.command);
+  if (spec == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown command '", inv.command, "' (see 'sparsekv help')"));
+  }
+  inv.positional.assign(words.begin() + first_positional, words.end());
+  const int n = static_cast<int>(inv.positional.size());
+  if (inv.command != "help" && (n < spec->min_positional || n > spec->max_positional)) {
+    if (spec->max_positional == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", spec->name, "' takes no arguments, got '", inv.positional[0], "'"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        "usage: sparsekv ", spec->name, " ", spec->positional, " [flags] (got ", n, " arguments)"));
+  }
+
+  for (const auto& [name, value] : assignments) {
+    bool allowed = false;
+    for (const char* g : GlobalFlags()) allowed |= name == g;
+    for (const char* f : spec->flags) allowed |= name == f;
+    if (!allowed && inv.command != "help") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", name, " does not apply to '", spec->name, "'"));
+    }
+    if (name == "label") {
+      // Abseil's vector flags take a comma list and a repeat replaces the value; the CLI
+      // instead collects one KEY=VALUE per occurrence, so values may contain commas.
+      inv.labels.push_back(value);
+      inv.flags_set.insert(name);
+      continue;
+    }
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string error;
+    if (!flag->ParseFrom(value, &error)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("invalid value '", value, "' for --", name, ": ", error));
+    }
+    inv.flags_set.insert(name);
+  }
+  return inv;
+}
+
+std::string UsageText(const std::string& command) {
+  std::string out;
+  const CommandSpec* spec = command.empty() ? nullptr : FindCommand(command);
+  auto describe_flags = [&out](const std::vector<const char*>& names) {
+    size_t width = 0;
+    for (const char* name : names) width = std::max(width, std::strlen(name));
+    for (const char* name : names) {
+      const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+      if (flag == nullptr) continue;
+      absl::StrAppend(&out, "  --", name, std::string(width - std::strlen(name) + 2, ' '),
+                      flag->Help());
+      const std::string def = flag->DefaultValue();
+      if (!def.empty() && def != "0" && def != "false" && def != "-1" && def != "0s") {
+        absl::StrAppend(&out, " (default ", def, ")");
+      }
+      out += "\n";
+    }
+  };
+  if (spec == nullptr || command == "help") {
+    out =
+        "usage: sparsekv [--server=HOST:PORT] [--timeout=10s] [--json] COMMAND [ARGS] [flags]\n"
+        "\ncommands:\n";
+    for (const CommandSpec& c : Commands()) {
+      const std::string synopsis = absl::StrCat(c.name, " ", c.positional);
+      absl::StrAppend(&out, "  ", synopsis,
+                      std::string(synopsis.size() < 18 ? 18 - synopsis.size() : 1, ' '), c.summary,
+                      "\n");
+    }
+    out += "\nglobal flags:\n";
+    describe_flags(GlobalFlags());
+    out +=
+        "\n'sparsekv help COMMAND' shows a command's flags.\n"
+        "exit status: 0 ok, 1 server error, 2 usage error, 3 server unreachable\n";
+    return out;
+  }
+  absl::StrAppend(&out, "usage: sparsekv ", spec->name, " ", spec->positional, " [flags]\n",
+                  spec->summary, "\n");
+  if (!spec->flags.empty()) {
+    out += "\nflags:\n";
+    describe_flags(spec->flags);
+  }
+  out += "\nglobal flags:\n";
+  describe_flags(GlobalFlags());
+  return out;
+}
+
+}  // namespace sparsekv::cli
