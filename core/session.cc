@@ -127,7 +127,7 @@ absl::Status Session::Decode(const DecodeInput& in, const kernels::Backend& back
     p.num_spans = 1;
     p.out = out->out.data() + static_cast<size_t>(g) * group * l.head_dim;
     p.lse = in.want_lse ? out->lse.data() + static_cast<size_t>(g) * group : nullptr;
-    backend.DecodeAttention(p);
+    kernels::DecodeAttention(backend, p);
   }
   out->tokens_attended = layer.tokens();
   ++decode_steps_;

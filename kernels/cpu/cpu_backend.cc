@@ -1,24 +1,64 @@
-// CPU backend. Only the scalar path exists so far; SIMD variants (AVX2, AVX-512) will be chosen
-// here from CPU features at start-up, with the scalar reference as their oracle.
+// CPU backend: the variants this machine supports, the best chosen once from CPU features.
+// Every SIMD variant has the portable variant as its fallback and the scalar reference as its
+// oracle (tests/kernels).
+#include <algorithm>
+#include <cstdio>
+
 #include "kernels/backend.h"
+#include "kernels/cpu/portable_attention.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace sparsekv::kernels {
 namespace {
 
-class ScalarCpuBackend final : public Backend {
+class PortableCpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
-  std::string variant() const override { return "scalar"; }
-  void DecodeAttention(const DecodeAttentionParams& p) const override {
-    ReferenceDecodeAttention(p);
+  std::string variant() const override { return "portable"; }
+  void DecodeAttentionPartial(const DecodeAttentionParams& p,
+                              AttentionState* state) const override {
+    PortableDecodeAttentionPartial(p, state);
   }
 };
 
 }  // namespace
 
-const Backend& CpuBackend() {
-  static const ScalarCpuBackend* backend = new ScalarCpuBackend();
-  return *backend;
+std::vector<const Backend*> CpuBackendVariants() {
+  static const std::vector<const Backend*>* variants = [] {
+    auto* v = new std::vector<const Backend*>();
+    v->push_back(new PortableCpuBackend());
+    return v;
+  }();
+  return *variants;
+}
+
+const Backend& CpuBackend() { return *CpuBackendVariants().back(); }
+
+void DecodeAttention(const Backend& backend, const DecodeAttentionParams& p) {
+  AttentionState state;
+  backend.DecodeAttentionPartial(p, &state);
+  FinalizeAttentionState(state, p.out, p.lse);
+}
+
+void ParallelDecodeAttention(const Backend& backend, const DecodeAttentionParams& p,
+                             ThreadPool* pool, int max_splits) {
+  const int splits = std::max(1, std::min(max_splits, p.num_chunks));
+  if (splits == 1 || pool == nullptr) {
+    DecodeAttention(backend, p);
+    return;
+  }
+  std::vector<AttentionState> states(splits);
+  pool->Run(splits, [&](int i) {
+    DecodeAttentionParams part = p;
+    const int begin = static_cast<int>(static_cast<int64_t>(p.num_chunks) * i / splits);
+    const int end = static_cast<int>(static_cast<int64_t>(p.num_chunks) * (i + 1) / splits);
+    part.chunks = p.chunks + begin;
+    part.num_chunks = end - begin;
+    if (i != splits - 1) part.num_spans = 0;
+    backend.DecodeAttentionPartial(part, &states[i]);
+  });
+  for (int i = 1; i < splits; ++i) MergeAttentionState(states[i], &states[0]);
+  FinalizeAttentionState(states[0], p.out, p.lse);
 }
 
 }  // namespace sparsekv::kernels
