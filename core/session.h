@@ -1,10 +1,13 @@
-// One inference session's KV cache: layout, policy, per-layer storage and statistics.
+// One inference session's KV cache: layout, policy, per-layer storage (compressed chunks and
+// a dense tail), scoring statistics, background compression and stats.
 //
-// Thread-safe: every method may be called concurrently; a per-session mutex serialises
-// mutations and decode steps of one session, while different sessions never contend.
+// Thread-safe: every method may be called concurrently. A per-session mutex guards the layer
+// bookkeeping for short sections only; attention and compression run outside it on immutable
+// snapshots, so decode steps never wait for pruning and never see a half-built chunk.
 #ifndef SPARSEKV_CORE_SESSION_H_
 #define SPARSEKV_CORE_SESSION_H_
 
+#include <condition_variable>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,11 +16,14 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "core/dense_layer.h"
+#include "core/executor.h"
+#include "core/layer_store.h"
 #include "core/memory_budget.h"
 #include "core/mutex.h"
+#include "core/slab_pool.h"
 #include "core/types.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace sparsekv {
 
@@ -38,11 +44,28 @@ struct DecodeOutput {
   int64_t tokens_attended = 0;
 };
 
-class Session {
+// Shared machinery sessions use; owned by the SessionStore, outliving every session.
+struct SessionEnv {
+  std::shared_ptr<MemoryBudget> budget;
+  std::shared_ptr<BoundedExecutor> pruner;       // background compression jobs
+  std::shared_ptr<SlabPoolSet> pools;            // chunk memory
+  std::shared_ptr<kernels::ThreadPool> threads;  // split decode attention; may be null
+  const kernels::Backend* backend = nullptr;
+  // Process-wide pruning counters (read by metrics).
+  struct Counters {
+    std::atomic<int64_t> chunks{0};
+    std::atomic<int64_t> tokens{0};
+    std::atomic<int64_t> nanos{0};
+    std::atomic<int64_t> rejected{0};  // jobs the full queue refused (retried later)
+  };
+  std::shared_ptr<Counters> counters = std::make_shared<Counters>();
+};
+
+class Session : public std::enable_shared_from_this<Session> {
  public:
   // `info` carries id, tenant, layout, policy, ttl, labels and times; stats are ignored.
-  // REQUIRES: layout and policy validated.
-  Session(SessionInfo info, std::shared_ptr<MemoryBudget> budget);
+  // REQUIRES: layout and policy validated; owned by a shared_ptr (background jobs hold it).
+  Session(SessionInfo info, SessionEnv env);
   ~Session();  // returns the session's bytes to the budget
 
   Session(const Session&) = delete;
@@ -51,12 +74,16 @@ class Session {
   const std::string& id() const { return info_.id; }
   const std::string& tenant() const { return info_.tenant; }
   const Layout& layout() const { return info_.layout; }
+  const Policy& policy() const { return info_.policy; }
 
   // Appends tokens to layers [layer_begin, layer_begin + k.shape[0]).
-  // k, v: [layers, tokens, num_kv_heads, head_dim]. InvalidArgument on a shape that does not
-  // fit the layout or a layer range outside it; ResourceExhausted over budget (nothing
-  // appended then). Returns the number of rows appended (layers * tokens).
-  absl::StatusOr<int64_t> Append(int layer_begin, const TensorView& k, const TensorView& v);
+  // k, v: [layers, tokens, num_kv_heads, head_dim]. obs_q, when not empty: [layers,
+  // obs_tokens, num_q_heads, head_dim] observation-window queries that seed output-aware
+  // scoring (each attends over the whole layer after the append). InvalidArgument on a shape
+  // that does not fit the layout or a layer range outside it; ResourceExhausted over budget
+  // (nothing appended then). Returns the rows appended (layers * tokens).
+  absl::StatusOr<int64_t> Append(int layer_begin, const TensorView& k, const TensorView& v,
+                                 const TensorView& obs_q);
 
   // Checks `in` against the layout without touching the cache: InvalidArgument naming the
   // bad field.
@@ -64,11 +91,17 @@ class Session {
 
   // Appends in.new_k / in.new_v when present, then attends over the layer's whole cache.
   // Errors as CheckDecode, plus ResourceExhausted when the new token is over budget.
-  absl::Status Decode(const DecodeInput& in, const kernels::Backend& backend, DecodeOutput* out);
+  absl::Status Decode(const DecodeInput& in, DecodeOutput* out);
+
+  // Compresses every eligible token now (all but the newest dense_window of each layer;
+  // per-channel: whole groups only) and returns once published. Returns the tokens
+  // compressed (summed over layers).
+  int64_t Flush();
 
   // Reads rows [token_begin, token_begin + count) of `layer` as [count, num_kv_heads,
-  // head_dim] in the storage dtype, appended to k_out / v_out. count = -1 reads to the end.
-  // InvalidArgument when the range is outside the layer. Returns the rows read.
+  // head_dim] in the storage dtype, appended to k_out / v_out; compressed rows are
+  // reconstructed with pruned elements 0. count = -1 reads to the end. InvalidArgument when the
+  // range is outside the layer. Returns the rows read.
   absl::StatusOr<int64_t> Read(int layer, int64_t token_begin, int64_t count, std::string* k_out,
                                std::string* v_out) const;
 
@@ -84,11 +117,24 @@ class Session {
   absl::Status CheckKvShape(const TensorView& t, const char* name,
                             const std::vector<int64_t>& want) const;
   void Touch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Schedules background compression of `layer` if it is eligible and idle.
+  void MaybeSchedule(int layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Background job: compresses one chunk of `layer`, then reschedules itself while eligible.
+  void CompressJob(int layer);
+  // Compresses the oldest `tokens` tail rows of `layer` and publishes the chunk.
+  // REQUIRES: the caller set layers_[layer].busy and mu_ is not held.
+  void CompressAndPublish(int layer, int tokens);
+  // Attention mass and query energy of `q` over `snap` for output-aware scoring.
+  void RecordScoring(int layer, const LayerSnapshot& snap, const float* q, float scale,
+                     const float* lse);
+  bool NeedsMass() const;
+  float Scale(float requested) const;
 
-  const std::shared_ptr<MemoryBudget> budget_;
+  const SessionEnv env_;
+  SessionInfo info_;  // immutable after construction (stats unused)
   mutable Mutex mu_;
-  SessionInfo info_;  // stats unused; mutable fields below
-  std::vector<DenseLayer> layers_ ABSL_GUARDED_BY(mu_);
+  std::condition_variable idle_cv_;  // a layer's busy flag went false
+  std::vector<LayerStore> layers_ ABSL_GUARDED_BY(mu_);
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t decode_steps_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time last_access_ ABSL_GUARDED_BY(mu_);

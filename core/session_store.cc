@@ -1,5 +1,6 @@
 #include "core/session_store.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -29,6 +30,16 @@ SessionStore::SessionStore(SessionStoreOptions options)
       budget_(
           std::make_shared<MemoryBudget>(options_.host_budget_bytes, options_.tenant_budget_bytes)),
       rng_(std::random_device{}()) {
+  env_.budget = budget_;
+  env_.backend = backend_;
+  env_.pools = std::make_shared<SlabPoolSet>();
+  env_.pruner = std::make_shared<BoundedExecutor>(std::max(1, options_.pruner_threads),
+                                                  std::max(1, options_.pruner_queue));
+  int decode_threads = options_.decode_threads;
+  if (decode_threads < 0) {
+    decode_threads = static_cast<int>(std::thread::hardware_concurrency()) - 1;
+  }
+  if (decode_threads > 0) env_.threads = std::make_shared<kernels::ThreadPool>(decode_threads);
   if (options_.janitor_period > absl::ZeroDuration()) {
     janitor_ = std::thread([this] { JanitorLoop(); });
   }
@@ -42,6 +53,8 @@ SessionStore::~SessionStore() {
   }
   janitor_cv_.notify_all();
   if (janitor_.joinable()) janitor_.join();
+  // Queued jobs are dropped; running ones finish (they hold their session).
+  env_.pruner->Shutdown();
 }
 
 void SessionStore::JanitorLoop() {
@@ -98,7 +111,7 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
   } else {
     info.id = std::move(params.id);
   }
-  auto session = std::make_shared<Session>(std::move(info), budget_);
+  auto session = std::make_shared<Session>(std::move(info), env_);
   sessions_.emplace(session->id(), session);
   return session->Info();
 }
@@ -162,7 +175,7 @@ absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
   }
   outputs->resize(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
-    absl::Status st = sessions[i]->Decode(items[i], *backend_, &(*outputs)[i]);
+    absl::Status st = sessions[i]->Decode(items[i], &(*outputs)[i]);
     if (!st.ok()) {
       if (items.size() == 1) return st;
       return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
@@ -188,8 +201,20 @@ int SessionStore::EvictExpired(absl::Time now) {
   return static_cast<int>(victims.size());
 }
 
+absl::StatusOr<int64_t> SessionStore::Flush(const std::string& id) {
+  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Get(id));
+  return s->Flush();
+}
+
 StoreStats SessionStore::Stats() const {
   StoreStats s;
+  const SessionEnv::Counters& c = *env_.counters;
+  s.chunks_compressed_total = c.chunks.load();
+  s.tokens_compressed_total = c.tokens.load();
+  s.compress_seconds_total = static_cast<double>(c.nanos.load()) * 1e-9;
+  s.pruner_rejected_total = c.rejected.load();
+  s.pruner_queued = env_.pruner->queued();
+  s.slab_reserved_bytes = static_cast<int64_t>(env_.pools->reserved_bytes());
   {
     MutexLock lock(&mu_);
     s.sessions = static_cast<int64_t>(sessions_.size());

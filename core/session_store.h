@@ -35,6 +35,11 @@ struct SessionStoreOptions {
   // call EvictExpired themselves).
   absl::Duration janitor_period = absl::Seconds(1);
   const kernels::Backend* backend = nullptr;  // null = kernels::CpuBackend()
+  int pruner_threads = 1;                     // background compression threads
+  int pruner_queue = 4096;  // queued compression jobs at most; more are retried later
+  // Worker threads that split one decode step across KV heads and chunks; -1 = one fewer than
+  // the hardware threads (the calling thread works too), 0 = no splitting.
+  int decode_threads = -1;
 };
 
 // What CreateSession asks for.
@@ -57,6 +62,12 @@ struct StoreStats {
   int64_t sessions = 0;
   int64_t bytes_used = 0;
   int64_t evicted_total = 0;
+  int64_t chunks_compressed_total = 0;
+  int64_t tokens_compressed_total = 0;  // summed over layers
+  double compress_seconds_total = 0;
+  int64_t pruner_rejected_total = 0;  // jobs refused by the full queue (retried later)
+  int64_t pruner_queued = 0;          // jobs waiting now
+  int64_t slab_reserved_bytes = 0;    // chunk memory taken from the system
 };
 
 class SessionStore {
@@ -78,6 +89,10 @@ class SessionStore {
   // Removes the session. NotFound for an unknown id. Returns the bytes it held.
   absl::StatusOr<int64_t> Delete(const std::string& id);
 
+  // Compresses every eligible token of a session now (Session::Flush). NotFound for an
+  // unknown id.
+  absl::StatusOr<int64_t> Flush(const std::string& id);
+
   // Runs every item of a decode step. All items are looked up and checked first; if any fails
   // nothing is appended and that item's error is returned (message prefixed with its index).
   // outputs is resized to items.size().
@@ -98,6 +113,7 @@ class SessionStore {
   const SessionStoreOptions options_;
   const kernels::Backend* const backend_;
   const std::shared_ptr<MemoryBudget> budget_;
+  SessionEnv env_;
 
   mutable Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

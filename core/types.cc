@@ -38,12 +38,6 @@ absl::Status ValidateTensorPolicy(const TensorPolicy& p, const char* which) {
     return absl::InvalidArgumentError(
         absl::StrCat("policy.", which, ".sparsity must be in [0, 1), got ", p.sparsity));
   }
-  if (p.sparsity > 0.0f) {
-    return absl::UnimplementedError(
-        absl::StrCat("policy.", which,
-                     ".sparsity > 0 needs background pruning (issue #3, "
-                     "\"MUSTAFAR core on the CPU\"), which is not implemented yet; use 0"));
-  }
   return absl::OkStatus();
 }
 

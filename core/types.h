@@ -55,8 +55,7 @@ struct Policy {
 
 // InvalidArgument naming the first bad field, or OK.
 absl::Status ValidateLayout(const Layout& layout);
-// InvalidArgument for out-of-range values; Unimplemented for sparsity > 0 until the pruner
-// (issue #3) lands.
+// InvalidArgument for out-of-range values.
 absl::Status ValidatePolicy(const Policy& policy);
 
 // A borrowed, read-only tensor: `data` holds product(shape) elements of `dtype`, row-major,
@@ -90,6 +89,9 @@ struct SessionStats {
   Scoring scoring_in_force_v = Scoring::kMagnitude;
   int64_t pruning_backlog_tokens = 0;
   int64_t decode_steps = 0;
+  int64_t chunks = 0;
+  int64_t chunks_output_aware_k = 0;
+  int64_t chunks_output_aware_v = 0;
 };
 
 // Everything a client can learn about a session.

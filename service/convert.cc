@@ -174,6 +174,9 @@ void ToProto(const SessionStats& s, v1::SessionStats* out) {
   out->set_scoring_in_force_v(ToProto(s.scoring_in_force_v));
   out->set_pruning_backlog_tokens(s.pruning_backlog_tokens);
   out->set_decode_steps(s.decode_steps);
+  out->set_chunks(s.chunks);
+  out->set_chunks_output_aware_k(s.chunks_output_aware_k);
+  out->set_chunks_output_aware_v(s.chunks_output_aware_v);
 }
 
 void ToProto(const SessionInfo& info, v1::Session* out) {

@@ -14,8 +14,6 @@ namespace sparsekv::service {
 namespace {
 
 // The capability each unbuilt RPC waits for, named in its UNIMPLEMENTED message.
-constexpr char kPruningIssue[] =
-    "needs background pruning (issue #3, \"MUSTAFAR core on the CPU\"), not implemented yet";
 constexpr char kSnapshotIssue[] =
     "session snapshots (export/import) are not implemented yet (DESIGN.md section 4)";
 
@@ -254,7 +252,13 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKVResponse> 
 
 KvCacheServiceImpl::KvCacheServiceImpl(SessionStore* store, Metrics* metrics, BuildInfo build,
                                        ServiceLimits limits)
-    : store_(store), metrics_(metrics), build_(std::move(build)), limits_(limits) {}
+    : store_(store),
+      metrics_(metrics),
+      build_(std::move(build)),
+      limits_(limits),
+      blocking_(std::make_unique<BoundedExecutor>(limits.blocking_threads, 1024)) {}
+
+KvCacheServiceImpl::~KvCacheServiceImpl() { blocking_->Shutdown(); }
 
 absl::Status KvCacheServiceImpl::CheckServing() const {
   if (shutting_down_.load()) return absl::UnavailableError("server is shutting down");
@@ -342,19 +346,16 @@ absl::StatusOr<int64_t> KvCacheServiceImpl::RunAppend(const v1::AppendKVRequest&
   }
   *session_id = req.session_id();
   SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, store_->Get(req.session_id()));
-  if (req.has_obs_q()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "obs_q (observation-window queries for output-aware scoring) ", kPruningIssue));
-  }
   SPARSEKV_ASSIGN_OR_RETURN(TensorView k, ViewTensor(req.k(), "k"));
   SPARSEKV_ASSIGN_OR_RETURN(TensorView v, ViewTensor(req.v(), "v"));
+  SPARSEKV_ASSIGN_OR_RETURN(TensorView obs_q, ViewOptionalTensor(req.obs_q(), "obs_q"));
   if (k.dtype != v.dtype) {
     return absl::InvalidArgumentError(absl::StrCat("k is ", kernels::DTypeName(k.dtype),
                                                    " but v is ", kernels::DTypeName(v.dtype)));
   }
   SPARSEKV_ASSIGN_OR_RETURN(
       int64_t rows,
-      s->Append(static_cast<int>(std::min<uint32_t>(req.layer_begin(), 0x7fffffff)), k, v));
+      s->Append(static_cast<int>(std::min<uint32_t>(req.layer_begin(), 0x7fffffff)), k, v, obs_q));
   metrics_->AddAppendedRows(rows);
   metrics_->AddReceivedBytes(static_cast<int64_t>(req.k().data().size() + req.v().data().size()));
   return rows;
@@ -423,12 +424,29 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Flush(grpc::CallbackServerContext*
                                                     const v1::FlushRequest* req,
                                                     v1::FlushResponse* resp) {
   const absl::Time start = absl::Now();
-  absl::Status st = [&]() -> absl::Status {
+  absl::StatusOr<std::shared_ptr<Session>> session =
+      [&]() -> absl::StatusOr<std::shared_ptr<Session>> {
     SPARSEKV_RETURN_IF_ERROR(CheckServing());
-    SPARSEKV_RETURN_IF_ERROR(store_->Get(req->session_id()).status());
-    return absl::UnimplementedError(absl::StrCat("Flush ", kPruningIssue));
+    SPARSEKV_RETURN_IF_ERROR(CheckDeadline(ctx));
+    return store_->Get(req->session_id());
   }();
-  return FinishUnary(ctx, "Flush", start, st);
+  if (!session.ok()) return FinishUnary(ctx, "Flush", start, session.status());
+  // Flush compresses synchronously and may wait for a running background job: run it off the
+  // gRPC callback threads, which must never block.
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const bool queued = blocking_->TrySchedule([this, reactor, resp, start, s = *session] {
+    resp->set_tokens_compressed(s->Flush());
+    ToProto(s->Info().stats, resp->mutable_stats());
+    metrics_->RecordRpc("Flush", grpc::StatusCode::OK, absl::Now() - start);
+    reactor->Finish(grpc::Status::OK);
+  });
+  if (!queued) {
+    const grpc::Status st(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "too many Flush calls in progress; retry later");
+    metrics_->RecordRpc("Flush", st.error_code(), absl::Now() - start);
+    reactor->Finish(st);
+  }
+  return reactor;
 }
 
 grpc::ServerWriteReactor<v1::ReadKVResponse>* KvCacheServiceImpl::ReadKV(
@@ -491,7 +509,7 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::GetServerInfo(grpc::CallbackServer
   const StoreStats s = store_->Stats();
   resp->set_host_bytes_used(s.bytes_used);
   resp->set_sessions(s.sessions);
-  for (const char* m : {"Flush", "ExportSession", "ImportSession"}) resp->add_unimplemented_rpcs(m);
+  for (const char* m : {"ExportSession", "ImportSession"}) resp->add_unimplemented_rpcs(m);
   return FinishUnary(ctx, "GetServerInfo", start, absl::OkStatus());
 }
 

@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "core/executor.h"
 #include "core/session_store.h"
 #include "service/metrics.h"
 #include "sparsekv/v1/kv_cache.grpc.pb.h"
@@ -24,12 +25,16 @@ struct ServiceLimits {
   // Largest K+V payload per ReadKV response message; stays under gRPC's default 4 MiB client
   // receive limit so that clients need no special channel settings.
   int64_t read_chunk_bytes = 2 << 20;
+  // Threads for calls that may block (Flush), kept off gRPC's callback threads.
+  int blocking_threads = 2;
 };
 
 class KvCacheServiceImpl final : public v1::KvCacheService::CallbackService {
  public:
   // `store` and `metrics` must outlive the service.
   KvCacheServiceImpl(SessionStore* store, Metrics* metrics, BuildInfo build, ServiceLimits limits);
+  // Waits for blocking calls in progress.
+  ~KvCacheServiceImpl() override;
 
   // From now on new requests get UNAVAILABLE; running ones finish.
   void BeginShutdown() { shutting_down_.store(true); }
@@ -85,6 +90,7 @@ class KvCacheServiceImpl final : public v1::KvCacheService::CallbackService {
   const BuildInfo build_;
   const ServiceLimits limits_;
   std::atomic<bool> shutting_down_{false};
+  std::unique_ptr<BoundedExecutor> blocking_;
 };
 
 }  // namespace sparsekv::service

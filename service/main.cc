@@ -24,6 +24,10 @@ ABSL_FLAG(int, max_sessions, 100000, "Most live sessions; more get RESOURCE_EXHA
 ABSL_FLAG(absl::Duration, default_ttl, absl::Hours(1),
           "Idle time after which a session that asked for no TTL is evicted");
 ABSL_FLAG(absl::Duration, max_ttl, absl::Hours(24), "Largest TTL a session may ask for");
+ABSL_FLAG(int, pruner_threads, 1, "Background compression threads");
+ABSL_FLAG(int, decode_threads, -1,
+          "Worker threads that split one decode step over KV heads and chunks; -1 = hardware "
+          "threads - 1, 0 = none");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long running RPCs may take to finish");
 ABSL_FLAG(std::string, ready_file, "",
@@ -50,6 +54,8 @@ int main(int argc, char** argv) {
   options.store.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.store.default_ttl = absl::GetFlag(FLAGS_default_ttl);
   options.store.max_ttl = absl::GetFlag(FLAGS_max_ttl);
+  options.store.pruner_threads = absl::GetFlag(FLAGS_pruner_threads);
+  options.store.decode_threads = absl::GetFlag(FLAGS_decode_threads);
 
   auto server = sparsekv::service::Server::Start(options);
   if (!server.ok()) {

@@ -123,7 +123,7 @@ TEST(SessionStoreTest, DeleteReturnsBytesToBudget) {
   ASSERT_TRUE(store.Create(Params("a")).ok());
   std::mt19937 rng(2);
   auto k = testing::RandomTensor({2, 10, 2, 16}, &rng);
-  ASSERT_TRUE((*store.Get("a"))->Append(0, k.view, k.view).ok());
+  ASSERT_TRUE((*store.Get("a"))->Append(0, k.view, k.view, TensorView{}).ok());
   EXPECT_EQ(store.Stats().bytes_used, 2 * 10 * 2 * 2 * 16 * 2);
   auto freed = store.Delete("a");
   ASSERT_TRUE(freed.ok());

@@ -14,19 +14,7 @@ using testing::OwnedTensor;
 using testing::RandomTensor;
 using testing::Stored;
 
-struct Fixture {
-  explicit Fixture(Layout layout, int64_t budget = 0)
-      : budget(std::make_shared<MemoryBudget>(budget, 0)) {
-    SessionInfo info;
-    info.id = "s";
-    info.tenant = "t";
-    info.layout = layout;
-    info.create_time = absl::Now();
-    session = std::make_unique<Session>(info, this->budget);
-  }
-  std::shared_ptr<MemoryBudget> budget;
-  std::unique_ptr<Session> session;
-};
+using testing::Fixture;
 
 class SessionDecodeTest : public ::testing::TestWithParam<std::tuple<int, int, int64_t, DType>> {};
 
@@ -37,7 +25,7 @@ TEST_P(SessionDecodeTest, DecodeMatchesFloat64ReferenceOverStoredValues) {
   std::mt19937 rng(static_cast<uint32_t>(tokens * 31 + head_dim + group));
   OwnedTensor k = RandomTensor({layers, tokens, kv, head_dim}, &rng);
   OwnedTensor v = RandomTensor({layers, tokens, kv, head_dim}, &rng);
-  ASSERT_TRUE(f.session->Append(0, k.view, v.view).ok());
+  ASSERT_TRUE(f.session->Append(0, k.view, v.view, TensorView{}).ok());
   OwnedTensor q = RandomTensor({q_heads, head_dim}, &rng);
   OwnedTensor nk = RandomTensor({kv, head_dim}, &rng);
   OwnedTensor nv = RandomTensor({kv, head_dim}, &rng);
@@ -49,7 +37,7 @@ TEST_P(SessionDecodeTest, DecodeMatchesFloat64ReferenceOverStoredValues) {
   in.new_v = nv.view;
   in.want_lse = true;
   DecodeOutput out;
-  ASSERT_TRUE(f.session->Decode(in, kernels::CpuBackend(), &out).ok());
+  ASSERT_TRUE(f.session->Decode(in, &out).ok());
   EXPECT_EQ(out.tokens_attended, tokens + 1);
 
   // Reference over layer 1's stored (rounded) rows plus the new token.
@@ -83,7 +71,7 @@ TEST(SessionTest, ReadReturnsStoredRowsInRequestLayout) {
   std::mt19937 rng(5);
   OwnedTensor k = RandomTensor({1, 10, 3, 8}, &rng);
   OwnedTensor v = RandomTensor({1, 10, 3, 8}, &rng);
-  ASSERT_TRUE(f.session->Append(0, k.view, v.view).ok());
+  ASSERT_TRUE(f.session->Append(0, k.view, v.view, TensorView{}).ok());
   std::string ko, vo;
   auto rows = f.session->Read(0, 2, 5, &ko, &vo);
   ASSERT_TRUE(rows.ok());
@@ -102,15 +90,15 @@ TEST(SessionTest, BadShapesAreNamed) {
   Fixture f(Layout{2, 2, 4, 16, DType::kFloat16});
   std::mt19937 rng(9);
   OwnedTensor k = RandomTensor({1, 4, 2, 8}, &rng);  // head_dim 8, want 16
-  absl::Status st = f.session->Append(0, k.view, k.view).status();
+  absl::Status st = f.session->Append(0, k.view, k.view, TensorView{}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("shape"), std::string::npos);
   OwnedTensor k2 = RandomTensor({2, 4, 2, 16}, &rng);
-  st = f.session->Append(1, k2.view, k2.view).status();  // layers [1, 3) of 2
+  st = f.session->Append(1, k2.view, k2.view, TensorView{}).status();  // layers [1, 3) of 2
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("layers"), std::string::npos);
   OwnedTensor v3 = RandomTensor({2, 5, 2, 16}, &rng);
-  EXPECT_EQ(f.session->Append(0, k2.view, v3.view).status().code(),
+  EXPECT_EQ(f.session->Append(0, k2.view, v3.view, TensorView{}).status().code(),
             absl::StatusCode::kInvalidArgument);
 
   DecodeInput in;
@@ -135,14 +123,14 @@ TEST(SessionTest, OverBudgetAppendChangesNothing) {
   Fixture f(layout, /*budget=*/layout.token_bytes() * 10);
   std::mt19937 rng(11);
   OwnedTensor k = RandomTensor({1, 8, 1, 8}, &rng);
-  ASSERT_TRUE(f.session->Append(0, k.view, k.view).ok());
+  ASSERT_TRUE(f.session->Append(0, k.view, k.view, TensorView{}).ok());
   OwnedTensor k2 = RandomTensor({1, 3, 1, 8}, &rng);
-  absl::Status st = f.session->Append(0, k2.view, k2.view).status();
+  absl::Status st = f.session->Append(0, k2.view, k2.view, TensorView{}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(f.session->tokens(0), 8);
-  EXPECT_EQ(f.budget->used(), 8 * layout.token_bytes());
+  EXPECT_EQ(f.env.budget->used(), 8 * layout.token_bytes());
   f.session.reset();
-  EXPECT_EQ(f.budget->used(), 0);  // released on destruction
+  EXPECT_EQ(f.env.budget->used(), 0);  // released on destruction
 }
 
 TEST(SessionTest, ConcurrentAppendAndDecodeStayConsistent) {
@@ -151,13 +139,13 @@ TEST(SessionTest, ConcurrentAppendAndDecodeStayConsistent) {
   Fixture f(Layout{1, 2, 4, 32, DType::kFloat16});
   std::mt19937 rng(13);
   OwnedTensor k = RandomTensor({1, 16, 2, 32}, &rng);
-  ASSERT_TRUE(f.session->Append(0, k.view, k.view).ok());
+  ASSERT_TRUE(f.session->Append(0, k.view, k.view, TensorView{}).ok());
   std::atomic<bool> stop{false};
   std::thread writer([&] {
     std::mt19937 wrng(17);
     for (int i = 0; i < 200; ++i) {
       OwnedTensor kk = RandomTensor({1, 4, 2, 32}, &wrng);
-      ASSERT_TRUE(f.session->Append(0, kk.view, kk.view).ok());
+      ASSERT_TRUE(f.session->Append(0, kk.view, kk.view, TensorView{}).ok());
     }
     stop = true;
   });
@@ -167,7 +155,7 @@ TEST(SessionTest, ConcurrentAppendAndDecodeStayConsistent) {
     DecodeInput in;
     in.q = q.view;
     DecodeOutput out;
-    ASSERT_TRUE(f.session->Decode(in, kernels::CpuBackend(), &out).ok());
+    ASSERT_TRUE(f.session->Decode(in, &out).ok());
     EXPECT_EQ(out.tokens_attended % 4, 0);
     EXPECT_GE(out.tokens_attended, last);
     last = out.tokens_attended;

@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "core/session.h"
 #include "core/types.h"
 
 namespace sparsekv::testing {
@@ -64,6 +65,30 @@ inline std::vector<double> AttentionReference(const std::vector<double>& q,
   }
   return out;
 }
+
+// A session with its own environment (budget, one pruner thread, pools, decode threads).
+struct Fixture {
+  explicit Fixture(Layout layout, int64_t budget = 0, Policy policy = Policy()) {
+    env.budget = std::make_shared<MemoryBudget>(budget, 0);
+    env.pruner = std::make_shared<BoundedExecutor>(1, 1024);
+    env.pools = std::make_shared<SlabPoolSet>();
+    env.threads = std::make_shared<kernels::ThreadPool>(2);
+    env.backend = &kernels::CpuBackend();
+    SessionInfo info;
+    info.id = "s";
+    info.tenant = "t";
+    info.layout = layout;
+    info.policy = policy;
+    info.create_time = absl::Now();
+    session = std::make_shared<Session>(info, env);
+  }
+  ~Fixture() {
+    session.reset();
+    env.pruner->Shutdown();
+  }
+  SessionEnv env;
+  std::shared_ptr<Session> session;
+};
 
 }  // namespace sparsekv::testing
 

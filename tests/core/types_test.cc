@@ -36,8 +36,10 @@ TEST(TypesTest, PolicyRanges) {
   EXPECT_TRUE(ValidatePolicy(p).ok());
   p.k.sparsity = 1.0f;
   EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);
-  p.k.sparsity = 0.5f;  // valid, but pruning is not built yet
-  EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kUnimplemented);
+  p.k.sparsity = 0.7f;
+  EXPECT_TRUE(ValidatePolicy(p).ok());
+  p.k.sparsity = -0.1f;
+  EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);
   p = Policy();
   p.chunk_tokens = 48;  // not a multiple of 32
   EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);

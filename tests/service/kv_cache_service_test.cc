@@ -203,10 +203,10 @@ TEST_F(ServiceTest, BadRequestsGetClearCodesAndOthersKeepTheirData) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("multiple"), std::string::npos);
   bad.mutable_layout()->set_num_kv_heads(2);
-  bad.mutable_policy()->mutable_k()->set_sparsity(0.5f);
+  bad.mutable_policy()->mutable_k()->set_sparsity(1.0f);
   st = stub_->CreateSession(Ctx().get(), bad, &s);
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_NE(st.error_message().find("issue #3"), std::string::npos);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("policy.k.sparsity"), std::string::npos);
 
   // Over the 1 MiB budget: 2100 tokens x (K+V) x 2 heads x 32 x 2 B = 525 KiB per layer, so the
   // second layer's message fails.
@@ -220,10 +220,10 @@ TEST_F(ServiceTest, BadRequestsGetClearCodesAndOthersKeepTheirData) {
   EXPECT_EQ(after.results(0).out().data(), before.results(0).out().data());
 
   v1::FlushRequest fr;
-  fr.set_session_id(good);
+  fr.set_session_id("missing");
   v1::FlushResponse fresp;
   st = stub_->Flush(Ctx().get(), fr, &fresp);
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 TEST_F(ServiceTest, DecodeStreamAnswersEachMessageAndSurvivesErrors) {
@@ -269,7 +269,7 @@ TEST_F(ServiceTest, ServerInfoNamesKernelAndUnimplementedRpcs) {
   EXPECT_EQ(info.kernel_backend(), "cpu");
   EXPECT_FALSE(info.kernel_variant().empty());
   EXPECT_EQ(info.host_budget_bytes(), 1u << 20);
-  EXPECT_EQ(info.unimplemented_rpcs_size(), 3);
+  EXPECT_EQ(info.unimplemented_rpcs_size(), 2);
 }
 
 TEST_F(ServiceTest, ListSessionsPages) {
@@ -285,6 +285,100 @@ TEST_F(ServiceTest, ListSessionsPages) {
   ASSERT_EQ(resp.sessions_size(), 1);
   EXPECT_EQ(resp.sessions(0).id(), "c");
   EXPECT_TRUE(resp.next_page_token().empty());
+}
+
+}  // namespace
+}  // namespace sparsekv::service
+
+namespace sparsekv::service {
+namespace {
+
+TEST_F(ServiceTest, FlushPrunesAndDecodeUsesThePrunedCache) {
+  std::mt19937 rng(4);
+  v1::CreateSessionRequest req;
+  req.set_session_id("sparse");
+  auto* l = req.mutable_layout();
+  l->set_num_layers(1);
+  l->set_num_kv_heads(kKv);
+  l->set_num_q_heads(kQ);
+  l->set_head_dim(kDim);
+  req.mutable_policy()->mutable_k()->set_sparsity(0.7f);
+  req.mutable_policy()->mutable_v()->set_sparsity(0.5f);
+  req.mutable_policy()->set_chunk_tokens(64);
+  v1::Session s;
+  ASSERT_TRUE(stub_->CreateSession(Ctx().get(), req, &s).ok());
+  EXPECT_EQ(s.stats().tokens_per_layer_size(), 1);
+  {
+    auto ctx = Ctx();
+    v1::AppendKVResponse ar;
+    auto writer = stub_->AppendKV(ctx.get(), &ar);
+    v1::AppendKVRequest a;
+    a.set_session_id("sparse");
+    *a.mutable_k() = F32({1, 300, kKv, kDim}, &rng);
+    *a.mutable_v() = F32({1, 300, kKv, kDim}, &rng);
+    ASSERT_TRUE(writer->Write(a));
+    writer->WritesDone();
+    ASSERT_TRUE(writer->Finish().ok());
+  }
+  v1::FlushRequest fr;
+  fr.set_session_id("sparse");
+  v1::FlushResponse resp;
+  ASSERT_TRUE(stub_->Flush(Ctx().get(), fr, &resp).ok());
+  // All but the newest 32 tokens are compressed (part of it maybe already in the background).
+  EXPECT_EQ(resp.stats().bytes_dense(), 32u * kKv * kDim * 2 * 2);
+  EXPECT_NEAR(resp.stats().achieved_sparsity_k(), 1.0 - 10.0 / 32, 1e-6);  // k = 10 of 32
+  EXPECT_NEAR(resp.stats().achieved_sparsity_v(), 0.5, 1e-6);
+  EXPECT_EQ(resp.stats().bytes_compressed(),
+            268u * kKv * ((4 + 10 * 2) + (4 + 16 * 2)));  // bitmap + values per row, K and V
+
+  // Decode equals float64 attention over what ReadKV reconstructs (pruned entries zero).
+  v1::ReadKVRequest rr;
+  rr.set_session_id("sparse");
+  auto ctx = Ctx();
+  auto reader = stub_->ReadKV(ctx.get(), rr);
+  v1::ReadKVResponse msg;
+  std::string k, v;
+  while (reader->Read(&msg)) {
+    k += msg.k().data();
+    v += msg.v().data();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  size_t zeros = 0;
+  for (size_t i = 0; i < 268u * kKv * kDim; ++i) {
+    zeros += kernels::LoadAsFloat(DType::kFloat16, k.data(), i) == 0.0f;
+  }
+  EXPECT_EQ(zeros, 268u * kKv * (kDim - 10));
+  std::vector<float> q;
+  v1::DecodeRequest dreq;
+  auto* item = dreq.add_items();
+  item->set_session_id("sparse");
+  *item->mutable_q() = F32({kQ, kDim}, &rng, &q);
+  v1::DecodeResponse dr;
+  ASSERT_TRUE(stub_->Decode(Ctx().get(), dreq, &dr).ok());
+  const float* out = reinterpret_cast<const float*>(dr.results(0).out().data().data());
+  for (int h = 0; h < kQ; ++h) {
+    const int g = h / (kQ / kKv);
+    std::vector<double> sc(300);
+    double m = -INFINITY, z = 0;
+    for (int t = 0; t < 300; ++t) {
+      double dot = 0;
+      for (int j = 0; j < kDim; ++j) {
+        dot += q[h * kDim + j] *
+               kernels::LoadAsFloat(DType::kFloat16, k.data(), (t * kKv + g) * kDim + j);
+      }
+      sc[t] = dot / std::sqrt(double{kDim});
+      m = std::max(m, sc[t]);
+    }
+    for (double x : sc) z += std::exp(x - m);
+    for (int j = 0; j < kDim; ++j) {
+      double want = 0;
+      for (int t = 0; t < 300; ++t) {
+        want += std::exp(sc[t] - m) / z *
+                kernels::LoadAsFloat(DType::kFloat16, v.data(), (t * kKv + g) * kDim + j);
+      }
+      EXPECT_NEAR(out[h * kDim + j], want, 5e-5);
+    }
+  }
 }
 
 }  // namespace

@@ -1,0 +1,139 @@
+#include "core/attend.h"
+
+#include <algorithm>
+#include <map>
+#include <utility>
+
+namespace sparsekv {
+namespace {
+
+// Chunks of one format (background chunks share one; Flush may add a shorter remainder).
+struct ChunkGroup {
+  kernels::SectionFormat k_format;
+  kernels::SectionFormat v_format;
+  std::vector<const CompressedChunk*> chunks;
+};
+
+std::vector<ChunkGroup> GroupChunks(const ChunkList& chunks) {
+  std::vector<ChunkGroup> groups;
+  for (const auto& c : chunks) {
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const ChunkGroup& g) {
+      return g.k_format.tokens == c->tokens() && g.k_format.kind == c->k_format().kind &&
+             g.v_format.kind == c->v_format().kind && g.k_format.k == c->k_format().k &&
+             g.v_format.k == c->v_format().k;
+    });
+    if (it == groups.end()) {
+      groups.push_back({c->k_format(), c->v_format(), {}});
+      it = groups.end() - 1;
+    }
+    it->chunks.push_back(c.get());
+  }
+  return groups;
+}
+
+std::vector<kernels::DenseSpan> TailSpans(const LayerSnapshot& snap, int head) {
+  std::vector<kernels::DenseSpan> spans;
+  spans.reserve(snap.tail.size());
+  for (const BlockRows& r : snap.tail) {
+    spans.push_back({r.block->k_row(head, r.begin), r.block->v_row(head, r.begin),
+                     static_cast<int64_t>(r.end - r.begin)});
+  }
+  return spans;
+}
+
+}  // namespace
+
+void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q,
+                 const kernels::Backend& backend, const AttendOptions& options, float* out,
+                 float* lse) {
+  const int heads = layout.num_kv_heads;
+  const int group = layout.group_size();
+  const int d = layout.head_dim;
+  const std::vector<ChunkGroup> groups = GroupChunks(*snap.chunks);
+
+  // Parallel over KV heads, and over chunk ranges too when there are fewer heads than
+  // threads.
+  const bool parallel = options.pool && snap.tokens * heads >= options.min_rows_to_split;
+  int splits = 1;
+  if (parallel) {
+    const int threads = options.pool->size() + 1;
+    splits = std::max(1, (threads + heads - 1) / heads);
+  }
+  // Task (head, split): split s of the chunks of every group, the tail with the last split.
+  std::vector<kernels::AttentionState> states(static_cast<size_t>(heads) * splits);
+  auto task = [&](int i) {
+    const int h = i % heads;
+    const int s = i / heads;
+    kernels::AttentionState& st = states[i];
+    st.Reset(group, d);
+    kernels::AttentionState part;
+    std::vector<kernels::ChunkRef> refs;
+    for (const ChunkGroup& g : groups) {
+      const size_t n = g.chunks.size();
+      const size_t b = n * s / splits, e = n * (s + 1) / splits;
+      if (b == e) continue;
+      refs.clear();
+      for (size_t c = b; c < e; ++c) refs.push_back({g.chunks[c]->k(h), g.chunks[c]->v(h)});
+      kernels::DecodeAttentionParams p;
+      p.q = q + static_cast<size_t>(h) * group * d;
+      p.group = group;
+      p.head_dim = d;
+      p.dtype = layout.dtype;
+      p.scale = options.scale;
+      p.k_format = g.k_format;
+      p.v_format = g.v_format;
+      p.chunks = refs.data();
+      p.num_chunks = static_cast<int>(refs.size());
+      backend.DecodeAttentionPartial(p, &part);
+      kernels::MergeAttentionState(part, &st);
+    }
+    if (s == splits - 1 && !snap.tail.empty()) {
+      const std::vector<kernels::DenseSpan> spans = TailSpans(snap, h);
+      kernels::DecodeAttentionParams p;
+      p.q = q + static_cast<size_t>(h) * group * d;
+      p.group = group;
+      p.head_dim = d;
+      p.dtype = layout.dtype;
+      p.scale = options.scale;
+      p.spans = spans.data();
+      p.num_spans = static_cast<int>(spans.size());
+      backend.DecodeAttentionPartial(p, &part);
+      kernels::MergeAttentionState(part, &st);
+    }
+  };
+  const int tasks = heads * splits;
+  if (parallel) {
+    options.pool->Run(tasks, task);
+  } else {
+    for (int i = 0; i < tasks; ++i) task(i);
+  }
+  for (int h = 0; h < heads; ++h) {
+    for (int s = 1; s < splits; ++s)
+      kernels::MergeAttentionState(states[s * heads + h], &states[h]);
+    kernels::FinalizeAttentionState(states[h], out + static_cast<size_t>(h) * group * d,
+                                    lse + static_cast<size_t>(h) * group);
+  }
+}
+
+void TailMass(const Layout& layout, const LayerSnapshot& snap, const float* q, float scale,
+              const float* lse, std::vector<float>* mass) {
+  const int heads = layout.num_kv_heads;
+  const int group = layout.group_size();
+  const int d = layout.head_dim;
+  mass->assign(static_cast<size_t>(heads) * snap.tail_tokens, 0.0f);
+  for (int h = 0; h < heads; ++h) {
+    const std::vector<kernels::DenseSpan> spans = TailSpans(snap, h);
+    kernels::DecodeAttentionParams p;
+    p.q = q + static_cast<size_t>(h) * group * d;
+    p.group = group;
+    p.head_dim = d;
+    p.dtype = layout.dtype;
+    p.scale = scale;
+    p.spans = spans.data();
+    p.num_spans = static_cast<int>(spans.size());
+    kernels::AccumulateDenseMass(p, lse + static_cast<size_t>(h) * group,
+                                 mass->data() + static_cast<size_t>(h) * snap.tail_tokens);
+  }
+}
+
+}  // namespace sparsekv

@@ -1,0 +1,39 @@
+// Decode attention over one layer snapshot, all KV heads: chunks grouped by format, work
+// split over KV heads and chunk ranges on a thread pool, partial states merged by
+// log-sum-exp.
+//
+// Stateless; thread-safe (the snapshot is immutable).
+#ifndef SPARSEKV_CORE_ATTEND_H_
+#define SPARSEKV_CORE_ATTEND_H_
+
+#include <vector>
+
+#include "core/layer_store.h"
+#include "core/types.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace sparsekv {
+
+struct AttendOptions {
+  float scale = 1.0f;
+  kernels::ThreadPool* pool = nullptr;  // null: run on the calling thread
+  // Below this many cached rows (tokens x KV heads) the step runs on one thread: splitting
+  // costs more than it saves.
+  int64_t min_rows_to_split = 16384;
+};
+
+// out: [num_q_heads, head_dim]; lse: [num_q_heads] (always filled). q: [num_q_heads, head_dim].
+void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q,
+                 const kernels::Backend& backend, const AttendOptions& options, float* out,
+                 float* lse);
+
+// mass[h] receives, per tail row of `snap` in order, the probability summed over KV head h's
+// query group (see kernels::AccumulateDenseMass). mass is resized to [num_kv_heads,
+// snap.tail_tokens].
+void TailMass(const Layout& layout, const LayerSnapshot& snap, const float* q, float scale,
+              const float* lse, std::vector<float>* mass);
+
+}  // namespace sparsekv
+
+#endif  // SPARSEKV_CORE_ATTEND_H_

@@ -1,0 +1,45 @@
+// A fixed pool of background threads with a bounded FIFO queue, for pruning jobs.
+//
+// Thread-safe. Jobs must not block on other jobs of the same executor.
+#ifndef SPARSEKV_CORE_EXECUTOR_H_
+#define SPARSEKV_CORE_EXECUTOR_H_
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace sparsekv {
+
+class BoundedExecutor {
+ public:
+  BoundedExecutor(int threads, int max_queue);
+  ~BoundedExecutor();  // Shutdown()
+  BoundedExecutor(const BoundedExecutor&) = delete;
+  BoundedExecutor& operator=(const BoundedExecutor&) = delete;
+
+  // Queues `job`; false (job dropped) when the queue is full or the executor is shut down.
+  bool TrySchedule(std::function<void()> job);
+  // Stops accepting jobs, drops the queued ones, waits for running ones. Idempotent.
+  void Shutdown();
+
+  int queued() const;
+  int running() const;
+
+ private:
+  void WorkerLoop();
+
+  const int max_queue_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // guarded by mu_
+  int running_ = 0;                          // guarded by mu_
+  bool stop_ = false;                        // guarded by mu_
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace sparsekv
+
+#endif  // SPARSEKV_CORE_EXECUTOR_H_

@@ -1,0 +1,113 @@
+// Storage of one layer of one session: the published list of compressed chunks (oldest
+// tokens) followed by the dense tail of DenseBlocks (newest tokens), plus the statistics that
+// output-aware scoring needs (per-token attention mass, per-channel query energy).
+//
+// Not thread-safe: the owning Session's mutex guards every method. What a Snapshot returns
+// may be read without the lock: chunks are immutable and published by swapping the list, and
+// snapshot rows of dense blocks never change.
+#ifndef SPARSEKV_CORE_LAYER_STORE_H_
+#define SPARSEKV_CORE_LAYER_STORE_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/chunk.h"
+#include "core/types.h"
+
+namespace sparsekv {
+
+using ChunkList = std::vector<std::shared_ptr<const CompressedChunk>>;
+
+// A run of dense rows [begin, end) of one block.
+struct BlockRows {
+  std::shared_ptr<DenseBlock> block;
+  int begin = 0;
+  int end = 0;
+};
+
+// What a decode step reads: the whole layer at one instant.
+struct LayerSnapshot {
+  std::shared_ptr<const ChunkList> chunks;  // token order
+  std::vector<BlockRows> tail;              // token order, after the chunks
+  int64_t tokens = 0;
+  int64_t tail_tokens = 0;
+};
+
+// The oldest tail rows taken for compression, plus the scoring statistics at that instant.
+struct CompressionInput {
+  std::vector<BlockRows> rows;  // `tokens` rows in token order
+  int tokens = 0;
+  std::vector<float> mass;      // [kv_heads, tokens] attention mass so far
+  std::vector<float> q_energy;  // [kv_heads, head_dim] sum of squared query channels
+  bool queries_seen = false;
+};
+
+class LayerStore {
+ public:
+  explicit LayerStore(const Layout& layout);
+
+  int64_t tokens() const { return compressed_tokens_ + tail_tokens_; }
+  int64_t compressed_tokens() const { return compressed_tokens_; }
+  int64_t tail_tokens() const { return tail_tokens_; }
+
+  // Appends `tokens` rows; row t of KV head h is at k + t * token_stride + h * head_stride
+  // (bytes) in `src` dtype, converted to the storage dtype.
+  void Append(kernels::DType src, const uint8_t* k, const uint8_t* v, int64_t tokens,
+              size_t token_stride, size_t head_stride);
+
+  LayerSnapshot Snapshot() const;
+
+  // Scoring statistics. q: [num_q_heads, head_dim] fp32.
+  void AddQueryEnergy(const float* q);
+  // Adds mass[t] (one entry per snapshot tail row, in order) to the rows of `snapshot` for
+  // KV head `head`. Rows compressed meanwhile are skipped (their blocks are no longer read).
+  void AddMass(const LayerSnapshot& snapshot, int head, const float* mass);
+
+  // Copies out the oldest `tokens` tail rows. REQUIRES: tokens <= tail_tokens().
+  CompressionInput TakeOldest(int tokens) const;
+  // Replaces the oldest chunk->tokens() tail rows by `chunk`. REQUIRES: those rows are the
+  // ones a TakeOldest handed out and nothing else was published since.
+  void Publish(std::shared_ptr<const CompressedChunk> chunk);
+
+  // Copies rows [begin, begin + count) as [count, num_kv_heads, head_dim] in the storage dtype
+  // to the end of k_out / v_out (compressed rows decompressed, pruned elements 0).
+  // REQUIRES: begin + count <= tokens().
+  void Read(int64_t begin, int64_t count, std::string* k_out, std::string* v_out) const;
+
+  // Bytes of the dense tail (payload rows, K and V) and of the compressed chunks.
+  int64_t dense_bytes() const;
+  int64_t compressed_bytes() const { return compressed_bytes_; }
+  // Elements kept / stored in compressed chunks, for achieved sparsity.
+  int64_t k_kept() const { return k_kept_; }
+  int64_t v_kept() const { return v_kept_; }
+  int64_t compressed_elements() const;
+  int64_t output_aware_chunks_k() const { return output_aware_k_; }
+  int64_t output_aware_chunks_v() const { return output_aware_v_; }
+  int64_t chunks() const { return static_cast<int64_t>(chunks_->size()); }
+  bool queries_seen() const { return queries_seen_; }
+
+  // Set by Session: a background job is queued / a compression (job or Flush) is running.
+  bool job_queued = false;
+  bool compressing = false;
+
+ private:
+  const Layout layout_;
+  std::shared_ptr<const ChunkList> chunks_;
+  std::deque<std::shared_ptr<DenseBlock>> tail_;
+  int64_t compressed_tokens_ = 0;
+  int64_t tail_tokens_ = 0;
+  int64_t compressed_bytes_ = 0;
+  int64_t k_kept_ = 0;
+  int64_t v_kept_ = 0;
+  int64_t output_aware_k_ = 0;
+  int64_t output_aware_v_ = 0;
+  std::vector<float> q_energy_;  // [num_kv_heads, head_dim]
+  bool queries_seen_ = false;
+};
+
+}  // namespace sparsekv
+
+#endif  // SPARSEKV_CORE_LAYER_STORE_H_
