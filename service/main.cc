@@ -9,6 +9,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
+#include "kernels/cpu/cpu_features.h"
 #include "service/server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address HOST:PORT; port 0 = any");
@@ -68,6 +69,7 @@ int main(int argc, char** argv) {
                "port %d\n",
                build.version.c_str(), build.git_commit.c_str(), build.kernel_backend.c_str(),
                build.kernel_variant.c_str(), (*server)->grpc_port(), (*server)->metrics_port());
+  std::fprintf(stderr, "sparsekv-server: %s\n", sparsekv::kernels::CpuFeaturesSummary().c_str());
   const std::string ready = absl::GetFlag(FLAGS_ready_file);
   if (!ready.empty()) {
     // Write then rename so that a reader never sees a half-written file.

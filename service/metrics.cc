@@ -39,6 +39,24 @@ class StoreCollector final : public prometheus::Collectable {
     out.push_back(
         Single("sparsekv_sessions_evicted_total", "Sessions removed because their TTL expired.",
                prometheus::MetricType::Counter, static_cast<double>(s.evicted_total), {}));
+    out.push_back(Single("sparsekv_pruned_chunks_total", "Chunks compressed (all layers).",
+                         prometheus::MetricType::Counter,
+                         static_cast<double>(s.chunks_compressed_total), {}));
+    out.push_back(Single(
+        "sparsekv_pruned_tokens_total", "Token rows compressed (tokens summed over layers).",
+        prometheus::MetricType::Counter, static_cast<double>(s.tokens_compressed_total), {}));
+    out.push_back(Single("sparsekv_prune_seconds_total",
+                         "Time spent compressing chunks (background and Flush).",
+                         prometheus::MetricType::Counter, s.compress_seconds_total, {}));
+    out.push_back(Single("sparsekv_pruner_rejected_total",
+                         "Compression jobs refused by the full pruner queue (retried later).",
+                         prometheus::MetricType::Counter,
+                         static_cast<double>(s.pruner_rejected_total), {}));
+    out.push_back(Single("sparsekv_pruner_queue_jobs", "Compression jobs waiting.",
+                         prometheus::MetricType::Gauge, static_cast<double>(s.pruner_queued), {}));
+    out.push_back(Single(
+        "sparsekv_chunk_pool_reserved_bytes", "Memory reserved by the compressed-chunk slab pools.",
+        prometheus::MetricType::Gauge, static_cast<double>(s.slab_reserved_bytes), {}));
     return out;
   }
 

@@ -5,6 +5,9 @@
 #include <cstdio>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/avx2_attention.h"
+#include "kernels/cpu/avx512_attention.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/portable_attention.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -21,12 +24,36 @@ class PortableCpuBackend final : public Backend {
   }
 };
 
+class Avx2CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  std::string variant() const override { return "avx2"; }
+  void DecodeAttentionPartial(const DecodeAttentionParams& p,
+                              AttentionState* state) const override {
+    Avx2DecodeAttentionPartial(p, state);
+  }
+};
+
+class Avx512CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  std::string variant() const override { return "avx512"; }
+  void DecodeAttentionPartial(const DecodeAttentionParams& p,
+                              AttentionState* state) const override {
+    Avx512DecodeAttentionPartial(p, state);
+  }
+};
+
 }  // namespace
 
 std::vector<const Backend*> CpuBackendVariants() {
+  // Built once; the objects live for the whole program (Backends are immutable).
   static const std::vector<const Backend*>* variants = [] {
     auto* v = new std::vector<const Backend*>();
     v->push_back(new PortableCpuBackend());
+    const CpuFeatures& f = GetCpuFeatures();
+    if (f.avx2 && Avx2AttentionCompiled()) v->push_back(new Avx2CpuBackend());
+    if (f.avx512 && Avx512AttentionCompiled()) v->push_back(new Avx512CpuBackend());
     return v;
   }();
   return *variants;

@@ -348,6 +348,8 @@ TEST_F(ServiceTest, FlushPrunesAndDecodeUsesThePrunedCache) {
     zeros += kernels::LoadAsFloat(DType::kFloat16, k.data(), i) == 0.0f;
   }
   EXPECT_EQ(zeros, 268u * kKv * (kDim - 10));
+  const std::string metrics = server_->metrics().Serialize();
+  EXPECT_NE(metrics.find("sparsekv_pruned_tokens_total 268"), std::string::npos) << metrics;
   std::vector<float> q;
   v1::DecodeRequest dreq;
   auto* item = dreq.add_items();

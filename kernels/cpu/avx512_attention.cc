@@ -1,0 +1,753 @@
+// AVX-512 decode attention. See avx512_attention.h for the contract.
+//
+// Every function that uses AVX-512 carries SKV_AVX512 (a target attribute) instead of the
+// file being compiled with -mavx512*: the standard-library templates instantiated here then
+// stay baseline code, so the linker can never pick an AVX-512 copy of, say,
+// std::vector<float>::resize for the rest of the program (an ODR trap of per-file flags).
+//
+// Layout of the per-call scratch (thread-local, reused):
+//   q     [group, dpad]  query rows * scale, zero-padded to dpad = round_up(head_dim, 32)
+//   acc   [group, dpad]  unnormalised output of the online softmax
+//   p     [group, 64]    scores of the current block, then exp(score - m)
+//   red   [8, 16, 16]    partial dot products waiting for a 16-way transposed reduction
+#include "kernels/cpu/avx512_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu/row_source.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPARSEKV_HAVE_AVX512_VARIANT 1
+#include <immintrin.h>
+// GCC 12 reports its own _mm512_reduce_* helpers as maybe-uninitialized (a known false
+// positive in avx512fintrin.h).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace sparsekv::kernels {
+
+#ifndef SPARSEKV_HAVE_AVX512_VARIANT
+
+bool Avx512AttentionCompiled() { return false; }
+void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {}
+
+#else
+
+bool Avx512AttentionCompiled() { return true; }
+
+#define SKV_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi2,popcnt")))
+#define SKV_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr int kBlock = 64;  // tokens per online-softmax block (per-token and dense rows)
+
+inline uint32_t Load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Software prefetch of the next block's bytes, spread over the current block's row loops: the
+// hardware prefetchers alone left compute and DRAM reads mostly serialised (measured: dense
+// decode at ~50% of the streaming bandwidth without it).
+struct Prefetcher {
+  const char* cur[4];
+  const char* end[4];
+  int n = 0;  // ranges left, consumed from the back
+
+  void Add(const uint8_t* p, size_t bytes) {
+    if (bytes == 0 || n == 4) return;
+    cur[n] = reinterpret_cast<const char*>(p);
+    end[n] = cur[n] + bytes;
+    ++n;
+  }
+  // Issues up to `lines` prefetches of 64 bytes.
+  SKV_INLINE void Step(int lines) {
+    while (lines > 0 && n > 0) {
+      const int i = n - 1;
+      _mm_prefetch(cur[i], _MM_HINT_T0);
+      cur[i] += 64;
+      --lines;
+      if (cur[i] >= end[i]) --n;
+    }
+  }
+};
+
+// ---- element loaders: one 32-element word of a row (or vector) as two zmm of floats ----
+// Load(ptr, mask, lo, hi) reads popcount(mask) packed elements at ptr, places them in the
+// lanes whose mask bit is set (zeros elsewhere) and returns the bytes consumed. For dense rows
+// the mask is the contiguous run of valid columns, so one code path serves both.
+
+struct F16 {
+  static constexpr size_t kSize = 2;
+  SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
+                                           __m512* hi) {
+    const __m512i x = _mm512_maskz_expandloadu_epi16(mask, p);
+    *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
+    *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
+    return static_cast<size_t>(__builtin_popcount(mask)) * 2;
+  }
+};
+
+struct BF16 {
+  static constexpr size_t kSize = 2;
+  SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
+                                           __m512* hi) {
+    const __m512i x = _mm512_maskz_expandloadu_epi16(mask, p);
+    *lo = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(x)), 16));
+    *hi = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1)), 16));
+    return static_cast<size_t>(__builtin_popcount(mask)) * 2;
+  }
+};
+
+struct F32 {
+  static constexpr size_t kSize = 4;
+  SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
+                                           __m512* hi) {
+    const __mmask16 m0 = static_cast<__mmask16>(mask);
+    const __mmask16 m1 = static_cast<__mmask16>(mask >> 16);
+    *lo = _mm512_maskz_expandloadu_ps(m0, p);
+    *hi = _mm512_maskz_expandloadu_ps(m1, p + static_cast<size_t>(__builtin_popcount(m0)) * 4);
+    return static_cast<size_t>(__builtin_popcount(mask)) * 4;
+  }
+};
+
+// Dense loaders: the mask is contiguous low bits, so plain masked loads suffice (cheaper
+// than an expand).
+struct DenseF16 {
+  static constexpr size_t kSize = 2;
+  SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
+                                           __m512* hi) {
+    *lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask), p));
+    *hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask >> 16), p + 32));
+    return static_cast<size_t>(__builtin_popcount(mask)) * 2;
+  }
+};
+
+struct DenseBF16 {
+  static constexpr size_t kSize = 2;
+  SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
+                                           __m512* hi) {
+    const __m256i a = _mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask), p);
+    const __m256i b = _mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask >> 16), p + 32);
+    *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+    *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    return static_cast<size_t>(__builtin_popcount(mask)) * 2;
+  }
+};
+
+struct DenseF32 {
+  static constexpr size_t kSize = 4;
+  SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
+                                           __m512* hi) {
+    *lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), p);
+    *hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), p + 64);
+    return static_cast<size_t>(__builtin_popcount(mask)) * 4;
+  }
+};
+
+// ---- math helpers ----
+
+// exp(x) for x <= ~88, ~1 ulp (Cephes expf polynomial), NaN in gives NaN out, -inf gives 0.
+SKV_AVX512 SKV_INLINE __m512 Exp(__m512 x) {
+  // max/min return their second operand when either is NaN: x goes second to keep NaN.
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-110.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// Sixteen vectors v[i] (16 floats each, 64 bytes apart) -> one vector whose lane i is the sum
+// of v[i]'s lanes: 45 instructions instead of 16 full horizontal reductions.
+SKV_AVX512 SKV_INLINE __m512 HSum16(const float* v) {
+  __m512 pair[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = _mm512_loadu_ps(v + 32 * i);
+    const __m512 b = _mm512_loadu_ps(v + 32 * i + 16);
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3].
+    pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  __m512 quad[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(pair[2 * i]);
+    const __m512d y = _mm512_castps_pd(pair[2 * i + 1]);
+    // Per 128-bit lane: [a, b, c, d] lane sums of the four source vectors.
+    quad[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                            _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // quad[i] holds vectors 4i..4i+3, one partial per 128-bit lane: sum the four lanes.
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x44),
+                                   _mm512_shuffle_f32x4(quad[0], quad[1], 0xee));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x44),
+                                   _mm512_shuffle_f32x4(quad[2], quad[3], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
+}
+
+// ---- per-call scratch ----
+
+struct Work {
+  int group = 0, d = 0, dpad = 0, words = 0;
+  std::vector<float> q, acc, p, red, m, l;
+  std::vector<uint32_t> dense_mask;  // [words] valid columns of each 32-column word
+  std::vector<const uint8_t*> vp;    // [words, kBlock] per-row value cursors
+  std::vector<float> kf, vf;         // fallback expansion buffers
+  Prefetcher pf;                     // the next block's bytes
+
+  void Reset(const DecodeAttentionParams& params) {
+    group = params.group;
+    d = params.head_dim;
+    dpad = (d + 31) / 32 * 32;
+    words = dpad / 32;
+    q.assign(static_cast<size_t>(group) * dpad, 0.0f);
+    for (int h = 0; h < group; ++h) {
+      for (int j = 0; j < d; ++j) {
+        q[static_cast<size_t>(h) * dpad + j] =
+            params.q[static_cast<size_t>(h) * d + j] * params.scale;
+      }
+    }
+    acc.assign(static_cast<size_t>(group) * dpad, 0.0f);
+    p.assign(static_cast<size_t>(group) * kBlock, 0.0f);
+    red.assign(8 * 16 * 16, 0.0f);
+    m.assign(group, -std::numeric_limits<float>::infinity());
+    l.assign(group, 0.0f);
+    dense_mask.assign(words, 0xffffffffu);
+    if (d % 32 != 0) dense_mask[words - 1] = (1u << (d % 32)) - 1;
+    vp.assign(static_cast<size_t>(words) * kBlock, nullptr);
+  }
+};
+
+// Rows of a block in per-token or dense layout.
+struct RowBlock {
+  const uint8_t* bitmaps;  // null for dense rows
+  size_t bm_stride;        // bytes of bitmap per row
+  const uint8_t* values;   // first row's values
+  size_t val_stride;       // bytes of values per row
+  const uint32_t* dense_mask;
+  int words;
+};
+
+template <bool kSparse>
+SKV_INLINE uint32_t RowMask(const RowBlock& rb, int r, int w) {
+  return kSparse ? Load32(rb.bitmaps + r * rb.bm_stride + 4 * w) : rb.dense_mask[w];
+}
+
+// ---- scores ----
+
+// p[h, r] = q_h . k_r (q pre-scaled) for HT heads and `rows` per-token/dense rows.
+template <class L, bool kSparse, int HT>
+SKV_AVX512 void RowScores(const RowBlock& rb, int rows, const float* q, int dpad, float* red,
+                          float* p, Prefetcher* pf) {
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    const int n = std::min(16, rows - r0);
+    for (int i = 0; i < n; ++i) {
+      const int r = r0 + i;
+      pf->Step(4);
+      __m512 acc[HT];
+      for (int h = 0; h < HT; ++h) acc[h] = _mm512_setzero_ps();
+      const uint8_t* ptr = rb.values + r * rb.val_stride;
+      for (int w = 0; w < rb.words; ++w) {
+        __m512 lo, hi;
+        ptr += L::Load(ptr, RowMask<kSparse>(rb, r, w), &lo, &hi);
+        const float* qw = q + 32 * w;
+        for (int h = 0; h < HT; ++h) {
+          acc[h] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(qw + h * dpad), acc[h]);
+          acc[h] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(qw + h * dpad + 16), acc[h]);
+        }
+      }
+      for (int h = 0; h < HT; ++h) _mm512_storeu_ps(red + (h * 16 + i) * 16, acc[h]);
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    for (int h = 0; h < HT; ++h) {
+      for (int i = n; i < 16; ++i) _mm512_storeu_ps(red + (h * 16 + i) * 16, _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(p + h * kBlock + r0, valid, HSum16(red + h * 256));
+    }
+  }
+}
+
+// Per-channel K of one token group (GW words = 32 * GW tokens): every channel vector is
+// expanded to token lanes and scattered into the scores with the broadcast query channel.
+template <class L, int HT, int GW>
+SKV_AVX512 void ChannelScores(const uint8_t* bitmaps, const uint8_t* values, int d, const float* q,
+                              int dpad, float* p, Prefetcher* pf) {
+  __m512 acc[HT][2 * GW];
+  for (int h = 0; h < HT; ++h)
+    for (int z = 0; z < 2 * GW; ++z) acc[h][z] = _mm512_setzero_ps();
+  const uint8_t* ptr = values;
+  for (int j = 0; j < d; ++j) {
+    pf->Step(2);
+    __m512 x[2 * GW];
+    for (int w = 0; w < GW; ++w) {
+      ptr += L::Load(ptr, Load32(bitmaps + (j * GW + w) * 4), &x[2 * w], &x[2 * w + 1]);
+    }
+    for (int h = 0; h < HT; ++h) {
+      const __m512 qb = _mm512_set1_ps(q[h * dpad + j]);
+      for (int z = 0; z < 2 * GW; ++z) acc[h][z] = _mm512_fmadd_ps(qb, x[z], acc[h][z]);
+    }
+  }
+  for (int h = 0; h < HT; ++h)
+    for (int z = 0; z < 2 * GW; ++z) _mm512_storeu_ps(p + h * kBlock + 16 * z, acc[h][z]);
+}
+
+// ---- values ----
+
+// acc[h, 32*w0 .. 32*(w0+NW)) += sum_r p[h, r] * v_r over the block's rows; vp[w * kBlock + r]
+// is row r's value cursor at word w. The cursors are precomputed so that the row loop stores
+// nothing: with a store in the loop GCC keeps spilling the accumulator array every row.
+template <class L, bool kSparse, int HT, int NW>
+SKV_AVX512 void RowValuesSlice(const RowBlock& rb, int rows, int w0, const float* p, float* acc,
+                               int dpad, const uint8_t* const* vp, Prefetcher* pf) {
+  __m512 a[HT][2 * NW];
+#pragma GCC unroll 16
+  for (int h = 0; h < HT; ++h)
+#pragma GCC unroll 16
+    for (int z = 0; z < 2 * NW; ++z) a[h][z] = _mm512_loadu_ps(acc + h * dpad + 32 * w0 + 16 * z);
+  for (int r = 0; r < rows; ++r) {
+    pf->Step(2);
+    __m512 x[2 * NW];
+#pragma GCC unroll 16
+    for (int w = 0; w < NW; ++w) {
+      L::Load(vp[(w0 + w) * kBlock + r], RowMask<kSparse>(rb, r, w0 + w), &x[2 * w], &x[2 * w + 1]);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < HT; ++h) {
+      const __m512 pb = _mm512_set1_ps(p[h * kBlock + r]);
+#pragma GCC unroll 16
+      for (int z = 0; z < 2 * NW; ++z) a[h][z] = _mm512_fmadd_ps(pb, x[z], a[h][z]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < HT; ++h)
+#pragma GCC unroll 16
+    for (int z = 0; z < 2 * NW; ++z) _mm512_storeu_ps(acc + h * dpad + 32 * w0 + 16 * z, a[h][z]);
+}
+
+template <class L, bool kSparse, int HT, int NW>
+SKV_AVX512 void RowValues(const RowBlock& rb, int rows, const float* p, float* acc, int dpad,
+                          const uint8_t** vp, Prefetcher* pf) {
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* ptr = rb.values + r * rb.val_stride;
+    for (int w = 0; w < rb.words; ++w) {
+      vp[w * kBlock + r] = ptr;
+      ptr += static_cast<size_t>(__builtin_popcount(RowMask<kSparse>(rb, r, w))) * L::kSize;
+    }
+  }
+  int w0 = 0;
+  for (; w0 + NW <= rb.words; w0 += NW)
+    RowValuesSlice<L, kSparse, HT, NW>(rb, rows, w0, p, acc, dpad, vp, pf);
+  for (; w0 < rb.words; ++w0) RowValuesSlice<L, kSparse, HT, 1>(rb, rows, w0, p, acc, dpad, vp, pf);
+}
+
+// Per-channel V of one token group: acc[h, j] += p[h, :] . v_j over the channel vectors, 16
+// channels at a time through the transposed reduction.
+template <class L, int HT, int GW>
+SKV_AVX512 void ChannelValues(const uint8_t* bitmaps, const uint8_t* values, int d, const float* p,
+                              float* acc, int dpad, float* red, Prefetcher* pf) {
+  __m512 pv[HT][2 * GW];
+  for (int h = 0; h < HT; ++h)
+    for (int z = 0; z < 2 * GW; ++z) pv[h][z] = _mm512_loadu_ps(p + h * kBlock + 16 * z);
+  const uint8_t* ptr = values;
+  for (int j0 = 0; j0 < d; j0 += 16) {
+    const int n = std::min(16, d - j0);
+    for (int i = 0; i < n; ++i) {
+      const int j = j0 + i;
+      pf->Step(2);
+      __m512 x[2 * GW];
+      for (int w = 0; w < GW; ++w) {
+        ptr += L::Load(ptr, Load32(bitmaps + (j * GW + w) * 4), &x[2 * w], &x[2 * w + 1]);
+      }
+      for (int h = 0; h < HT; ++h) {
+        __m512 t = _mm512_mul_ps(pv[h][0], x[0]);
+        for (int z = 1; z < 2 * GW; ++z) t = _mm512_fmadd_ps(pv[h][z], x[z], t);
+        _mm512_storeu_ps(red + (h * 16 + i) * 16, t);
+      }
+    }
+    for (int h = 0; h < HT; ++h) {
+      for (int i = n; i < 16; ++i) _mm512_storeu_ps(red + (h * 16 + i) * 16, _mm512_setzero_ps());
+      float* a = acc + h * dpad + j0;  // dpad is a multiple of 32, so 16 lanes fit
+      _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), HSum16(red + h * 256)));
+    }
+  }
+}
+
+// ---- online softmax over one block ----
+
+// Turns p[h, 0..rows) from scores into exp(score - m_new), rescales acc and l by
+// exp(m_old - m_new), and zeroes p[h, rows..kBlock).
+SKV_AVX512 void SoftmaxBlock(Work* w, int rows) {
+  for (int h = 0; h < w->group; ++h) {
+    float* s = w->p.data() + h * kBlock;
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __mmask16 nan = 0;
+    for (int c = 0; c < rows; c += 16) {
+      const __mmask16 valid =
+          static_cast<__mmask16>(rows - c >= 16 ? 0xffffu : (1u << (rows - c)) - 1);
+      const __m512 v = _mm512_mask_loadu_ps(mx, valid, s + c);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      mx = _mm512_max_ps(mx, v);
+    }
+    float block_max = _mm512_reduce_max_ps(mx);
+    if (nan) block_max = NAN;  // NaN in q or K propagates, as in the reference
+    const float m_old = w->m[h];
+    const float m_new = std::isnan(block_max) ? NAN : std::fmax(m_old, block_max);
+    const float alpha = std::isinf(m_old) ? 0.0f : std::exp(m_old - m_new);
+    if (alpha != 1.0f) {
+      float* a = w->acc.data() + h * w->dpad;
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int j = 0; j < w->dpad; j += 16) {
+        _mm512_storeu_ps(a + j, _mm512_mul_ps(_mm512_loadu_ps(a + j), av));
+      }
+    }
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < kBlock; c += 16) {
+      const int left = rows - c;
+      const __mmask16 valid = static_cast<__mmask16>(left >= 16  ? 0xffffu
+                                                     : left <= 0 ? 0u
+                                                                 : (1u << left) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+      _mm512_storeu_ps(s + c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    w->l[h] = w->l[h] * alpha + _mm512_reduce_add_ps(sum);
+    w->m[h] = m_new;
+  }
+}
+
+// ---- dispatch over head tiles and element types ----
+
+// Head tiles: up to 8 heads share one pass over rows (per-token/dense K), 4 elsewhere so that
+// accumulators stay in the 32 zmm registers.
+inline int Tile(int left, int max_tile) {
+  if (left >= 8 && max_tile >= 8) return 8;
+  return std::min(left, 4);
+}
+
+template <class L, bool kSparse>
+SKV_AVX512 void RowScoresAll(const RowBlock& rb, int rows, Work* w) {
+  for (int h0 = 0; h0 < w->group;) {
+    const int ht = Tile(w->group - h0, 8);
+    const float* q = w->q.data() + h0 * w->dpad;
+    float* p = w->p.data() + h0 * kBlock;
+    float* red = w->red.data();
+    switch (ht) {
+      case 8:
+        RowScores<L, kSparse, 8>(rb, rows, q, w->dpad, red, p, &w->pf);
+        break;
+      case 4:
+        RowScores<L, kSparse, 4>(rb, rows, q, w->dpad, red, p, &w->pf);
+        break;
+      case 3:
+        RowScores<L, kSparse, 3>(rb, rows, q, w->dpad, red, p, &w->pf);
+        break;
+      case 2:
+        RowScores<L, kSparse, 2>(rb, rows, q, w->dpad, red, p, &w->pf);
+        break;
+      default:
+        RowScores<L, kSparse, 1>(rb, rows, q, w->dpad, red, p, &w->pf);
+        break;
+    }
+    h0 += ht;
+  }
+}
+
+template <class L, bool kSparse>
+SKV_AVX512 void RowValuesAll(const RowBlock& rb, int rows, Work* w) {
+  for (int h0 = 0; h0 < w->group;) {
+    const int ht = Tile(w->group - h0, 8);
+    const float* p = w->p.data() + h0 * kBlock;
+    float* acc = w->acc.data() + h0 * w->dpad;
+    const uint8_t** vp = w->vp.data();
+    switch (ht) {
+      case 8:
+        RowValues<L, kSparse, 8, 1>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        break;
+      case 4:
+        RowValues<L, kSparse, 4, 2>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        break;
+      case 3:
+        RowValues<L, kSparse, 3, 2>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        break;
+      case 2:
+        RowValues<L, kSparse, 2, 4>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        break;
+      default:
+        RowValues<L, kSparse, 1, 4>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        break;
+    }
+    h0 += ht;
+  }
+}
+
+template <class L, int GW>
+SKV_AVX512 void ChannelScoresAll(const uint8_t* bm, const uint8_t* vals, Work* w) {
+  for (int h0 = 0; h0 < w->group;) {
+    const int ht = Tile(w->group - h0, 4);
+    const float* q = w->q.data() + h0 * w->dpad;
+    float* p = w->p.data() + h0 * kBlock;
+    switch (ht) {
+      case 4:
+        ChannelScores<L, 4, GW>(bm, vals, w->d, q, w->dpad, p, &w->pf);
+        break;
+      case 3:
+        ChannelScores<L, 3, GW>(bm, vals, w->d, q, w->dpad, p, &w->pf);
+        break;
+      case 2:
+        ChannelScores<L, 2, GW>(bm, vals, w->d, q, w->dpad, p, &w->pf);
+        break;
+      default:
+        ChannelScores<L, 1, GW>(bm, vals, w->d, q, w->dpad, p, &w->pf);
+        break;
+    }
+    h0 += ht;
+  }
+}
+
+template <class L, int GW>
+SKV_AVX512 void ChannelValuesAll(const uint8_t* bm, const uint8_t* vals, Work* w) {
+  for (int h0 = 0; h0 < w->group;) {
+    const int ht = Tile(w->group - h0, 4);
+    const float* p = w->p.data() + h0 * kBlock;
+    float* acc = w->acc.data() + h0 * w->dpad;
+    float* red = w->red.data();
+    switch (ht) {
+      case 4:
+        ChannelValues<L, 4, GW>(bm, vals, w->d, p, acc, w->dpad, red, &w->pf);
+        break;
+      case 3:
+        ChannelValues<L, 3, GW>(bm, vals, w->d, p, acc, w->dpad, red, &w->pf);
+        break;
+      case 2:
+        ChannelValues<L, 2, GW>(bm, vals, w->d, p, acc, w->dpad, red, &w->pf);
+        break;
+      default:
+        ChannelValues<L, 1, GW>(bm, vals, w->d, p, acc, w->dpad, red, &w->pf);
+        break;
+    }
+    h0 += ht;
+  }
+}
+
+// One section's rows [t0, t0 + rows) (or its token group t0 / G for per-channel).
+struct SectionBlock {
+  const SectionFormat* fmt;  // null: dense rows at `data` with `dtype`
+  DType dtype;
+  const uint8_t* data;
+  int t0;
+  int rows;
+};
+
+RowBlock MakeRowBlock(const SectionBlock& b, const Work& w) {
+  const size_t es = DTypeSize(b.dtype);
+  RowBlock rb;
+  rb.dense_mask = w.dense_mask.data();
+  rb.words = w.words;
+  const bool sparse = b.fmt != nullptr && b.fmt->kind == SectionKind::kPerToken;
+  if (sparse) {
+    const size_t bm = BitmapBytes(w.d);
+    rb.bitmaps = b.data + b.t0 * bm;
+    rb.bm_stride = bm;
+    rb.val_stride = static_cast<size_t>(b.fmt->k) * es;
+    rb.values = b.data + b.fmt->bitmap_bytes() + b.t0 * rb.val_stride;
+  } else {
+    rb.bitmaps = nullptr;
+    rb.bm_stride = 0;
+    rb.val_stride = static_cast<size_t>(w.d) * es;
+    rb.values = b.data + b.t0 * rb.val_stride;
+  }
+  return rb;
+}
+
+// Per-channel group of the block: bitmaps and values of its head_dim vectors.
+void ChannelGroup(const SectionBlock& b, const Work& w, const uint8_t** bm, const uint8_t** vals) {
+  const SectionFormat& f = *b.fmt;
+  const size_t first = static_cast<size_t>(b.t0 / f.group) * w.d;
+  *bm = b.data + first * BitmapBytes(f.group);
+  *vals = b.data + f.bitmap_bytes() + first * f.k * DTypeSize(b.dtype);
+}
+
+template <bool kScores>
+SKV_AVX512 void RunSection(const SectionBlock& b, Work* w) {
+  const bool per_channel = b.fmt != nullptr && b.fmt->kind == SectionKind::kPerChannel;
+  if (per_channel) {
+    const uint8_t *bm, *vals;
+    ChannelGroup(b, *w, &bm, &vals);
+    const bool g64 = b.fmt->group == 64;
+#define SKV_CHANNEL(L)                                                               \
+  if (kScores) {                                                                     \
+    g64 ? ChannelScoresAll<L, 2>(bm, vals, w) : ChannelScoresAll<L, 1>(bm, vals, w); \
+  } else {                                                                           \
+    g64 ? ChannelValuesAll<L, 2>(bm, vals, w) : ChannelValuesAll<L, 1>(bm, vals, w); \
+  }
+    switch (b.dtype) {
+      case DType::kFloat16:
+        SKV_CHANNEL(F16) break;
+      case DType::kBFloat16:
+        SKV_CHANNEL(BF16) break;
+      case DType::kFloat32:
+        SKV_CHANNEL(F32) break;
+    }
+#undef SKV_CHANNEL
+    return;
+  }
+  const RowBlock rb = MakeRowBlock(b, *w);
+  const bool sparse = rb.bitmaps != nullptr;
+#define SKV_ROWS(LS, LD)                                                                     \
+  if (kScores) {                                                                             \
+    sparse ? RowScoresAll<LS, true>(rb, b.rows, w) : RowScoresAll<LD, false>(rb, b.rows, w); \
+  } else {                                                                                   \
+    sparse ? RowValuesAll<LS, true>(rb, b.rows, w) : RowValuesAll<LD, false>(rb, b.rows, w); \
+  }
+  switch (b.dtype) {
+    case DType::kFloat16:
+      SKV_ROWS(F16, DenseF16) break;
+    case DType::kBFloat16:
+      SKV_ROWS(BF16, DenseBF16) break;
+    case DType::kFloat32:
+      SKV_ROWS(F32, DenseF32) break;
+  }
+#undef SKV_ROWS
+}
+
+SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) {
+  RunSection<true>(k, w);
+  SoftmaxBlock(w, k.rows);
+  RunSection<false>(v, w);
+}
+
+// Adds the bytes a block's section reads to the prefetcher.
+void AddRanges(const SectionBlock& b, const Work& w, Prefetcher* pf) {
+  const size_t es = DTypeSize(b.dtype);
+  if (b.fmt == nullptr || b.fmt->kind == SectionKind::kDense) {
+    const size_t row = static_cast<size_t>(w.d) * es;
+    pf->Add(b.data + b.t0 * row, b.rows * row);
+  } else if (b.fmt->kind == SectionKind::kPerToken) {
+    const size_t bm = BitmapBytes(w.d);
+    const size_t vs = static_cast<size_t>(b.fmt->k) * es;
+    pf->Add(b.data + b.t0 * bm, b.rows * bm);
+    pf->Add(b.data + b.fmt->bitmap_bytes() + b.t0 * vs, b.rows * vs);
+  } else {
+    const uint8_t *bm, *vals;
+    ChannelGroup(b, w, &bm, &vals);
+    pf->Add(bm, w.d * BitmapBytes(b.fmt->group));
+    pf->Add(vals, static_cast<size_t>(w.d) * b.fmt->k * es);
+  }
+}
+
+// Runs blocks one behind the one most recently emitted, so that the emitted block's bytes
+// are prefetched while the previous one computes.
+struct Pipeline {
+  Work* w;
+  bool have = false;
+  SectionBlock k{}, v{};
+
+  void Emit(const SectionBlock& nk, const SectionBlock& nv) {
+    if (have) {
+      w->pf.n = 0;
+      AddRanges(nk, *w, &w->pf);
+      AddRanges(nv, *w, &w->pf);
+      RunBlock(k, v, w);
+    }
+    k = nk;
+    v = nv;
+    have = true;
+  }
+  void Flush() {
+    if (have) {
+      w->pf.n = 0;
+      RunBlock(k, v, w);
+    }
+    have = false;
+  }
+};
+
+bool Specialised(const SectionFormat& f) {
+  return f.kind != SectionKind::kPerChannel || f.group == 32 || f.group == 64;
+}
+
+void RunChunk(const DecodeAttentionParams& p, const ChunkRef& c, Pipeline* pipe) {
+  Work* w = pipe->w;
+  const SectionFormat& kf = p.k_format;
+  const SectionFormat& vf = p.v_format;
+  const bool kc = kf.kind == SectionKind::kPerChannel;
+  const bool vc = vf.kind == SectionKind::kPerChannel;
+  const int tokens = kf.tokens;
+  if (!Specialised(kf) || !Specialised(vf) || (kc && vc && kf.group != vf.group)) {
+    // Not specialised: expand to float rows and run the dense fp32 path over them. The
+    // pipeline is flushed first and after, as the float buffers are reused per chunk.
+    pipe->Flush();
+    const size_t n = static_cast<size_t>(tokens) * w->d;
+    w->kf.resize(n);
+    w->vf.resize(n);
+    ExpandSectionToFloat(kf, c.k, w->kf.data());
+    ExpandSectionToFloat(vf, c.v, w->vf.data());
+    const auto* kd = reinterpret_cast<const uint8_t*>(w->kf.data());
+    const auto* vd = reinterpret_cast<const uint8_t*>(w->vf.data());
+    for (int t0 = 0; t0 < tokens; t0 += kBlock) {
+      const int rows = std::min(kBlock, tokens - t0);
+      pipe->Emit({nullptr, DType::kFloat32, kd, t0, rows},
+                 {nullptr, DType::kFloat32, vd, t0, rows});
+    }
+    pipe->Flush();
+    return;
+  }
+  const int block = kc ? kf.group : vc ? vf.group : kBlock;
+  for (int t0 = 0; t0 < tokens; t0 += block) {
+    const int rows = std::min(block, tokens - t0);
+    pipe->Emit({&kf, p.dtype, c.k, t0, rows}, {&vf, p.dtype, c.v, t0, rows});
+  }
+}
+
+void RunAll(const DecodeAttentionParams& p, Work* w) {
+  Pipeline pipe{w};
+  for (int c = 0; c < p.num_chunks; ++c) RunChunk(p, p.chunks[c], &pipe);
+  for (int s = 0; s < p.num_spans; ++s) {
+    const DenseSpan& span = p.spans[s];
+    const auto* kd = static_cast<const uint8_t*>(span.k);
+    const auto* vd = static_cast<const uint8_t*>(span.v);
+    const size_t row = static_cast<size_t>(w->d) * DTypeSize(p.dtype);
+    for (int64_t t0 = 0; t0 < span.tokens; t0 += kBlock) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBlock, span.tokens - t0));
+      // Offsets stay in 64 bits: a span may exceed 2^31 bytes.
+      pipe.Emit({nullptr, p.dtype, kd + t0 * row, 0, rows},
+                {nullptr, p.dtype, vd + t0 * row, 0, rows});
+    }
+  }
+  pipe.Flush();
+}
+
+}  // namespace
+
+void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {
+  state->Reset(p.group, p.head_dim);
+  thread_local Work w;
+  w.Reset(p);
+  RunAll(p, &w);
+  const int d = p.head_dim;
+  for (int h = 0; h < p.group; ++h) {
+    state->m[h] = w.m[h];
+    state->l[h] = w.l[h];
+    std::memcpy(state->acc.data() + static_cast<size_t>(h) * d,
+                w.acc.data() + static_cast<size_t>(h) * w.dpad, d * sizeof(float));
+  }
+}
+
+#endif  // SPARSEKV_HAVE_AVX512_VARIANT
+
+}  // namespace sparsekv::kernels
