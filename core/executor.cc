@@ -1,9 +1,13 @@
 #include "core/executor.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace sparsekv {
 
-BoundedExecutor::BoundedExecutor(int threads, int max_queue) : max_queue_(max_queue) {
-  for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+BoundedExecutor::BoundedExecutor(int threads, int max_queue, int nice) : max_queue_(max_queue) {
+  for (int i = 0; i < threads; ++i) workers_.emplace_back([this, nice] { WorkerLoop(nice); });
 }
 
 BoundedExecutor::~BoundedExecutor() { Shutdown(); }
@@ -30,7 +34,11 @@ void BoundedExecutor::Shutdown() {
   workers_.clear();
 }
 
-void BoundedExecutor::WorkerLoop() {
+void BoundedExecutor::WorkerLoop(int nice) {
+#if defined(__linux__)
+  // Best effort: failing leaves the default priority.
+  if (nice > 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
+#endif
   for (;;) {
     std::function<void()> job;
     {

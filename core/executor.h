@@ -15,7 +15,9 @@ namespace sparsekv {
 
 class BoundedExecutor {
  public:
-  BoundedExecutor(int threads, int max_queue);
+  // `nice` > 0 lowers the workers' scheduling priority (Linux thread nice value), so that
+  // background work yields the CPU to request handling.
+  BoundedExecutor(int threads, int max_queue, int nice = 0);
   ~BoundedExecutor();  // Shutdown()
   BoundedExecutor(const BoundedExecutor&) = delete;
   BoundedExecutor& operator=(const BoundedExecutor&) = delete;
@@ -29,7 +31,7 @@ class BoundedExecutor {
   int running() const;
 
  private:
-  void WorkerLoop();
+  void WorkerLoop(int nice);
 
   const int max_queue_;
   mutable std::mutex mu_;

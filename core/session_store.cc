@@ -33,8 +33,11 @@ SessionStore::SessionStore(SessionStoreOptions options)
   env_.budget = budget_;
   env_.backend = backend_;
   env_.pools = std::make_shared<SlabPoolSet>();
+  // Compression runs at a lower priority: decode steps and uploads come first, the pruner
+  // takes the idle CPU (measured by tests/bench/prefill_interference_bench).
   env_.pruner = std::make_shared<BoundedExecutor>(std::max(1, options_.pruner_threads),
-                                                  std::max(1, options_.pruner_queue));
+                                                  std::max(1, options_.pruner_queue),
+                                                  /*nice=*/10);
   int decode_threads = options_.decode_threads;
   if (decode_threads < 0) {
     decode_threads = static_cast<int>(std::thread::hardware_concurrency()) - 1;

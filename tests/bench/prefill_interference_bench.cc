@@ -3,6 +3,7 @@
 // decode latency percentiles alone and during B's upload, and their ratio, in one run.
 //
 // Usage: prefill_interference_bench [--prefill_tokens N] [--context N] [--steps N]
+//                                   [--decode_threads N]
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -23,6 +24,7 @@ struct Args {
   int64_t prefill_tokens = 32768;
   int64_t context = 4096;
   int steps = 300;
+  int decode_threads = -1;  // SessionStoreOptions::decode_threads
 };
 
 Args Parse(int argc, char** argv) {
@@ -30,12 +32,18 @@ Args Parse(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const int64_t v = std::atoll(argv[i + 1]);
-    if (k == "--prefill_tokens")
+    if (k == "--prefill_tokens") {
       a.prefill_tokens = v;
-    else if (k == "--context")
+    } else if (k == "--context") {
       a.context = v;
-    else if (k == "--steps")
+    } else if (k == "--steps") {
       a.steps = static_cast<int>(v);
+    } else if (k == "--decode_threads") {
+      a.decode_threads = static_cast<int>(v);
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", k.c_str());
+      std::exit(2);
+    }
   }
   return a;
 }
@@ -111,6 +119,7 @@ int Main(int argc, char** argv) {
   const Args a = Parse(argc, argv);
   SessionStoreOptions o;
   o.janitor_period = absl::ZeroDuration();
+  o.decode_threads = a.decode_threads;
   SessionStore store(o);
   std::mt19937 rng(1);
   auto a_info = store.Create(Params("a"));
@@ -143,8 +152,8 @@ int Main(int argc, char** argv) {
 
   std::printf(
       "Session A: %d layers x %d KV heads x D %d, GQA %d, fp16, K/V sparsity 0.7, "
-      "context %lld tokens. Session B uploads %lld tokens x %d layers.\n\n",
-      kLayers, kKv, kDim, kQ / kKv, static_cast<long long>(a.context),
+      "context %lld tokens, decode_threads %d. Session B uploads %lld tokens x %d layers.\n\n",
+      kLayers, kKv, kDim, kQ / kKv, static_cast<long long>(a.context), a.decode_threads,
       static_cast<long long>(a.prefill_tokens), kLayers);
   std::printf("| A's decode step (one layer) | samples | p50 us | p99 us | max us |\n");
   std::printf("|---|---|---|---|---|\n");
