@@ -17,10 +17,15 @@ ABSL_FLAG(absl::Duration, timeout, absl::Seconds(10),
           "deadline of each call (and of connecting), e.g. 10s, 500ms, 2m");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of human-readable text");
 
-ABSL_FLAG(uint32_t, layers, 0, "transformer layers of the session (required)");
-ABSL_FLAG(uint32_t, kv_heads, 0, "key/value heads per layer (required)");
-ABSL_FLAG(uint32_t, q_heads, 0, "query heads per layer, a multiple of --kv_heads (required)");
-ABSL_FLAG(uint32_t, head_dim, 0, "elements per head vector, 1..512 (required)");
+ABSL_FLAG(uint32_t, layers, 0,
+          "transformer layers of the session (create: required; bench, demo: defaults)");
+ABSL_FLAG(uint32_t, kv_heads, 0,
+          "key/value heads per layer (create: required; bench, demo: defaults)");
+ABSL_FLAG(
+    uint32_t, q_heads, 0,
+    "query heads per layer, a multiple of --kv_heads (create: required; bench, demo: defaults)");
+ABSL_FLAG(uint32_t, head_dim, 0,
+          "elements per head vector, 1..512 (create: required; bench, demo: defaults)");
 ABSL_FLAG(std::string, dtype, "float16", "cache storage dtype: float16, bfloat16 or float32");
 ABSL_FLAG(std::string, id, "", "session id to use (empty: the server picks one)");
 ABSL_FLAG(std::string, tenant, "", "tenant (create: empty = default; list: empty = all)");
@@ -59,6 +64,24 @@ ABSL_FLAG(std::string, k_out, "", "write the keys to this .npy");
 ABSL_FLAG(std::string, v_out, "", "write the values to this .npy");
 ABSL_FLAG(bool, float32, false,
           "write float32 even when the cache is float16 (bfloat16 is always written as float32)");
+
+ABSL_FLAG(std::string, workload, "decode",
+          "bench workload: prefill, decode, decode_stream, mixed or sessions");
+ABSL_FLAG(uint32_t, sessions, 4, "sessions the workload decodes over (sessions workload: 1000)");
+ABSL_FLAG(uint64_t, context, 4096,
+          "tokens per layer uploaded before decoding (sessions workload: 256; demo: 8192)");
+ABSL_FLAG(float, sparsity, 0.0f,
+          "K and V sparsity of the sessions, per-token magnitude (mixed: 0.7; demo: 0.7)");
+ABSL_FLAG(absl::Duration, duration, absl::Seconds(10), "length of the timed phase, e.g. 10s");
+ABSL_FLAG(uint64_t, requests, 0, "stop the timed phase after this many requests (0: --duration)");
+ABSL_FLAG(uint32_t, concurrency, 1, "client threads (decode_stream: streams)");
+ABSL_FLAG(uint32_t, inflight, 1, "decode_stream: requests in flight per stream (pipelining)");
+ABSL_FLAG(uint32_t, channels, 0, "gRPC channels, each its own connection (0: one per thread)");
+ABSL_FLAG(bool, append, false, "each decode step also appends a new token (mixed: always)");
+ABSL_FLAG(int32_t, server_pid, 0,
+          "pid of a local server: its CPU time gives requests per second per server core");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the synthetic data");
+ABSL_FLAG(uint32_t, steps, 32, "decode steps per layer and session");
 
 namespace sparsekv::cli {
 namespace {
@@ -133,6 +156,20 @@ const std::vector<CommandSpec>& Commands() {
       {"flush", "ID", 1, 1, {}, "compress every eligible token now"},
       {"info", "", 0, 0, {}, "show server information"},
       {"health", "", 0, 0, {}, "check server health (exit status 0 only when SERVING)"},
+      {"bench",
+       "",
+       0,
+       0,
+       {"workload", "sessions", "layers", "kv_heads", "q_heads", "head_dim", "dtype", "context",
+        "sparsity", "duration", "requests", "concurrency", "inflight", "channels", "append",
+        "message_bytes", "server_pid", "seed"},
+       "load generator: latency percentiles, histogram, throughput"},
+      {"demo",
+       "",
+       0,
+       0,
+       {"layers", "kv_heads", "q_heads", "head_dim", "context", "sparsity", "steps", "seed"},
+       "dense vs pruned session on synthetic K/V: memory, sparsity, speed, error"},
       {"help", "[COMMAND]", 0, 1, {}, "show usage"},
   };
   return *commands;

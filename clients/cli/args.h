@@ -63,6 +63,20 @@ ABSL_DECLARE_FLAG(int32_t, show);
 ABSL_DECLARE_FLAG(std::string, k_out);
 ABSL_DECLARE_FLAG(std::string, v_out);
 ABSL_DECLARE_FLAG(bool, float32);
+// bench, demo.
+ABSL_DECLARE_FLAG(std::string, workload);
+ABSL_DECLARE_FLAG(uint32_t, sessions);
+ABSL_DECLARE_FLAG(uint64_t, context);
+ABSL_DECLARE_FLAG(float, sparsity);
+ABSL_DECLARE_FLAG(absl::Duration, duration);
+ABSL_DECLARE_FLAG(uint64_t, requests);
+ABSL_DECLARE_FLAG(uint32_t, concurrency);
+ABSL_DECLARE_FLAG(uint32_t, inflight);
+ABSL_DECLARE_FLAG(uint32_t, channels);
+ABSL_DECLARE_FLAG(bool, append);
+ABSL_DECLARE_FLAG(int32_t, server_pid);
+ABSL_DECLARE_FLAG(uint64_t, seed);
+ABSL_DECLARE_FLAG(uint32_t, steps);
 
 namespace sparsekv::cli {
 

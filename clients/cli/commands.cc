@@ -15,6 +15,8 @@
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "clients/cli/args.h"
+#include "clients/cli/bench.h"
+#include "clients/cli/demo.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
 #include "clients/cli/status_macros.h"
@@ -34,6 +36,7 @@ struct Context {
   std::ostream& out;
   bool json;
   std::unique_ptr<KvCacheClient> client;
+  std::ostream* err = nullptr;  // progress (bench) and hints (demo)
 
   // Connects to --server. Local argument checks come before this, so that a usage error is
   // reported as such even when no server runs. Returns UNAVAILABLE (exit 3) on failure.
@@ -716,6 +719,10 @@ absl::Status CmdInfo(Context& ctx) {
   return absl::OkStatus();
 }
 
+absl::Status CmdBenchCommand(Context& ctx) { return CmdBench(ctx.inv, ctx.out, *ctx.err); }
+
+absl::Status CmdDemoCommand(Context& ctx) { return CmdDemo(ctx.inv, ctx.out, *ctx.err); }
+
 absl::Status CmdHealth(Context& ctx) {
   SKV_RETURN_IF_ERROR(ctx.Connect());
   SKV_ASSIGN_OR_RETURN(HealthStatus health, ctx.client->CheckHealth());
@@ -786,12 +793,13 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
     err << "error: --timeout must be positive\n";
     return kExitUsage;
   }
-  Context ctx{*inv, out, absl::GetFlag(FLAGS_json), nullptr};
+  Context ctx{*inv, out, absl::GetFlag(FLAGS_json), nullptr, &err};
   using Handler = absl::Status (*)(Context&);
   static const auto* handlers = new std::map<std::string, Handler>{
-      {"create", CmdCreate}, {"list", CmdList},     {"get", CmdGet},   {"delete", CmdDelete},
-      {"append", CmdAppend}, {"attend", CmdAttend}, {"read", CmdRead}, {"flush", CmdFlush},
-      {"info", CmdInfo},     {"health", CmdHealth},
+      {"create", CmdCreate}, {"list", CmdList},          {"get", CmdGet},
+      {"delete", CmdDelete}, {"append", CmdAppend},      {"attend", CmdAttend},
+      {"read", CmdRead},     {"flush", CmdFlush},        {"info", CmdInfo},
+      {"health", CmdHealth}, {"bench", CmdBenchCommand}, {"demo", CmdDemoCommand},
   };
   const absl::Status status = handlers->at(inv->command)(ctx);
   const int code = ExitCodeFor(status);
