@@ -61,6 +61,15 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
   }
   // Task (head, split): split s of the chunks of every group, the tail with the last split.
   std::vector<kernels::AttentionState> states(static_cast<size_t>(heads) * splits);
+  auto params = [&](int h) {
+    kernels::DecodeAttentionParams p;
+    p.q = q + static_cast<size_t>(h) * group * d;
+    p.group = group;
+    p.head_dim = d;
+    p.dtype = layout.dtype;
+    p.scale = options.scale;
+    return p;
+  };
   auto task = [&](int i) {
     const int h = i % heads;
     const int s = i / heads;
@@ -74,12 +83,7 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
       if (b == e) continue;
       refs.clear();
       for (size_t c = b; c < e; ++c) refs.push_back({g.chunks[c]->k(h), g.chunks[c]->v(h)});
-      kernels::DecodeAttentionParams p;
-      p.q = q + static_cast<size_t>(h) * group * d;
-      p.group = group;
-      p.head_dim = d;
-      p.dtype = layout.dtype;
-      p.scale = options.scale;
+      kernels::DecodeAttentionParams p = params(h);
       p.k_format = g.k_format;
       p.v_format = g.v_format;
       p.chunks = refs.data();
@@ -89,12 +93,7 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
     }
     if (s == splits - 1 && !snap.tail.empty()) {
       const std::vector<kernels::DenseSpan> spans = TailSpans(snap, h);
-      kernels::DecodeAttentionParams p;
-      p.q = q + static_cast<size_t>(h) * group * d;
-      p.group = group;
-      p.head_dim = d;
-      p.dtype = layout.dtype;
-      p.scale = options.scale;
+      kernels::DecodeAttentionParams p = params(h);
       p.spans = spans.data();
       p.num_spans = static_cast<int>(spans.size());
       backend.DecodeAttentionPartial(p, &part);

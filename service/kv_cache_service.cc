@@ -24,32 +24,13 @@ absl::Status CheckDeadline(const grpc::CallbackServerContext* ctx) {
   return absl::OkStatus();
 }
 
-// Finishes a server-streaming call at once with a status (for RPCs that are not built yet or
-// requests rejected before the first message).
-template <typename Msg>
-class FinishNowWriter final : public grpc::ServerWriteReactor<Msg> {
+// Finishes a streaming call at once with a status (for RPCs that are not built yet or
+// requests rejected before the first message). `Base` is a ServerWriteReactor or
+// ServerReadReactor.
+template <typename Base>
+class FinishNow final : public Base {
  public:
-  FinishNowWriter(Metrics* metrics, const char* method, absl::Time start, absl::Status status)
-      : metrics_(metrics), method_(method), start_(start), status_(ToGrpcStatus(status)) {
-    this->Finish(status_);
-  }
-  void OnDone() override {
-    metrics_->RecordRpc(method_, status_.error_code(), absl::Now() - start_);
-    delete this;
-  }
-
- private:
-  Metrics* metrics_;
-  const char* method_;
-  absl::Time start_;
-  grpc::Status status_;
-};
-
-// The client-streaming counterpart of FinishNowWriter.
-template <typename Msg>
-class FinishNowReader final : public grpc::ServerReadReactor<Msg> {
- public:
-  FinishNowReader(Metrics* metrics, const char* method, absl::Time start, absl::Status status)
+  FinishNow(Metrics* metrics, const char* method, absl::Time start, absl::Status status)
       : metrics_(metrics), method_(method), start_(start), status_(ToGrpcStatus(status)) {
     this->Finish(status_);
   }
@@ -476,7 +457,9 @@ grpc::ServerWriteReactor<v1::ReadKVResponse>* KvCacheServiceImpl::ReadKV(
       st = absl::InvalidArgumentError("token_begin/token_count out of range");
     }
   }
-  if (!st.ok()) return new FinishNowWriter<v1::ReadKVResponse>(metrics_, "ReadKV", start, st);
+  if (!st.ok())
+    return new FinishNow<grpc::ServerWriteReactor<v1::ReadKVResponse>>(metrics_, "ReadKV", start,
+                                                                       st);
   return new ReadKvReactor(this, std::move(session), static_cast<int>(req->layer_begin()),
                            layer_end, static_cast<int64_t>(req->token_begin()),
                            static_cast<int64_t>(req->token_count()));
@@ -484,14 +467,14 @@ grpc::ServerWriteReactor<v1::ReadKVResponse>* KvCacheServiceImpl::ReadKV(
 
 grpc::ServerWriteReactor<v1::SessionChunk>* KvCacheServiceImpl::ExportSession(
     grpc::CallbackServerContext* ctx, const v1::ExportSessionRequest* req) {
-  return new FinishNowWriter<v1::SessionChunk>(
+  return new FinishNow<grpc::ServerWriteReactor<v1::SessionChunk>>(
       metrics_, "ExportSession", absl::Now(),
       absl::UnimplementedError(absl::StrCat("ExportSession: ", kSnapshotIssue)));
 }
 
 grpc::ServerReadReactor<v1::SessionChunk>* KvCacheServiceImpl::ImportSession(
     grpc::CallbackServerContext* ctx, v1::Session* resp) {
-  return new FinishNowReader<v1::SessionChunk>(
+  return new FinishNow<grpc::ServerReadReactor<v1::SessionChunk>>(
       metrics_, "ImportSession", absl::Now(),
       absl::UnimplementedError(absl::StrCat("ImportSession: ", kSnapshotIssue)));
 }
