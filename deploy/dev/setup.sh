@@ -10,7 +10,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
   # tests: Python client written from the .proto, promtool for /metrics
-  python3 python3-grpcio python3-grpc-tools python3-numpy prometheus
+  python3 python3-grpcio python3-grpc-tools python3-numpy python3-matplotlib prometheus openssl
 )
 
 missing=()
