@@ -14,9 +14,9 @@
 
 namespace sparsekv {
 
-// Section formats of a chunk of `tokens` tokens under `policy`.
-kernels::SectionFormat KFormat(const Layout& layout, const Policy& policy, int tokens);
-kernels::SectionFormat VFormat(const Layout& layout, const Policy& policy, int tokens);
+// Section formats of a chunk of `tokens` tokens of `layer` under `policy`.
+kernels::SectionFormat KFormat(const Layout& layout, const Policy& policy, int layer, int tokens);
+kernels::SectionFormat VFormat(const Layout& layout, const Policy& policy, int layer, int tokens);
 
 // Compresses `in` into a chunk allocated from `pools`.
 //
@@ -26,7 +26,8 @@ kernels::SectionFormat VFormat(const Layout& layout, const Policy& policy, int t
 // missing (no query seen, or no mass on any token of the chunk) the chunk falls back to
 // magnitude and says so through CompressedChunk::k_output_aware()/v_output_aware().
 std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const Policy& policy,
-                                                    const CompressionInput& in, SlabPoolSet* pools);
+                                                    int layer, const CompressionInput& in,
+                                                    SlabPoolSet* pools);
 
 }  // namespace sparsekv
 

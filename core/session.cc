@@ -30,7 +30,7 @@ float Session::Scale(float requested) const {
 
 bool Session::NeedsMass() const {
   auto needs = [](const TensorPolicy& p) {
-    return p.sparsity > 0.0f && p.scoring == Scoring::kOutputAware &&
+    return p.AnySparse() && p.scoring == Scoring::kOutputAware &&
            p.direction == PruneDirection::kPerChannel;
   };
   return needs(info_.policy.k) || needs(info_.policy.v);
@@ -232,7 +232,7 @@ void Session::CompressAndPublish(int layer, int tokens) {
     in = layers_[layer].TakeOldest(tokens);
   }
   std::shared_ptr<const CompressedChunk> chunk =
-      CompressRows(info_.layout, info_.policy, in, env_.pools.get());
+      CompressRows(info_.layout, info_.policy, layer, in, env_.pools.get());
   const int64_t dense = static_cast<int64_t>(tokens) * info_.layout.token_bytes();
   const int64_t packed = static_cast<int64_t>(chunk->bytes());
   {
@@ -250,10 +250,11 @@ void Session::CompressAndPublish(int layer, int tokens) {
 
 int64_t Session::Flush() {
   const Policy& p = info_.policy;
-  const bool per_channel = (p.k.sparsity > 0 && p.k.direction == PruneDirection::kPerChannel) ||
-                           (p.v.sparsity > 0 && p.v.direction == PruneDirection::kPerChannel);
   int64_t total = 0;
   for (int layer = 0; layer < info_.layout.num_layers; ++layer) {
+    const bool per_channel =
+        (p.k.SparsityFor(layer) > 0 && p.k.direction == PruneDirection::kPerChannel) ||
+        (p.v.SparsityFor(layer) > 0 && p.v.direction == PruneDirection::kPerChannel);
     int64_t eligible;
     {
       std::unique_lock<std::mutex> lock(mu_.native());
@@ -328,7 +329,7 @@ SessionInfo Session::Info() const {
   st.chunks_output_aware_k = aware_k;
   st.chunks_output_aware_v = aware_v;
   auto in_force = [&](const TensorPolicy& tp) {
-    return tp.scoring == Scoring::kOutputAware && tp.sparsity > 0 && queries_seen
+    return tp.scoring == Scoring::kOutputAware && tp.AnySparse() && queries_seen
                ? Scoring::kOutputAware
                : Scoring::kMagnitude;
   };

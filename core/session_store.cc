@@ -86,7 +86,7 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
     return absl::InvalidArgumentError("tenant must be at most 128 characters");
   }
   SPARSEKV_RETURN_IF_ERROR(ValidateLayout(params.layout));
-  SPARSEKV_RETURN_IF_ERROR(ValidatePolicy(params.policy));
+  SPARSEKV_RETURN_IF_ERROR(ValidatePolicy(params.policy, params.layout));
   if (params.ttl < absl::ZeroDuration() || params.ttl > options_.max_ttl) {
     return absl::InvalidArgumentError(absl::StrCat("ttl must be at most ",
                                                    absl::FormatDuration(options_.max_ttl), ", got ",

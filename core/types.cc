@@ -33,17 +33,29 @@ absl::Status ValidateLayout(const Layout& l) {
 
 namespace {
 
-absl::Status ValidateTensorPolicy(const TensorPolicy& p, const char* which) {
+absl::Status ValidateTensorPolicy(const TensorPolicy& p, const char* which, int layers) {
   if (!(p.sparsity >= 0.0f && p.sparsity < 1.0f)) {
     return absl::InvalidArgumentError(
         absl::StrCat("policy.", which, ".sparsity must be in [0, 1), got ", p.sparsity));
+  }
+  if (!p.layer_sparsity.empty() && static_cast<int>(p.layer_sparsity.size()) != layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.", which, ".layer_sparsity must have one entry per layer (", layers,
+                     "), got ", p.layer_sparsity.size()));
+  }
+  for (size_t i = 0; i < p.layer_sparsity.size(); ++i) {
+    const float s = p.layer_sparsity[i];
+    if (!(s >= 0.0f && s < 1.0f)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("policy.", which, ".layer_sparsity[", i, "] must be in [0, 1), got ", s));
+    }
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::Status ValidatePolicy(const Policy& p) {
+absl::Status ValidatePolicy(const Policy& p, const Layout& layout) {
   if (p.dense_window < 0 || p.dense_window > 65536) {
     return absl::InvalidArgumentError(
         absl::StrCat("policy.dense_window must be in [0, 65536], got ", p.dense_window));
@@ -58,8 +70,8 @@ absl::Status ValidatePolicy(const Policy& p) {
         absl::StrCat("policy.chunk_tokens must be a multiple of group_tokens (", p.group_tokens,
                      ") in [", p.group_tokens, ", 8192], got ", p.chunk_tokens));
   }
-  SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.k, "k"));
-  SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.v, "v"));
+  SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.k, "k", layout.num_layers));
+  SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.v, "v", layout.num_layers));
   return absl::OkStatus();
 }
 

@@ -43,6 +43,20 @@ struct TensorPolicy {
   float sparsity = 0.0f;
   PruneDirection direction = PruneDirection::kPerToken;
   Scoring scoring = Scoring::kOutputAware;  // measured best on real models (README)
+  // [num_layers] per-layer sparsity overriding `sparsity`; empty = `sparsity` everywhere.
+  // Lets a policy spend its byte budget unevenly (a sensitive layer pruned less).
+  std::vector<float> layer_sparsity;
+
+  float SparsityFor(int layer) const {
+    return layer_sparsity.empty() ? sparsity : layer_sparsity[layer];
+  }
+  bool AnySparse() const {
+    if (layer_sparsity.empty()) return sparsity > 0.0f;
+    for (float s : layer_sparsity) {
+      if (s > 0.0f) return true;
+    }
+    return false;
+  }
 };
 
 struct Policy {
@@ -55,8 +69,8 @@ struct Policy {
 
 // InvalidArgument naming the first bad field, or OK.
 absl::Status ValidateLayout(const Layout& layout);
-// InvalidArgument for out-of-range values.
-absl::Status ValidatePolicy(const Policy& policy);
+// InvalidArgument for out-of-range values, or per-layer sparsities not one per layer.
+absl::Status ValidatePolicy(const Policy& policy, const Layout& layout);
 
 // A borrowed, read-only tensor: `data` holds product(shape) elements of `dtype`, row-major,
 // little-endian. The service checks that the byte length matches before building one.

@@ -106,6 +106,7 @@ absl::StatusOr<TensorPolicy> FromProto(const v1::TensorPolicy& p, const char* fi
   }
   TensorPolicy out;
   out.sparsity = p.sparsity();
+  out.layer_sparsity.assign(p.layer_sparsity().begin(), p.layer_sparsity().end());
   out.direction = FromProto(p.direction());
   out.scoring = FromProto(p.scoring());
   return out;
@@ -113,6 +114,7 @@ absl::StatusOr<TensorPolicy> FromProto(const v1::TensorPolicy& p, const char* fi
 
 void ToProto(const TensorPolicy& p, v1::TensorPolicy* out) {
   out->set_sparsity(p.sparsity);
+  for (float s : p.layer_sparsity) out->add_layer_sparsity(s);
   out->set_direction(ToProto(p.direction));
   out->set_scoring(ToProto(p.scoring));
 }

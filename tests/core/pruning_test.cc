@@ -140,6 +140,29 @@ TEST(PruningTest, BackgroundPrunerCompressesWholeChunksOnly) {
   ExpectDecodeMatchesReadBack(f, RandomTensor({4, 32}, &rng));
 }
 
+TEST(PruningTest, PerLayerSparsityOverridesTheUniformOne) {
+  const Layout layout{3, 2, 4, 64, DType::kFloat16};
+  Policy p =
+      Sparse(0.7, PruneDirection::kPerToken, PruneDirection::kPerToken, Scoring::kMagnitude, 32);
+  p.k.layer_sparsity = {0.7f, 0.0f, 0.5f};  // layer 1 keeps K dense
+  Fixture f(layout, 0, p);
+  std::mt19937 rng(8);
+  OwnedTensor k = RandomTensor({3, 96, 2, 64}, &rng);
+  ASSERT_TRUE(f.session->Append(0, k.view, k.view, TensorView{}).ok());
+  f.session->Flush();
+  for (int layer = 0; layer < 3; ++layer) {
+    std::string kb, vb;
+    ASSERT_TRUE(f.session->Read(layer, 0, 64, &kb, &vb).ok());
+    int zeros = 0;
+    for (int i = 0; i < 64 * 2 * 64; ++i)
+      zeros += kernels::LoadAsFloat(DType::kFloat16, kb.data(), i) == 0.0f;
+    const int want = layer == 0 ? 64 * 2 * (64 - 19) : layer == 1 ? 0 : 64 * 2 * 32;
+    EXPECT_EQ(zeros, want) << "layer " << layer;
+  }
+  // Achieved K sparsity is the mean over the compressed tokens of all layers.
+  EXPECT_NEAR(f.session->Info().stats.achieved_sparsity_k, (45.0 / 64 + 0 + 0.5) / 3, 1e-6);
+}
+
 TEST(PruningTest, OutputAwareFallsBackToMagnitudeWithoutQueries) {
   const Layout layout{1, 1, 2, 32, DType::kFloat16};
   // W + C = 96: the 63 tokens appended after the first Flush stay below the background
@@ -235,7 +258,7 @@ TEST(PruningTest, DecodeRacingThePrunerAlwaysSeesAWholeState) {
   std::vector<uint16_t> kh(k.values.size()), vh(v.values.size());
   kernels::ConvertElements(DType::kFloat32, k.values.data(), DType::kFloat16, kh.data(), kh.size());
   kernels::ConvertElements(DType::kFloat32, v.values.data(), DType::kFloat16, vh.data(), vh.size());
-  const kernels::SectionFormat fmt = KFormat(layout, policy, chunk);
+  const kernels::SectionFormat fmt = KFormat(layout, policy, /*layer=*/0, chunk);
   std::vector<uint16_t> kp = kh, vp = vh;  // fully pruned versions of the chunked rows
   std::vector<uint8_t> packed(fmt.bytes());
   for (int c = 0; c < chunks; ++c) {

@@ -33,19 +33,26 @@ TEST(TypesTest, ZeroFieldsAreRejected) {
 
 TEST(TypesTest, PolicyRanges) {
   Policy p;
-  EXPECT_TRUE(ValidatePolicy(p).ok());
+  EXPECT_TRUE(ValidatePolicy(p, Good()).ok());
   p.k.sparsity = 1.0f;
-  EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
   p.k.sparsity = 0.7f;
-  EXPECT_TRUE(ValidatePolicy(p).ok());
+  EXPECT_TRUE(ValidatePolicy(p, Good()).ok());
   p.k.sparsity = -0.1f;
-  EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
   p = Policy();
   p.chunk_tokens = 48;  // not a multiple of 32
-  EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
+  p = Policy();
+  p.k.layer_sparsity = {0.5f, 0.7f, 0.1f};  // 3 entries for 2 layers
+  EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
+  p.k.layer_sparsity = {0.5f, 1.0f};
+  EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
+  p.k.layer_sparsity = {0.5f, 0.0f};
+  EXPECT_TRUE(ValidatePolicy(p, Good()).ok());
   p = Policy();
   p.group_tokens = 16;
-  EXPECT_EQ(ValidatePolicy(p).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -118,6 +118,28 @@ def schedule_configs():
     return out
 
 
+def allocation_configs(model):
+    """Uniform per-token K+V against a per-layer allocation with the same mean sparsity that
+    prunes the most sensitive layer less (docs-byte-10m: layer 4, found by --attribution)."""
+    out = [("dense", "dense", policy(), "strict")]
+    n = model.n_layers
+    sensitive = 4 if n == 6 else n - 2
+    for s, low in ((0.5, 0.3), (0.7, 0.4)):
+        high = (s * n - low) / (n - 1)
+        alloc = [high] * n
+        alloc[sensitive] = low
+        for sc in ("magnitude", "output_aware"):
+            tag = "mag" if sc == "magnitude" else "oa"
+            out.append(("K+V %d%% per-token %s" % (round(100 * s), tag), "matrix",
+                        policy(k=tp(s, "per_token", sc), v=tp(s, "per_token", sc)), "strict"))
+            k = TensorPolicy(s, "per_token", sc, list(alloc))
+            v = TensorPolicy(s, "per_token", sc, list(alloc))
+            out.append(("K+V %d%% per-token %s, layer %d at %d%%, others %.1f%%" %
+                        (round(100 * s), tag, sensitive, round(100 * low), 100 * high),
+                        "allocation", policy(k=k, v=v), "strict"))
+    return out
+
+
 def attribution_configs(model, s=0.7, heads=False):
     """K+V per-token magnitude at s applied to one layer (or one (layer, KV head) with
     heads=True) at a time: the other heads use a local dense attention."""
@@ -278,6 +300,8 @@ def run(args):
                              "background", policy(k=s7.k, v=s7.v, chunk=32), "background")]
                 elif args.schedules:
                     cfgs = [("dense", "dense", policy(), "strict")] + schedule_configs()
+                elif args.allocation:
+                    cfgs = allocation_configs(model)
                 else:
                     cfgs = main_configs(background=not args.no_background)
                     if args.attribution and mname == "docs-byte-10m":
@@ -367,6 +391,8 @@ def main():
                     help="only the group-flush vs mixed-policy comparison")
     ap.add_argument("--partial", help="append running totals (JSON lines) here after "
                     "every sequence")
+    ap.add_argument("--allocation", action="store_true",
+                    help="uniform vs per-layer sparsity at the same mean (50%% and 70%%)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args()

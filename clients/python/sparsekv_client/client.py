@@ -88,16 +88,19 @@ class TensorPolicy:
     sparsity: float = 0.0
     direction: str = "per_token"
     scoring: str = "unspecified"
+    # Optional per-layer sparsities ([num_layers]) overriding `sparsity`.
+    layer_sparsity: List[float] = dataclasses.field(default_factory=list)
 
     def to_proto(self):
         return pb.TensorPolicy(sparsity=float(self.sparsity),
                                direction=_enum(self.direction, _DIRECTIONS, "direction"),
-                               scoring=_enum(self.scoring, _SCORINGS, "scoring"))
+                               scoring=_enum(self.scoring, _SCORINGS, "scoring"),
+                               layer_sparsity=[float(x) for x in self.layer_sparsity])
 
     @classmethod
     def from_proto(cls, m):
         return cls(m.sparsity, _DIRECTION_NAMES.get(m.direction, m.direction),
-                   _SCORING_NAMES.get(m.scoring, m.scoring))
+                   _SCORING_NAMES.get(m.scoring, m.scoring), list(m.layer_sparsity))
 
 
 @dataclasses.dataclass
