@@ -18,8 +18,8 @@ using testing::RandomTensor;
 
 Policy Sparse(double s, PruneDirection kd, PruneDirection vd, Scoring scoring, int chunk = 64) {
   Policy p;
-  p.k = {static_cast<float>(s), kd, scoring};
-  p.v = {static_cast<float>(s), vd, scoring};
+  p.k = {static_cast<float>(s), kd, scoring, {}};
+  p.v = {static_cast<float>(s), vd, scoring, {}};
   p.chunk_tokens = chunk;
   return p;
 }
