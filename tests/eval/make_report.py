@@ -129,6 +129,23 @@ def main():
     lines += ["", "Bytes per token at head_dim 64 (this model): %.3f of dense at 50%%, %.3f at 70%%; "
               "at head_dim 128: %.3f and %.3f." % (bytes_ratio(0.5, 64), bytes_ratio(0.7, 64),
                                                     bytes_ratio(0.5, 128), bytes_ratio(0.7, 128)), ""]
+    # Per-layer allocations (frontend_quality.py --allocation), on the windows the allocation
+    # was derived from and on held-out windows.
+    for fname, what in (("allocation_results.json", "windows 0 and 593 (where the allocation "
+                         "was derived by --attribution)"),
+                        ("allocation_heldout_results.json", "held-out windows")):
+        path = os.path.join(os.path.dirname(args.json), fname)
+        if not os.path.exists(path):
+            continue
+        a = json.load(open(path))["models"]["docs-byte-10m"]
+        base = a["local_dense"]["ppl"]
+        lines += ["## Per-layer sparsity at the same mean: %s (%s)" %
+                  (what, ", ".join(a["sequences"])), "",
+                  "| config | perplexity vs dense | top-1 agreement |", "|---|---|---|"]
+        for c in a["configs"]:
+            lines.append("| %s | %+.2f%% | %.4f |" % (c["name"], 100 * (c["ppl"] / base - 1),
+                                                    c["top1"]))
+        lines.append("")
     with open(os.path.join(args.out, "REPORT.md"), "w") as f:
         f.write("\n".join(lines))
     print("wrote %s, %s, %s" % (os.path.join(args.out, "REPORT.md"), q_png, b_png))
