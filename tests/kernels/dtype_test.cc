@@ -96,7 +96,8 @@ TEST(DTypeTest, BulkConversionsMatchScalarExhaustively) {
   }
   std::vector<float> f(halves.size());
   ConvertElements(DType::kFloat16, halves.data(), DType::kFloat32, f.data(), f.size());
-  for (size_t i = 0; i < f.size(); ++i) ASSERT_EQ(FloatBits(f[i]), FloatBits(HalfToFloat(halves[i])));
+  for (size_t i = 0; i < f.size(); ++i)
+    ASSERT_EQ(FloatBits(f[i]), FloatBits(HalfToFloat(halves[i])));
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> e(-30.0f, 17.0f);
   std::vector<float> x(100003);
