@@ -34,6 +34,10 @@ ABSL_FLAG(absl::Duration, ttl, absl::ZeroDuration(),
 ABSL_FLAG(std::vector<std::string>, label, {}, "label KEY=VALUE; repeat the flag for more");
 ABSL_FLAG(float, k_sparsity, 0.0f, "fraction of K elements pruned, in [0, 1)");
 ABSL_FLAG(float, v_sparsity, 0.0f, "fraction of V elements pruned, in [0, 1)");
+ABSL_FLAG(std::string, k_layer_sparsity, "",
+          "per-layer K sparsity, one comma-separated value per layer (overrides --k_sparsity)");
+ABSL_FLAG(std::string, v_layer_sparsity, "",
+          "per-layer V sparsity, one comma-separated value per layer (overrides --v_sparsity)");
 ABSL_FLAG(std::string, k_direction, "", "K pruning direction: per_token or per_channel");
 ABSL_FLAG(std::string, v_direction, "", "V pruning direction: per_token or per_channel");
 ABSL_FLAG(std::string, k_scoring, "", "K scoring: magnitude or output_aware");
@@ -128,9 +132,13 @@ const std::vector<CommandSpec>& Commands() {
        "",
        0,
        0,
-       {"layers", "kv_heads", "q_heads", "head_dim", "dtype", "id", "tenant", "ttl", "label",
-        "k_sparsity", "v_sparsity", "k_direction", "v_direction", "k_scoring", "v_scoring",
-        "dense_window", "chunk_tokens", "group_tokens"},
+       {"layers",           "kv_heads",    "q_heads",
+        "head_dim",         "dtype",       "id",
+        "tenant",           "ttl",         "label",
+        "k_sparsity",       "v_sparsity",  "k_layer_sparsity",
+        "v_layer_sparsity", "k_direction", "v_direction",
+        "k_scoring",        "v_scoring",   "dense_window",
+        "chunk_tokens",     "group_tokens"},
        "create a session; prints it, id first"},
       {"list", "", 0, 0, {"tenant", "page_size"}, "list sessions (all pages)"},
       {"get", "ID", 1, 1, {}, "show a session and its statistics"},

@@ -37,6 +37,8 @@ ABSL_DECLARE_FLAG(absl::Duration, ttl);
 ABSL_DECLARE_FLAG(std::vector<std::string>, label);
 ABSL_DECLARE_FLAG(float, k_sparsity);
 ABSL_DECLARE_FLAG(float, v_sparsity);
+ABSL_DECLARE_FLAG(std::string, k_layer_sparsity);
+ABSL_DECLARE_FLAG(std::string, v_layer_sparsity);
 ABSL_DECLARE_FLAG(std::string, k_direction);
 ABSL_DECLARE_FLAG(std::string, v_direction);
 ABSL_DECLARE_FLAG(std::string, k_scoring);

@@ -9,9 +9,11 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "clients/cli/args.h"
@@ -107,6 +109,9 @@ void WriteStatsJson(const v1::SessionStats& st, JsonWriter& w) {
   w.Key("scoring_in_force_v").String(ScoringName(st.scoring_in_force_v()));
   w.Key("pruning_backlog_tokens").Uint(st.pruning_backlog_tokens());
   w.Key("decode_steps").Uint(st.decode_steps());
+  w.Key("chunks").Uint(st.chunks());
+  w.Key("chunks_output_aware_k").Uint(st.chunks_output_aware_k());
+  w.Key("chunks_output_aware_v").Uint(st.chunks_output_aware_v());
   w.EndObject();
 }
 
@@ -115,6 +120,11 @@ void WriteTensorPolicyJson(const v1::TensorPolicy& p, JsonWriter& w) {
   w.Key("sparsity").Float(p.sparsity());
   w.Key("direction").String(DirectionName(p.direction()));
   w.Key("scoring").String(ScoringName(p.scoring()));
+  if (p.layer_sparsity_size() > 0) {
+    w.Key("layer_sparsity").BeginArray();
+    for (float x : p.layer_sparsity()) w.Float(x);
+    w.EndArray();
+  }
   w.EndObject();
 }
 
@@ -197,8 +207,14 @@ std::string SessionText(const v1::Session& s) {
   const v1::Layout& l = s.layout();
   const v1::Policy& p = s.policy();
   auto policy = [](const v1::TensorPolicy& t) {
-    return absl::StrCat("sparsity=", FormatFloat(t.sparsity()), " ", DirectionName(t.direction()),
-                        " ", ScoringName(t.scoring()));
+    std::string layers;
+    if (t.layer_sparsity_size() > 0) {
+      std::vector<std::string> v;
+      for (float s : t.layer_sparsity()) v.push_back(FormatFloat(s));
+      layers = absl::StrCat(" per_layer=[", absl::StrJoin(v, ","), "]");
+    }
+    return absl::StrCat("sparsity=", FormatFloat(t.sparsity()), layers, " ",
+                        DirectionName(t.direction()), " ", ScoringName(t.scoring()));
   };
   std::vector<std::string> labels;
   for (const auto& [k, v] : SortedLabels(s)) labels.push_back(absl::StrCat(k, "=", v));
@@ -240,6 +256,21 @@ absl::StatusOr<v1::PruneDirection> ParseDirection(const std::string& flag,
       absl::StrCat("--", flag, ": unknown direction '", value, "' (per_token or per_channel)"));
 }
 
+// "0.8,0.75,0.3" -> repeated float; the server checks the count and range.
+absl::Status ParseLayerSparsity(const std::string& flag, const std::string& value,
+                                v1::TensorPolicy* out) {
+  if (value.empty()) return absl::OkStatus();
+  for (absl::string_view part : absl::StrSplit(value, ',')) {
+    float s = 0.0f;
+    if (!absl::SimpleAtof(absl::StripAsciiWhitespace(part), &s)) {
+      return UsageError(
+          absl::StrCat("--", flag, " wants comma-separated numbers, got '", part, "'"));
+    }
+    out->add_layer_sparsity(s);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::Scoring> ParseScoring(const std::string& flag, const std::string& value) {
   if (value.empty()) return v1::SCORING_UNSPECIFIED;
   if (value == "magnitude") return v1::SCORING_MAGNITUDE;
@@ -270,6 +301,10 @@ absl::Status CmdCreate(Context& ctx) {
   v1::Policy* p = req.mutable_policy();
   p->mutable_k()->set_sparsity(absl::GetFlag(FLAGS_k_sparsity));
   p->mutable_v()->set_sparsity(absl::GetFlag(FLAGS_v_sparsity));
+  SKV_RETURN_IF_ERROR(ParseLayerSparsity("k_layer_sparsity", absl::GetFlag(FLAGS_k_layer_sparsity),
+                                         p->mutable_k()));
+  SKV_RETURN_IF_ERROR(ParseLayerSparsity("v_layer_sparsity", absl::GetFlag(FLAGS_v_layer_sparsity),
+                                         p->mutable_v()));
   SKV_ASSIGN_OR_RETURN(v1::PruneDirection kd,
                        ParseDirection("k_direction", absl::GetFlag(FLAGS_k_direction)));
   SKV_ASSIGN_OR_RETURN(v1::PruneDirection vd,

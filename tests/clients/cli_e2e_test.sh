@@ -241,6 +241,14 @@ run 2 attend_junk_npy attend $ID --layer=0 --q "$TMP/junk.npy"
 expect_in "$TMP/attend_junk_npy.err" "not a .npy file"
 run 2 attend_f64_npy attend $ID --layer=0 --q "$TMP/f64.npy"
 expect_in "$TMP/attend_f64_npy.err" "<f8"
+run 1 layer_sparsity_count create --layers=3 --kv_heads=1 --q_heads=2 --head_dim=64 \
+  --k_layer_sparsity=0.8,0.7
+expect_in "$TMP/layer_sparsity_count.err" "layer_sparsity must have one entry per layer"
+run 2 layer_sparsity_junk create --layers=2 --kv_heads=1 --q_heads=2 --head_dim=64 \
+  --k_layer_sparsity=0.8,x
+run 0 layer_sparsity_ok create --id=per-layer --layers=2 --kv_heads=1 --q_heads=2 --head_dim=64 \
+  --k_layer_sparsity=0.8,0.3
+expect_in "$TMP/layer_sparsity_ok.out" "per_layer=[0.8,0.3]"
 run 2 bad_flag list --layers=3
 run 2 no_command bogus-command
 run 0 help help
