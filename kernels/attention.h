@@ -60,6 +60,10 @@ struct AttentionState {
   std::vector<float> acc;  // [group, head_dim]
 
   void Reset(int group, int head_dim);
+  // Reset, then copies m/l ([group]) and acc rows ([group] rows of head_dim floats, acc_stride
+  // floats apart: SIMD variants keep padded rows).
+  void Assign(int group, int head_dim, const float* m, const float* l, const float* acc,
+              int acc_stride);
 };
 
 // into = into (+) other. REQUIRES: same group and head_dim.

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "kernels/attention.h"
@@ -11,6 +12,17 @@ void AttentionState::Reset(int g, int d) {
   m.assign(g, -std::numeric_limits<float>::infinity());
   l.assign(g, 0.0f);
   acc.assign(static_cast<size_t>(g) * d, 0.0f);
+}
+
+void AttentionState::Assign(int g, int d, const float* ms, const float* ls, const float* accs,
+                            int acc_stride) {
+  Reset(g, d);
+  for (int h = 0; h < g; ++h) {
+    m[h] = ms[h];
+    l[h] = ls[h];
+    std::memcpy(acc.data() + static_cast<size_t>(h) * d, accs + static_cast<size_t>(h) * acc_stride,
+                d * sizeof(float));
+  }
 }
 
 void MergeAttentionState(const AttentionState& other, AttentionState* into) {

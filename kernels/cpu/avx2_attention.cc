@@ -298,17 +298,10 @@ SKV_AVX2 void RunAll(const DecodeAttentionParams& p, Work* w) {
 }  // namespace
 
 void Avx2DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {
-  state->Reset(p.group, p.head_dim);
   thread_local Work w;
   w.Reset(p);
   RunAll(p, &w);
-  const int d = p.head_dim;
-  for (int h = 0; h < p.group; ++h) {
-    state->m[h] = w.m[h];
-    state->l[h] = w.l[h];
-    std::memcpy(state->acc.data() + static_cast<size_t>(h) * d,
-                w.acc.data() + static_cast<size_t>(h) * w.dpad, d * sizeof(float));
-  }
+  state->Assign(p.group, p.head_dim, w.m.data(), w.l.data(), w.acc.data(), w.dpad);
 }
 
 #endif  // SPARSEKV_HAVE_AVX2_VARIANT

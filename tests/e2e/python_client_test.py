@@ -730,19 +730,5 @@ class NumericsTest(E2EBase):
         self.assertGreater(info.sessions, 0)
 
 
-def main():
-    global SERVER_BIN, PROTO_DIR
-    if len(sys.argv) < 3:
-        print("usage: %s SERVER_BIN PROTO_DIR" % sys.argv[0])
-        print("0 passed, 1 failed")
-        return 2
-    SERVER_BIN, PROTO_DIR = sys.argv[1], sys.argv[2]
-    if not os.path.isfile(SERVER_BIN):
-        print("FAIL: server binary %s does not exist" % SERVER_BIN)
-        print("0 passed, 1 failed")
-        return 1
-    return fx.run_tests(__name__)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fx.main(sys.modules[__name__]))

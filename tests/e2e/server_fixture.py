@@ -280,6 +280,21 @@ def reference_attention(q, k, v, scale=None):
 
 # -- unittest runner that never counts a skip as a pass -------------------------------------
 
+def main(module):
+    """Entry point of a test script run as `script SERVER_BIN PROTO_DIR`: sets the module's
+    SERVER_BIN and PROTO_DIR and runs its tests. Returns the exit status."""
+    if len(sys.argv) < 3:
+        print("usage: %s SERVER_BIN PROTO_DIR" % sys.argv[0])
+        print("0 passed, 1 failed")
+        return 2
+    module.SERVER_BIN, module.PROTO_DIR = sys.argv[1], sys.argv[2]
+    if not os.path.isfile(module.SERVER_BIN):
+        print("FAIL: server binary %s does not exist" % module.SERVER_BIN)
+        print("0 passed, 1 failed")
+        return 1
+    return run_tests(module.__name__)
+
+
 def run_tests(module_name, argv_rest=()):
     """Runs the tests of `module_name`; prints 'N passed, M failed'; returns the exit code."""
     loader = unittest.TestLoader()
