@@ -51,15 +51,29 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
   const int d = layout.head_dim;
   const std::vector<ChunkGroup> groups = GroupChunks(*snap.chunks);
 
-  // Parallel over KV heads, and over chunk ranges too when there are fewer heads than
-  // threads.
+  // Parallel over KV heads, and over row ranges too when there are fewer heads than threads.
   const bool parallel = options.pool && snap.tokens * heads >= options.min_rows_to_split;
   int splits = 1;
   if (parallel) {
     const int threads = options.pool->size() + 1;
     splits = std::max(1, (threads + heads - 1) / heads);
   }
-  // Task (head, split): split s of the chunks of every group, the tail with the last split.
+  // Work units in token order: every chunk of every group, then every tail block. Split s
+  // takes the units whose first row falls in rows [R*s/splits, R*(s+1)/splits), so a session
+  // that is all dense tail (sparsity 0, or young) is split as well as a pruned one.
+  std::vector<int> unit_split;
+  {
+    const int64_t total = std::max<int64_t>(1, snap.tokens);
+    int64_t row = 0;
+    auto assign = [&](int64_t rows) {
+      unit_split.push_back(static_cast<int>(std::min<int64_t>(splits - 1, row * splits / total)));
+      row += rows;
+    };
+    for (const ChunkGroup& g : groups)
+      for (const CompressedChunk* c : g.chunks) assign(c->tokens());
+    for (const BlockRows& r : snap.tail) assign(r.end - r.begin);
+  }
+  // Task (head, split).
   std::vector<kernels::AttentionState> states(static_cast<size_t>(heads) * splits);
   auto params = [&](int h) {
     kernels::DecodeAttentionParams p;
@@ -77,12 +91,13 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
     st.Reset(group, d);
     kernels::AttentionState part;
     std::vector<kernels::ChunkRef> refs;
+    size_t unit = 0;
     for (const ChunkGroup& g : groups) {
-      const size_t n = g.chunks.size();
-      const size_t b = n * s / splits, e = n * (s + 1) / splits;
-      if (b == e) continue;
       refs.clear();
-      for (size_t c = b; c < e; ++c) refs.push_back({g.chunks[c]->k(h), g.chunks[c]->v(h)});
+      for (const CompressedChunk* c : g.chunks) {
+        if (unit_split[unit++] == s) refs.push_back({c->k(h), c->v(h)});
+      }
+      if (refs.empty()) continue;
       kernels::DecodeAttentionParams p = params(h);
       p.k_format = g.k_format;
       p.v_format = g.v_format;
@@ -91,8 +106,13 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
       backend.DecodeAttentionPartial(p, &part);
       kernels::MergeAttentionState(part, &st);
     }
-    if (s == splits - 1 && !snap.tail.empty()) {
-      const std::vector<kernels::DenseSpan> spans = TailSpans(snap, h);
+    std::vector<kernels::DenseSpan> spans;
+    for (const BlockRows& r : snap.tail) {
+      if (unit_split[unit++] != s) continue;
+      spans.push_back({r.block->k_row(h, r.begin), r.block->v_row(h, r.begin),
+                       static_cast<int64_t>(r.end - r.begin)});
+    }
+    if (!spans.empty()) {
       kernels::DecodeAttentionParams p = params(h);
       p.spans = spans.data();
       p.num_spans = static_cast<int>(spans.size());

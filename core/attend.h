@@ -19,8 +19,9 @@ struct AttendOptions {
   float scale = 1.0f;
   kernels::ThreadPool* pool = nullptr;  // null: run on the calling thread
   // Below this many cached rows (tokens x KV heads) the step runs on one thread: splitting
-  // costs more than it saves.
-  int64_t min_rows_to_split = 16384;
+  // costs more than it saves. 2048 rows are ~80 us of one core (D 128, GQA 4); with the pool's
+  // spinning workers a split costs a few microseconds (tests/bench/RESULTS.md section 5).
+  int64_t min_rows_to_split = 2048;
 };
 
 // out: [num_q_heads, head_dim]; lse: [num_q_heads] (always filled). q: [num_q_heads, head_dim].

@@ -1,6 +1,7 @@
 #include "core/session_store.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -42,7 +43,10 @@ SessionStore::SessionStore(SessionStoreOptions options)
   if (decode_threads < 0) {
     decode_threads = static_cast<int>(std::thread::hardware_concurrency()) - 1;
   }
-  if (decode_threads > 0) env_.threads = std::make_shared<kernels::ThreadPool>(decode_threads);
+  if (decode_threads > 0) {
+    env_.threads = std::make_shared<kernels::ThreadPool>(
+        decode_threads, std::chrono::microseconds(std::max(0, options_.decode_spin_us)));
+  }
   if (options_.janitor_period > absl::ZeroDuration()) {
     janitor_ = std::thread([this] { JanitorLoop(); });
   }

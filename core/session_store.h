@@ -40,6 +40,9 @@ struct SessionStoreOptions {
   // Worker threads that split one decode step across KV heads and chunks; -1 = one fewer than
   // the hardware threads (the calling thread works too), 0 = no splitting.
   int decode_threads = -1;
+  // How long decode workers (and a step's caller) poll for work before sleeping: see
+  // kernels/cpu/thread_pool.h. 0 = sleep at once (no idle CPU burnt, slower split steps).
+  int decode_spin_us = 250;
 };
 
 // What CreateSession asks for.

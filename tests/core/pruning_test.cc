@@ -113,8 +113,10 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(PruneDirection::kPerToken, PruneDirection::kPerChannel),
                        ::testing::Values(PruneDirection::kPerToken, PruneDirection::kPerChannel),
                        ::testing::Values(0.5, 0.7),
+                       // 2187 tokens x 2 KV heads is past AttendOptions::min_rows_to_split:
+                       // each head's chunks and tail are split over the decode threads.
                        ::testing::Values(int64_t{1}, int64_t{27}, int64_t{81}, int64_t{129},
-                                         int64_t{257})));
+                                         int64_t{257}, int64_t{2187})));
 
 TEST(PruningTest, BackgroundPrunerCompressesWholeChunksOnly) {
   const Layout layout{2, 2, 4, 32, DType::kBFloat16};

@@ -63,7 +63,8 @@ TEST_P(SessionDecodeTest, DecodeMatchesFloat64ReferenceOverStoredValues) {
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SessionDecodeTest,
     ::testing::Combine(::testing::Values(1, 4), ::testing::Values(64, 128),
-                       ::testing::Values(int64_t{1}, int64_t{27}, int64_t{129}),
+                       // 1500 tokens x 2 KV heads: an all-dense-tail layer split over threads.
+                       ::testing::Values(int64_t{1}, int64_t{27}, int64_t{129}, int64_t{1500}),
                        ::testing::Values(DType::kFloat16, DType::kBFloat16, DType::kFloat32)));
 
 TEST(SessionTest, ReadReturnsStoredRowsInRequestLayout) {

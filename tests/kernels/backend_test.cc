@@ -6,9 +6,12 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/cpu/thread_pool.h"
@@ -193,12 +196,46 @@ TEST(DenseMassTest, SumsProbabilitiesOverGroupHeads) {
   EXPECT_NEAR(total, 4.0, 1e-4);
 }
 
-TEST(ThreadPoolTest, RunsEveryTaskOnce) {
-  ThreadPool pool(2);
+class ThreadPoolTest : public ::testing::TestWithParam<int> {};  // spin in microseconds
+
+TEST_P(ThreadPoolTest, RunsEveryTaskOnce) {
+  ThreadPool pool(2, std::chrono::microseconds(GetParam()));
   std::vector<int> hits(100, 0);
   pool.Run(100, [&](int i) { hits[i]++; });
   for (int h : hits) EXPECT_EQ(h, 1);
 }
+
+// Workers that have spun out and slept must still take the next Run's tasks; a Run right
+// after another finds them spinning.
+TEST_P(ThreadPoolTest, WorksAfterIdleAndBackToBack) {
+  ThreadPool pool(2, std::chrono::microseconds(GetParam()));
+  for (int round = 0; round < 6; ++round) {
+    if (round % 2 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    std::atomic<int> sum{0};
+    pool.Run(7, [&](int i) { sum.fetch_add(i + 1); });
+    EXPECT_EQ(sum.load(), 28) << round;
+  }
+}
+
+// Several callers at once, each blocking only on its own tasks.
+TEST_P(ThreadPoolTest, ConcurrentCallersEachGetTheirOwnTasks) {
+  ThreadPool pool(2, std::chrono::microseconds(GetParam()));
+  std::vector<std::thread> callers;
+  std::vector<int64_t> sums(4, 0);
+  for (int c = 0; c < 4; ++c) {
+    callers.emplace_back([&, c] {
+      for (int round = 0; round < 50; ++round) {
+        std::vector<int> hits(16, 0);
+        pool.Run(16, [&](int i) { hits[i] += 1; });
+        for (int h : hits) sums[c] += h;
+      }
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  for (int64_t s : sums) EXPECT_EQ(s, 50 * 16);
+}
+
+INSTANTIATE_TEST_SUITE_P(Spin, ThreadPoolTest, ::testing::Values(0, 250, 5000));
 
 }  // namespace
 }  // namespace sparsekv::kernels
