@@ -148,6 +148,35 @@ def allocation_configs(model):
     return out
 
 
+def calibrated_configs(paths):
+    """Uniform per-token K+V against calibrated per-(layer, K/V) allocations read from JSON
+    files written by clients/python/examples/calibrate_llama.py ({"scoring": ...,
+    "allocations": {"0.5": {"k": [...], "v": [...]}, ...}})."""
+    out = [("dense", "dense", policy(), "strict")]
+    for path in paths:
+        with open(path) as f:
+            cal = json.load(f)
+        sc = cal["scoring"]
+        tag = "mag" if sc == "magnitude" else "oa"
+        for key, al in sorted(cal["allocations"].items()):
+            s = float(key)
+            out.append(("K+V %d%% per-token %s" % (round(100 * s), tag), "matrix",
+                        policy(k=tp(s, "per_token", sc), v=tp(s, "per_token", sc)), "strict"))
+            k = TensorPolicy(s, "per_token", sc, list(al["k"]))
+            v = TensorPolicy(s, "per_token", sc, list(al["v"]))
+            out.append(("K+V %d%% per-token %s, calibrated (K %s, V %s)" %
+                        (round(100 * s), tag, "/".join("%g" % a for a in al["k"]),
+                         "/".join("%g" % a for a in al["v"])), "calibrated",
+                        policy(k=k, v=v), "strict"))
+    # the same uniform config may come from two files
+    seen, uniq = set(), []
+    for c in out:
+        if c[0] not in seen:
+            seen.add(c[0])
+            uniq.append(c)
+    return uniq
+
+
 def attribution_configs(model, s=0.7, heads=False):
     """K+V per-token magnitude at s applied to one layer (or one (layer, KV head) with
     heads=True) at a time: the other heads use a local dense attention."""
@@ -310,6 +339,8 @@ def run(args):
                              "background", policy(k=s7.k, v=s7.v, chunk=32), "background")]
                 elif args.schedules:
                     cfgs = [("dense", "dense", policy(), "strict")] + schedule_configs()
+                elif args.calibrated:
+                    cfgs = calibrated_configs(args.calibrated.split(","))
                 elif args.allocation:
                     cfgs = allocation_configs(model)
                 else:
@@ -405,6 +436,9 @@ def main():
                     help="comma-separated docs-byte-10m window indices (overrides --docs-windows)")
     ap.add_argument("--allocation", action="store_true",
                     help="uniform vs per-layer sparsity at the same mean (50%% and 70%%)")
+    ap.add_argument("--calibrated", default="",
+                    help="comma-separated allocation files from calibrate_llama.py: uniform "
+                    "vs calibrated per-(layer, K/V) sparsity at the files' mean sparsities")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args()

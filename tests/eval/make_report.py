@@ -129,22 +129,23 @@ def main():
     lines += ["", "Bytes per token at head_dim 64 (this model): %.3f of dense at 50%%, %.3f at 70%%; "
               "at head_dim 128: %.3f and %.3f." % (bytes_ratio(0.5, 64), bytes_ratio(0.7, 64),
                                                     bytes_ratio(0.5, 128), bytes_ratio(0.7, 128)), ""]
-    # Per-layer allocations (frontend_quality.py --allocation), on the windows the allocation
-    # was derived from and on held-out windows.
-    for fname, what in (("allocation_results.json", "windows 0 and 593 (where the allocation "
-                         "was derived by --attribution)"),
-                        ("allocation_heldout_results.json", "held-out windows")):
+    # Calibrated per-(layer, K/V) allocations (calibrate_llama.py on windows 300 and 520;
+    # frontend_quality.py --calibrated) on two pairs of windows the calibration never saw.
+    for fname in ("calibrated_results_0_593.json", "calibrated_results_150_450.json"):
         path = os.path.join(os.path.dirname(args.json), fname)
         if not os.path.exists(path):
             continue
         a = json.load(open(path))["models"]["docs-byte-10m"]
         base = a["local_dense"]["ppl"]
-        lines += ["## Per-layer sparsity at the same mean: %s (%s)" %
-                  (what, ", ".join(a["sequences"])), "",
-                  "| config | perplexity vs dense | top-1 agreement |", "|---|---|---|"]
+        lines += ["## Calibrated per-(layer, K/V) sparsity at the same mean (%s; dense "
+                  "perplexity %.4f)" % (", ".join(a["sequences"]), base), "",
+                  "Allocation: `clients/python/examples/calibrate_llama.py` on docs windows 300 "
+                  "and 520 (`calibration/docs-byte-10m.output_aware.json`).", "",
+                  "| config | perplexity vs dense | top-1 agreement | KL (nats) |",
+                  "|---|---|---|---|"]
         for c in a["configs"]:
-            lines.append("| %s | %+.2f%% | %.4f |" % (c["name"], 100 * (c["ppl"] / base - 1),
-                                                    c["top1"]))
+            lines.append("| %s | %+.2f%% | %.4f | %.5f |" % (
+                c["name"], 100 * (c["ppl"] / base - 1), c["top1"], c["kl"]))
         lines.append("")
     with open(os.path.join(args.out, "REPORT.md"), "w") as f:
         f.write("\n".join(lines))

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Regenerates the quality report: measures perplexity through the service on both models
-# (about 35 minutes on 2 cores), then writes tests/eval/REPORT.md and its plots.
+# Regenerates the quality report: measures perplexity through the service on both models,
+# calibrates per-(layer, K/V) sparsity for docs-byte-10m on windows 300 and 520 and measures
+# the calibrated policies on windows 0+593 and on 150+450 (about 60 minutes on 2 cores), then
+# writes tests/eval/REPORT.md and its plots.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 server=${1:-$here/../../build/bin/sparsekv-server}
+examples=$here/../../clients/python/examples
 /usr/bin/python3 "$here/frontend_quality.py" --server-bin "$server" --docs-windows 2 \
   --docs-tokens 2048 --stories 16 --attribution \
   --json "$here/frontend_quality_results.json" --md "$here/frontend_quality_results.md"
-/usr/bin/python3 "$here/frontend_quality.py" --server-bin "$server" --only docs-byte-10m \
-  --docs-windows 2 --docs-tokens 2048 --allocation \
-  --json "$here/allocation_results.json" --md "$here/allocation_results.md"
-/usr/bin/python3 "$here/frontend_quality.py" --server-bin "$server" --only docs-byte-10m \
-  --docs-window-list 150,450 --docs-tokens 2048 --allocation \
-  --json "$here/allocation_heldout_results.json" --md "$here/allocation_heldout_results.md"
+mkdir -p "$here/calibration"
+cal=$here/calibration/docs-byte-10m.output_aware.json
+/usr/bin/python3 "$examples/calibrate_llama.py" --docs-windows 300,520 --tokens 768 \
+  --scoring output_aware --targets 0.5,0.7 --refine 2 --out "$cal"
+for windows in 0,593 150,450; do
+  /usr/bin/python3 "$here/frontend_quality.py" --server-bin "$server" --only docs-byte-10m \
+    --docs-window-list "$windows" --docs-tokens 2048 --calibrated "$cal" \
+    --json "$here/calibrated_results_${windows/,/_}.json" \
+    --md "$here/calibrated_results_${windows/,/_}.md"
+done
 /usr/bin/python3 "$here/make_report.py"

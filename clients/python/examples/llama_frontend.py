@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # the sparsekv_client package
 import llama_numpy as L  # noqa: E402
 from sparsekv_client import Client, DecodeItem, Policy, TensorPolicy  # noqa: E402
+from sparsekv_client.allocation import load_allocation  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -242,7 +243,12 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=0,
                     help="teacher-force this many tokens of the model's validation data and "
                          "compare with the local dense forward")
-    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--sparsity", type=float, default=0.5,
+                    help="K and V sparsity (per-token, the server's default scoring); with "
+                    "--allocation the mean over layers")
+    ap.add_argument("--allocation",
+                    help="calibration file from calibrate_llama.py: per-(layer, K/V) "
+                    "sparsities with mean --sparsity and the scoring they were measured with")
     ap.add_argument("--dtype", default="float16")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.model):
@@ -260,8 +266,12 @@ def main(argv=None):
         with Client(target) as c:
             c.wait_ready()
             fe = ServiceLlama(model, c)
-            policy = Policy(k=TensorPolicy(args.sparsity, "per_token", "magnitude"),
-                            v=TensorPolicy(args.sparsity, "per_channel", "output_aware"))
+            if args.allocation:
+                scoring, k_layers, v_layers = load_allocation(args.allocation, args.sparsity)
+                policy = Policy(k=TensorPolicy(args.sparsity, "per_token", scoring, k_layers),
+                                v=TensorPolicy(args.sparsity, "per_token", scoring, v_layers))
+            else:
+                policy = Policy(k=TensorPolicy(args.sparsity), v=TensorPolicy(args.sparsity))
             print(model, "server", target, "policy", policy)
             if args.generate:
                 if model.vocab == 258:

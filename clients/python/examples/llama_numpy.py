@@ -235,26 +235,39 @@ def forward(model, ids, attention_hook=None, capture=None, block=256):
     """Logits [T, vocab] float32 for one token stream `ids` (positions 0..T-1)."""
     ids = np.asarray(ids, dtype=np.int64)
     T = ids.shape[0]
-    Hq, Hkv, D = model.n_heads, model.n_kv_heads, model.head_dim
-    cos, sin = rope_tables(T, D, model.theta)
+    rope = rope_tables(T, model.head_dim, model.theta)
     x = model.embed[ids].astype(np.float32)
-    for li, lw in enumerate(model.layers):
-        h = rmsnorm(x, lw["in"], model.eps)
-        q = apply_rope((h @ lw["q"]).reshape(T, Hq, D), cos, sin)
-        k = apply_rope((h @ lw["k"]).reshape(T, Hkv, D), cos, sin)
-        v = (h @ lw["v"]).reshape(T, Hkv, D)
-        if capture is not None:
-            capture.append({"q": q, "k": k, "v": v})
-        r = attention_hook(li, q, k, v) if attention_hook is not None else None
-        if r is not None and r.get("out") is not None:
-            o = np.asarray(r["out"], dtype=np.float32)
-        elif r is not None:
-            o = attention(q, k, v, r.get("k"), r.get("v"), r.get("window", 32), block)
-        else:
-            o = attention(q, k, v, block=block)
-        x = x + o.reshape(T, Hq * D) @ lw["o"]
-        h2 = rmsnorm(x, lw["post"], model.eps)
-        x = x + (silu(h2 @ lw["gate"]) * (h2 @ lw["up"])) @ lw["down"]
+    for li in range(len(model.layers)):
+        x = layer_forward(model, li, x, rope, attention_hook, capture, block)
+    return final_logits(model, x)
+
+
+def layer_forward(model, li, x, rope, attention_hook=None, capture=None, block=256):
+    """One decoder layer: residual stream x [T, hidden] in, out. rope = rope_tables(T, ...).
+    Lets callers rerun the model from one layer on (calibrate_llama.py does)."""
+    T = x.shape[0]
+    Hq, Hkv, D = model.n_heads, model.n_kv_heads, model.head_dim
+    cos, sin = rope
+    lw = model.layers[li]
+    h = rmsnorm(x, lw["in"], model.eps)
+    q = apply_rope((h @ lw["q"]).reshape(T, Hq, D), cos, sin)
+    k = apply_rope((h @ lw["k"]).reshape(T, Hkv, D), cos, sin)
+    v = (h @ lw["v"]).reshape(T, Hkv, D)
+    if capture is not None:
+        capture.append({"q": q, "k": k, "v": v})
+    r = attention_hook(li, q, k, v) if attention_hook is not None else None
+    if r is not None and r.get("out") is not None:
+        o = np.asarray(r["out"], dtype=np.float32)
+    elif r is not None:
+        o = attention(q, k, v, r.get("k"), r.get("v"), r.get("window", 32), block)
+    else:
+        o = attention(q, k, v, block=block)
+    x = x + o.reshape(T, Hq * D) @ lw["o"]
+    h2 = rmsnorm(x, lw["post"], model.eps)
+    return x + (silu(h2 @ lw["gate"]) * (h2 @ lw["up"])) @ lw["down"]
+
+
+def final_logits(model, x):
     return rmsnorm(x, model.norm, model.eps) @ model.lm_head_t
 
 
