@@ -118,36 +118,6 @@ def schedule_configs():
     return out
 
 
-def allocation_configs(model):
-    """Uniform per-token K+V against per-layer allocations with the same mean sparsity that
-    prune the sensitive layers less. For docs-byte-10m (6 layers) the allocations come from
-    --attribution on windows 0 and 593 (layer 4 carried +3.58% of +5.73% at 70%; layers 0-3, 5:
-    +0.09, +0.36, +0.20, +0.43, +0.54%): "layer 4 low" prunes only layer 4 less; "weighted"
-    also prunes the least sensitive layers (0, 2) more. Validate them on other windows
-    (--docs-window-list) to avoid tuning on the test data."""
-    out = [("dense", "dense", policy(), "strict")]
-    n = model.n_layers
-    if n != 6:
-        return out
-    allocs = {0.5: [("layer 4 at 30%", [0.54, 0.54, 0.54, 0.54, 0.30, 0.54]),
-                    ("weighted", [0.62, 0.54, 0.60, 0.54, 0.15, 0.55])],
-              0.7: [("layer 4 at 40%", [0.76, 0.76, 0.76, 0.76, 0.40, 0.76]),
-                    ("weighted", [0.88, 0.75, 0.82, 0.75, 0.25, 0.75])]}
-    for s, variants in allocs.items():
-        for sc in ("magnitude", "output_aware"):
-            tag = "mag" if sc == "magnitude" else "oa"
-            out.append(("K+V %d%% per-token %s" % (round(100 * s), tag), "matrix",
-                        policy(k=tp(s, "per_token", sc), v=tp(s, "per_token", sc)), "strict"))
-            for label, alloc in variants:
-                assert abs(sum(alloc) / n - s) < 1e-6, (s, alloc)
-                k = TensorPolicy(s, "per_token", sc, list(alloc))
-                v = TensorPolicy(s, "per_token", sc, list(alloc))
-                out.append(("K+V %d%% per-token %s, %s (%s)" %
-                            (round(100 * s), tag, label, "/".join("%g" % a for a in alloc)),
-                            "allocation", policy(k=k, v=v), "strict"))
-    return out
-
-
 def calibrated_configs(paths):
     """Uniform per-token K+V against calibrated per-(layer, K/V) allocations read from JSON
     files written by clients/python/examples/calibrate_llama.py ({"scoring": ...,
@@ -341,8 +311,6 @@ def run(args):
                     cfgs = [("dense", "dense", policy(), "strict")] + schedule_configs()
                 elif args.calibrated:
                     cfgs = calibrated_configs(args.calibrated.split(","))
-                elif args.allocation:
-                    cfgs = allocation_configs(model)
                 else:
                     cfgs = main_configs(background=not args.no_background)
                     if args.attribution and mname == "docs-byte-10m":
@@ -434,8 +402,6 @@ def main():
                     "every sequence")
     ap.add_argument("--docs-window-list", default="",
                     help="comma-separated docs-byte-10m window indices (overrides --docs-windows)")
-    ap.add_argument("--allocation", action="store_true",
-                    help="uniform vs per-layer sparsity at the same mean (50%% and 70%%)")
     ap.add_argument("--calibrated", default="",
                     help="comma-separated allocation files from calibrate_llama.py: uniform "
                     "vs calibrated per-(layer, K/V) sparsity at the files' mean sparsities")

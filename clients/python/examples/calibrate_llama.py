@@ -16,7 +16,8 @@ result is written as JSON for TensorPolicy(layer_sparsity=...), llama_frontend.p
         --scoring output_aware --out docs-byte-10m.oa.json
 
 Calibrate on text that is not your evaluation text. Cost: layers x 2 x (points - 1) partial
-forwards of --tokens tokens per window (docs-byte-10m, 2 x 768 tokens: a few minutes on one
+forwards per sequence for the curves, then per target and refinement round layers x 2 x 4
+more (docs-byte-10m, 2 x 768 tokens, targets 0.5 and 0.7, 2 rounds: about 25 minutes on one
 core).
 """
 
@@ -32,15 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 import llama_numpy as L  # noqa: E402
-from sparsekv_client.allocation import (allocate, exchange, load_allocation,  # noqa: E402
-                                       save_allocation)
+from sparsekv_client.allocation import (allocate, exchange, keep_count,  # noqa: E402
+                                       load_allocation, save_allocation)
 
 WINDOW = 32
-
-
-def keep_count(n, sparsity):
-    """The service's k = clamp(floor((1 - s) * n + 0.5), 1, n) (DESIGN.md section 2)."""
-    return int(min(n, max(1, np.floor((1.0 - sparsity) * n + 0.5))))
 
 
 def prune_per_token(x, sparsity, scores):
@@ -206,14 +202,17 @@ def main():
     else:
         points = [float(p) for p in args.points.split(",")]
         curves = measure(model, seqs, points, args.scoring)
+    # Refinement moves whole entries (about 0.1 of head_dim), so the allocation keeps exactly
+    # the uniform policy's bytes.
+    step = max(1, round(0.1 * model.head_dim)) / model.head_dim
     allocations, history = {}, {}
     fmt = lambda xs: " ".join("%.2f" % x for x in xs)
     for t in (float(x) for x in args.targets.split(",")):
-        k, v = allocate(curves, points, t, max_sparsity=points[-1])
+        k, v = allocate(curves, points, t, max_sparsity=points[-1], head_dim=model.head_dim)
         print("mean %.2f from single-layer curves: K %s  V %s" % (t, fmt(k), fmt(v)))
         history["%g" % t] = []
         for r in range(args.refine):
-            k2, v2, kl = refine(model, seqs, k, v, args.scoring, points[-1])
+            k2, v2, kl = refine(model, seqs, k, v, args.scoring, points[-1], step=step)
             history["%g" % t].append({"k": k, "v": v, "kl": kl})
             print("  round %d: KL of that allocation %.5f -> K %s  V %s"
                   % (r + 1, kl, fmt(k2), fmt(v2)))
@@ -224,12 +223,15 @@ def main():
     save_allocation(args.out, curves, points, allocations, args.scoring,
                     model=os.path.basename(os.path.normpath(args.model)), source=source,
                     tokens=args.tokens, window=WINDOW, loss="mean KL nats, positions >= 32",
+                    head_dim=model.head_dim,
                     refinement=history)
     # The file must give back what was allocated, with the asked-for mean.
     for t, (k, v) in allocations.items():
         scoring, k2, v2 = load_allocation(args.out, t)
         mean = float(np.mean(k2 + v2))
-        if (scoring, k2, v2) != (args.scoring, k, v) or abs(mean - t) > 0.01:
+        kept = sum(keep_count(model.head_dim, s) for s in k2 + v2)
+        uniform = 2 * len(k2) * keep_count(model.head_dim, t)
+        if (scoring, k2, v2) != (args.scoring, k, v) or abs(mean - t) > 0.01 or kept != uniform:
             print("FAIL: %s gives mean %.4f for target %.2f" % (args.out, mean, t))
             return 1
     print("wrote %s" % args.out)

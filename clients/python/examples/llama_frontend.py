@@ -50,7 +50,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # the sparsekv_client package
 import llama_numpy as L  # noqa: E402
 from sparsekv_client import Client, DecodeItem, Policy, TensorPolicy  # noqa: E402
-from sparsekv_client.allocation import load_allocation  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -267,9 +266,7 @@ def main(argv=None):
             c.wait_ready()
             fe = ServiceLlama(model, c)
             if args.allocation:
-                scoring, k_layers, v_layers = load_allocation(args.allocation, args.sparsity)
-                policy = Policy(k=TensorPolicy(args.sparsity, "per_token", scoring, k_layers),
-                                v=TensorPolicy(args.sparsity, "per_token", scoring, v_layers))
+                policy = Policy.calibrated(args.allocation, args.sparsity)
             else:
                 policy = Policy(k=TensorPolicy(args.sparsity), v=TensorPolicy(args.sparsity))
             print(model, "server", target, "policy", policy)

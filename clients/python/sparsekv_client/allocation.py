@@ -17,21 +17,31 @@ order); tests/eval/frontend_quality.py --calibrated measures what the allocation
 """
 
 import json
+import math
 
 import numpy as np
 
-__all__ = ["allocate", "exchange", "load_allocation", "save_allocation"]
+__all__ = ["allocate", "exchange", "keep_count", "load_allocation", "save_allocation"]
 
 
-def allocate(curves, points, target, max_sparsity=0.9, step=0.01):
+def keep_count(n, sparsity):
+    """The service's kept entries per vector: clamp(floor((1 - s) * n + 0.5), 1, n)."""
+    return int(min(n, max(1, math.floor((1.0 - sparsity) * n + 0.5))))
+
+
+def allocate(curves, points, target, max_sparsity=0.9, step=0.01, head_dim=None):
     """Per-(layer, K/V) sparsities with mean `target` minimising the summed loss.
 
     curves: [layers, 2, P] loss of pruning that layer's K (index 0) or V (index 1) alone at
     each of `points` (P increasing sparsities starting at 0.0, where the loss is 0);
-    interpolated linearly in between. Sparsities are multiples of `step` in
-    [0, max_sparsity]; max_sparsity must not exceed points[-1] (no extrapolation).
-    Returns (k_list, v_list), each [layers] floats, with mean(k_list + v_list) == target to
-    within step / (2 * layers).
+    interpolated linearly in between; max_sparsity must not exceed points[-1] (no
+    extrapolation).
+
+    Without head_dim, sparsities are multiples of `step` in [0, max_sparsity] with mean
+    `target` (within step / (2 * layers)). With head_dim (per-token pruning), every sparsity is
+    a whole number of pruned entries i / head_dim and the kept entries sum exactly to those of
+    the uniform policy at `target`: the same bytes per token, not just the same mean.
+    Returns (k_list, v_list), each [layers] floats.
     """
     curves = np.asarray(curves, dtype=np.float64)
     points = np.asarray(points, dtype=np.float64)
@@ -44,15 +54,21 @@ def allocate(curves, points, target, max_sparsity=0.9, step=0.01):
                          % (max_sparsity, points[-1]))
     if not 0.0 <= target <= max_sparsity:
         raise ValueError("target %.3f outside [0, %.3f]" % (target, max_sparsity))
-    n_steps = int(round(max_sparsity / step))
-    grid = np.arange(n_steps + 1) * step
     flat = curves.reshape(-1, len(points))
-    cost = np.stack([np.interp(grid, points, c) for c in flat])  # [entries, steps + 1]
-    n = cost.shape[0]
-    total = int(round(target / step * n))  # sum of step indices that gives the mean
-    idx = np.full(n, total // n)
-    idx[: total - idx.sum()] += 1  # spread the remainder: exact sum
-    s = np.round(exchange(cost, idx) * step, 6).reshape(curves.shape[0], 2)
+    n = flat.shape[0]
+    if head_dim:
+        # index i = entries pruned per vector; every entry starts at the uniform policy's
+        most = head_dim - keep_count(head_dim, max_sparsity)
+        grid = np.arange(most + 1) / float(head_dim)
+        idx = np.full(n, head_dim - keep_count(head_dim, target))
+    else:
+        n_steps = int(round(max_sparsity / step))
+        grid = np.arange(n_steps + 1) * step
+        total = int(round(target / step * n))  # sum of step indices that gives the mean
+        idx = np.full(n, total // n)
+        idx[: total - idx.sum()] += 1  # spread the remainder: exact sum
+    cost = np.stack([np.interp(grid, points, c) for c in flat])  # [entries, len(grid)]
+    s = np.round(grid[exchange(cost, idx)], 6).reshape(curves.shape[0], 2)
     return [float(x) for x in s[:, 0]], [float(x) for x in s[:, 1]]
 
 
@@ -100,5 +116,5 @@ def load_allocation(path, target):
     al = doc.get("allocations", {}).get("%g" % target)
     if al is not None:
         return doc["scoring"], list(al["k"]), list(al["v"])
-    k, v = allocate(doc["curves"], doc["points"], target)
+    k, v = allocate(doc["curves"], doc["points"], target, head_dim=doc.get("head_dim"))
     return doc["scoring"], k, v

@@ -8,7 +8,9 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sparsekv_client.allocation import allocate, load_allocation, save_allocation  # noqa: E402
+from sparsekv_client import Policy  # noqa: E402
+from sparsekv_client.allocation import (allocate, keep_count, load_allocation,  # noqa: E402
+                                       save_allocation)
 
 POINTS = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -36,6 +38,24 @@ def test_mean_is_exact_and_bounds_hold():
             assert len(k) == len(v) == layers
             assert abs(s.mean() - target) <= 0.01 / 2 + 1e-9, (layers, target, s.mean())
             assert s.min() >= 0.0 and s.max() <= 0.9 + 1e-12, s
+
+
+def test_head_dim_keeps_exactly_the_uniform_bytes():
+    rng = np.random.default_rng(4)
+    for head_dim in (64, 128):
+        for target in (0.5, 0.7):
+            curves = convex_curves(rng, 6)
+            curves[2] *= 30.0
+            k, v = allocate(curves, POINTS, target, head_dim=head_dim)
+            kept = [keep_count(head_dim, s) for s in k + v]
+            assert sum(kept) == 12 * keep_count(head_dim, target), (head_dim, target, kept)
+            # every sparsity is a whole number of entries, read back exactly by keep_count
+            for s in k + v:
+                i = round(s * head_dim)
+                assert abs(s - i / head_dim) < 1e-6 and keep_count(head_dim, s) == head_dim - i
+            assert k[2] < target and v[2] < target, (k, v)
+            u = 1.0 - keep_count(head_dim, target) / head_dim  # the uniform policy's start
+            assert summed(curves, k, v) <= summed(curves, [u] * 6, [u] * 6) + 1e-12
 
 
 def test_never_worse_than_uniform():
@@ -87,6 +107,10 @@ def test_file_round_trip():
         # a target the file has no allocation for is solved from the stored curves
         k7, v7 = allocate(curves, POINTS, 0.7)
         assert load_allocation(path, 0.7) == ("output_aware", k7, v7)
+        # Policy.calibrated builds the session policy from the file
+        p = Policy.calibrated(path, 0.5, dense_window=16)
+        assert (p.k.direction, p.k.scoring, p.k.layer_sparsity) == ("per_token", "output_aware", k)
+        assert (p.v.sparsity, p.v.layer_sparsity, p.dense_window) == (0.5, v, 16)
 
 
 if __name__ == "__main__":
