@@ -135,8 +135,8 @@ def calibrated_configs(paths):
             k = TensorPolicy(s, "per_token", sc, list(al["k"]))
             v = TensorPolicy(s, "per_token", sc, list(al["v"]))
             out.append(("K+V %d%% per-token %s, calibrated (K %s, V %s)" %
-                        (round(100 * s), tag, "/".join("%g" % a for a in al["k"]),
-                         "/".join("%g" % a for a in al["v"])), "calibrated",
+                        (round(100 * s), tag, "/".join("%.2f" % a for a in al["k"]),
+                         "/".join("%.2f" % a for a in al["v"])), "calibrated",
                         policy(k=k, v=v), "strict"))
     # the same uniform config may come from two files
     seen, uniq = set(), []

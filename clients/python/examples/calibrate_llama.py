@@ -175,6 +175,11 @@ def main():
     ap.add_argument("--targets", default="0.5,0.7", help="mean sparsities to allocate")
     ap.add_argument("--refine", type=int, default=2,
                     help="in-context refinement rounds per target (see refine())")
+    ap.add_argument("--start",
+                    help="start the refinement from this calibration file's allocation for "
+                    "each target (for example one made on shorter sequences)")
+    ap.add_argument("--reach", type=int, default=2,
+                    help="refinement tries moves of 1..reach steps of 0.1 x head_dim entries")
     ap.add_argument("--curves-from",
                     help="reuse the single-layer curves of an earlier calibration file "
                     "(same model, text and scoring) instead of measuring them")
@@ -199,20 +204,27 @@ def main():
         with open(args.curves_from) as f:
             old = json.load(f)
         points, curves = old["points"], np.asarray(old["curves"])
+        curves_meta = {"curves_source": old.get("source"), "curves_tokens": old.get("tokens")}
     else:
         points = [float(p) for p in args.points.split(",")]
         curves = measure(model, seqs, points, args.scoring)
+        curves_meta = {}
     # Refinement moves whole entries (about 0.1 of head_dim), so the allocation keeps exactly
     # the uniform policy's bytes.
     step = max(1, round(0.1 * model.head_dim)) / model.head_dim
     allocations, history = {}, {}
     fmt = lambda xs: " ".join("%.2f" % x for x in xs)
     for t in (float(x) for x in args.targets.split(",")):
-        k, v = allocate(curves, points, t, max_sparsity=points[-1], head_dim=model.head_dim)
-        print("mean %.2f from single-layer curves: K %s  V %s" % (t, fmt(k), fmt(v)))
+        if args.start:
+            _, k, v = load_allocation(args.start, t)
+            print("mean %.2f from %s: K %s  V %s" % (t, args.start, fmt(k), fmt(v)))
+        else:
+            k, v = allocate(curves, points, t, max_sparsity=points[-1], head_dim=model.head_dim)
+            print("mean %.2f from single-layer curves: K %s  V %s" % (t, fmt(k), fmt(v)))
         history["%g" % t] = []
         for r in range(args.refine):
-            k2, v2, kl = refine(model, seqs, k, v, args.scoring, points[-1], step=step)
+            k2, v2, kl = refine(model, seqs, k, v, args.scoring, points[-1], step=step,
+                                reach=args.reach)
             history["%g" % t].append({"k": k, "v": v, "kl": kl})
             print("  round %d: KL of that allocation %.5f -> K %s  V %s"
                   % (r + 1, kl, fmt(k2), fmt(v2)))
@@ -223,7 +235,7 @@ def main():
     save_allocation(args.out, curves, points, allocations, args.scoring,
                     model=os.path.basename(os.path.normpath(args.model)), source=source,
                     tokens=args.tokens, window=WINDOW, loss="mean KL nats, positions >= 32",
-                    head_dim=model.head_dim,
+                    head_dim=model.head_dim, **curves_meta,
                     refinement=history)
     # The file must give back what was allocated, with the asked-for mean.
     for t, (k, v) in allocations.items():

@@ -58,7 +58,7 @@ def allocate(curves, points, target, max_sparsity=0.9, step=0.01, head_dim=None)
     n = flat.shape[0]
     if head_dim:
         # index i = entries pruned per vector; every entry starts at the uniform policy's
-        most = head_dim - keep_count(head_dim, max_sparsity)
+        most = int(math.floor(max_sparsity * head_dim + 1e-9))  # no point beyond max_sparsity
         grid = np.arange(most + 1) / float(head_dim)
         idx = np.full(n, head_dim - keep_count(head_dim, target))
     else:

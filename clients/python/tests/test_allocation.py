@@ -54,6 +54,7 @@ def test_head_dim_keeps_exactly_the_uniform_bytes():
                 i = round(s * head_dim)
                 assert abs(s - i / head_dim) < 1e-6 and keep_count(head_dim, s) == head_dim - i
             assert k[2] < target and v[2] < target, (k, v)
+            assert max(k + v) <= 0.9, (k, v)  # never beyond the last measured point
             u = 1.0 - keep_count(head_dim, target) / head_dim  # the uniform policy's start
             assert summed(curves, k, v) <= summed(curves, [u] * 6, [u] * 6) + 1e-12
 
