@@ -130,8 +130,9 @@ def main():
               "at head_dim 128: %.3f and %.3f." % (bytes_ratio(0.5, 64), bytes_ratio(0.7, 64),
                                                     bytes_ratio(0.5, 128), bytes_ratio(0.7, 128)), ""]
     # Calibrated per-(layer, K/V) allocations (calibrate_llama.py on windows 300 and 520;
-    # frontend_quality.py --calibrated) on two pairs of windows the calibration never saw.
-    for fname in ("calibrated_results_0_593.json", "calibrated_results_150_450.json"):
+    # frontend_quality.py --calibrated) on windows the calibration never saw.
+    for fname in ("calibrated_results_0_593.json", "calibrated_results_150_450.json",
+                  "calibrated_results_8windows.json"):
         path = os.path.join(os.path.dirname(args.json), fname)
         if not os.path.exists(path):
             continue

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the quality report: measures perplexity through the service on both models,
 # calibrates per-(layer, K/V) sparsity for docs-byte-10m on windows 300 and 520 and measures
-# the calibrated policies on windows 0+593 and on 150+450 (about 90 minutes on 2 cores), then
-# writes tests/eval/REPORT.md and its plots.
+# the calibrated policies on windows 0+593, 150+450 and 8 more (about 110 minutes on 2 cores),
+# then writes tests/eval/REPORT.md and its plots.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 server=${1:-$here/../../build/bin/sparsekv-server}
@@ -27,4 +27,7 @@ for windows in 0,593 150,450; do
     --json "$here/calibrated_results_${windows/,/_}.json" \
     --md "$here/calibrated_results_${windows/,/_}.md"
 done
+/usr/bin/python3 "$here/frontend_quality.py" --server-bin "$server" --only docs-byte-10m \
+  --docs-window-list 37,111,185,259,333,407,481,555 --docs-tokens 2048 --calibrated "$cal" \
+  --json "$here/calibrated_results_8windows.json" --md "$here/calibrated_results_8windows.md"
 /usr/bin/python3 "$here/make_report.py"
