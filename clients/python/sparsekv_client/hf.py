@@ -4,6 +4,8 @@
     from sparsekv_client.hf import SparsekvGenerator
     gen = SparsekvGenerator(model, Client("localhost:50051"), policy=Policy.uniform(0.5))
     ids = gen.generate(prompt_ids, max_new_tokens=32)      # greedy; logits in gen.last_logits
+    # per-layer sparsity calibrated for the model (examples/calibrate_llama.py reads HF Llama
+    # checkpoints): policy=Policy.calibrated("model.json", 0.7)
 
 How it works. `register()` adds an attention implementation named "sparsekv" to transformers'
 AttentionInterface and the model is switched to it. The model then runs without a
