@@ -17,9 +17,19 @@ Session::Session(SessionInfo info, SessionEnv env) : env_(std::move(env)), info_
   last_access_ = info_.create_time;
 }
 
-Session::~Session() {
+Session::~Session() { Close(); }
+
+int64_t Session::Close() {
   MutexLock lock(&mu_);
+  if (closed_) return 0;
+  closed_ = true;
   if (bytes_ > 0) env_.budget->Release(info_.tenant, bytes_);
+  return bytes_;
+}
+
+void Session::ChargeLocked(int64_t delta) {
+  bytes_ += delta;
+  if (closed_) env_.budget->Release(info_.tenant, delta);
 }
 
 void Session::Touch() { last_access_ = absl::Now(); }
@@ -89,7 +99,7 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
       layers_[layer].Append(k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
                             static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens,
                             token_stride, head_stride);
-      bytes_ += tokens * l.token_bytes();
+      ChargeLocked(tokens * l.token_bytes());
       Touch();
       if (obs_tokens == 0) {
         MaybeSchedule(layer);
@@ -174,7 +184,7 @@ absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
           static_cast<size_t>(l.head_dim) * kernels::DTypeSize(in.new_k.dtype);
       layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
                    static_cast<const uint8_t*>(in.new_v.data), 1, 0, head_stride);
-      bytes_ += l.token_bytes();
+      ChargeLocked(l.token_bytes());
       MaybeSchedule(in.layer);
     }
     snap = layer.Snapshot();
@@ -235,14 +245,17 @@ void Session::CompressAndPublish(int layer, int tokens) {
       CompressRows(info_.layout, info_.policy, layer, in, env_.pools.get());
   const int64_t dense = static_cast<int64_t>(tokens) * info_.layout.token_bytes();
   const int64_t packed = static_cast<int64_t>(chunk->bytes());
+  bool closed;
   {
     MutexLock lock(&mu_);
     layers_[layer].Publish(std::move(chunk));
     bytes_ += packed - dense;
+    closed = closed_;
   }
   // A chunk is never larger than its dense rows (the format falls back to dense), so this
-  // only ever returns bytes.
-  env_.budget->Release(info_.tenant, dense - packed);
+  // only ever returns bytes. After Close the budget holds none of them (Close released
+  // bytes_ as it was, with or without this difference).
+  if (!closed) env_.budget->Release(info_.tenant, dense - packed);
   env_.counters->chunks.fetch_add(1);
   env_.counters->tokens.fetch_add(tokens);
   env_.counters->nanos.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start));

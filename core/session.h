@@ -111,12 +111,18 @@ class Session : public std::enable_shared_from_this<Session> {
   int64_t tokens(int layer) const;
   int64_t bytes() const;
   absl::Time last_access() const;
+  // Returns the session's bytes to the budget now, when the store drops it (delete, TTL), not
+  // when the last reference goes: a background job or a running step may still hold one.
+  // Charges made after Close are returned at once. Returns the bytes released.
+  int64_t Close();
   bool expired(absl::Time now) const;
 
  private:
   absl::Status CheckKvShape(const TensorView& t, const char* name,
                             const std::vector<int64_t>& want) const;
   void Touch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // bytes_ += delta for rows whose budget was reserved; returned at once after Close.
+  void ChargeLocked(int64_t delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Schedules background compression of `layer` if it is eligible and idle.
   void MaybeSchedule(int layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Background job: compresses one chunk of `layer`, then reschedules itself while eligible.
@@ -136,6 +142,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::condition_variable idle_cv_;  // a layer's busy flag went false
   std::vector<LayerStore> layers_ ABSL_GUARDED_BY(mu_);
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;  // Close() ran: the budget holds nothing of ours
   int64_t decode_steps_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time last_access_ ABSL_GUARDED_BY(mu_);
 };

@@ -164,7 +164,9 @@ absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
     victim = std::move(it->second);
     sessions_.erase(it);
   }
-  return victim->bytes();
+  // The bytes go back to the budget now, even while a pruner job or a decode step still
+  // holds the session.
+  return victim->Close();
 }
 
 absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
@@ -205,6 +207,7 @@ int SessionStore::EvictExpired(absl::Time now) {
     }
     evicted_total_ += static_cast<int64_t>(victims.size());
   }
+  for (const auto& v : victims) v->Close();
   return static_cast<int>(victims.size());
 }
 

@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <memory>
+#include <random>
+
 #include "tests/core/test_util.h"
 
 namespace sparsekv {
@@ -128,6 +131,34 @@ TEST(SessionStoreTest, DeleteReturnsBytesToBudget) {
   auto freed = store.Delete("a");
   ASSERT_TRUE(freed.ok());
   EXPECT_EQ(*freed, 2 * 10 * 2 * 2 * 16 * 2);
+  EXPECT_EQ(store.Stats().bytes_used, 0);
+}
+
+// A pruner job or a running step may still hold a deleted session: its bytes must go back to
+// the budget at Delete (not at the last reference), and whatever the holder appends or
+// compresses afterwards must not leak into the budget.
+TEST(SessionStoreTest, DeleteReleasesBytesWhileTheSessionIsStillHeld) {
+  SessionStoreOptions o = NoJanitor();
+  o.host_budget_bytes = 1 << 20;
+  SessionStore store(o);
+  CreateSessionParams p = Params("a");
+  p.policy.k.sparsity = 0.5f;
+  p.policy.v.sparsity = 0.5f;
+  p.policy.chunk_tokens = 32;
+  ASSERT_TRUE(store.Create(p).ok());
+  std::mt19937 rng(3);
+  auto k = testing::RandomTensor({2, 100, 2, 16}, &rng);
+  std::shared_ptr<Session> held = *store.Get("a");
+  ASSERT_TRUE(held->Append(0, k.view, k.view, TensorView{}).ok());
+  ASSERT_GT(store.Stats().bytes_used, 0);
+  ASSERT_TRUE(store.Delete("a").ok());
+  EXPECT_EQ(store.Stats().bytes_used, 0);
+  // The holder keeps working on its copy: appends and compression charge nothing.
+  ASSERT_TRUE(held->Append(0, k.view, k.view, TensorView{}).ok());
+  held->Flush();
+  EXPECT_EQ(store.Stats().bytes_used, 0);
+  EXPECT_GT(held->bytes(), 0);
+  held.reset();
   EXPECT_EQ(store.Stats().bytes_used, 0);
 }
 
