@@ -1,7 +1,7 @@
 #include "core/attend.h"
 
 #include <algorithm>
-#include <map>
+#include <cstdint>
 #include <utility>
 
 namespace sparsekv {
@@ -31,10 +31,14 @@ std::vector<ChunkGroup> GroupChunks(const ChunkList& chunks) {
   return groups;
 }
 
-std::vector<kernels::DenseSpan> TailSpans(const LayerSnapshot& snap, int head) {
+// KV head `head`'s rows of tail blocks [begin, end) (all of them by default).
+std::vector<kernels::DenseSpan> TailSpans(const LayerSnapshot& snap, int head, size_t begin = 0,
+                                          size_t end = SIZE_MAX) {
+  end = std::min(end, snap.tail.size());
   std::vector<kernels::DenseSpan> spans;
-  spans.reserve(snap.tail.size());
-  for (const BlockRows& r : snap.tail) {
+  spans.reserve(end > begin ? end - begin : 0);
+  for (size_t b = begin; b < end; ++b) {
+    const BlockRows& r = snap.tail[b];
     spans.push_back({r.block->k_row(head, r.begin), r.block->v_row(head, r.begin),
                      static_cast<int64_t>(r.end - r.begin)});
   }
@@ -58,11 +62,12 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
     const int threads = options.pool->size() + 1;
     splits = std::max(1, (threads + heads - 1) / heads);
   }
-  // Work units in token order: every chunk of every group, then every tail block. Split s
-  // takes the units whose first row falls in rows [R*s/splits, R*(s+1)/splits), so a session
-  // that is all dense tail (sparsity 0, or young) is split as well as a pruned one.
+  // Work units: every chunk of every group, then every tail block. Split s takes the units
+  // whose first row falls in rows [R*s/splits, R*(s+1)/splits), so a session that is all
+  // dense tail (sparsity 0, or young) is split as well as a pruned one. unit_split does not
+  // decrease, so each split's units of a group (and of the tail) are one contiguous range.
   std::vector<int> unit_split;
-  {
+  if (splits > 1) {
     const int64_t total = std::max<int64_t>(1, snap.tokens);
     int64_t row = 0;
     auto assign = [&](int64_t rows) {
@@ -91,13 +96,20 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
     st.Reset(group, d);
     kernels::AttentionState part;
     std::vector<kernels::ChunkRef> refs;
-    size_t unit = 0;
+    // The units of split s among the n starting at `first`, as [b, e) relative to `first`.
+    auto range = [&](size_t first, size_t n) {
+      if (splits == 1) return std::pair<size_t, size_t>(0, n);
+      const auto begin = unit_split.begin() + static_cast<std::ptrdiff_t>(first);
+      const auto [lo, hi] = std::equal_range(begin, begin + static_cast<std::ptrdiff_t>(n), s);
+      return std::pair<size_t, size_t>(lo - begin, hi - begin);
+    };
+    size_t first = 0;
     for (const ChunkGroup& g : groups) {
+      const auto [b, e] = range(first, g.chunks.size());
+      first += g.chunks.size();
+      if (b == e) continue;
       refs.clear();
-      for (const CompressedChunk* c : g.chunks) {
-        if (unit_split[unit++] == s) refs.push_back({c->k(h), c->v(h)});
-      }
-      if (refs.empty()) continue;
+      for (size_t c = b; c < e; ++c) refs.push_back({g.chunks[c]->k(h), g.chunks[c]->v(h)});
       kernels::DecodeAttentionParams p = params(h);
       p.k_format = g.k_format;
       p.v_format = g.v_format;
@@ -106,13 +118,9 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
       backend.DecodeAttentionPartial(p, &part);
       kernels::MergeAttentionState(part, &st);
     }
-    std::vector<kernels::DenseSpan> spans;
-    for (const BlockRows& r : snap.tail) {
-      if (unit_split[unit++] != s) continue;
-      spans.push_back({r.block->k_row(h, r.begin), r.block->v_row(h, r.begin),
-                       static_cast<int64_t>(r.end - r.begin)});
-    }
-    if (!spans.empty()) {
+    const auto [b, e] = range(first, snap.tail.size());
+    if (b != e) {
+      const std::vector<kernels::DenseSpan> spans = TailSpans(snap, h, b, e);
       kernels::DecodeAttentionParams p = params(h);
       p.spans = spans.data();
       p.num_spans = static_cast<int>(spans.size());

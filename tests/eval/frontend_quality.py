@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 import llama_numpy as L  # noqa: E402
 import llama_frontend as F  # noqa: E402
 from sparsekv_client import Client, Policy, TensorPolicy  # noqa: E402
-from sparsekv_client.testing import LocalServer  # noqa: E402
+from sparsekv_client.testing import server_target  # noqa: E402
 
 WINDOW = 32
 NONE = TensorPolicy(0.0)
@@ -122,29 +122,23 @@ def calibrated_configs(paths):
     """Uniform per-token K+V against calibrated per-(layer, K/V) allocations read from JSON
     files written by clients/python/examples/calibrate_llama.py ({"scoring": ...,
     "allocations": {"0.5": {"k": [...], "v": [...]}, ...}})."""
-    out = [("dense", "dense", policy(), "strict")]
+    out = {"dense": ("dense", "dense", policy(), "strict")}
     for path in paths:
         with open(path) as f:
-            cal = json.load(f)
-        sc = cal["scoring"]
-        tag = "mag" if sc == "magnitude" else "oa"
-        for key, al in sorted(cal["allocations"].items()):
-            s = float(key)
-            out.append(("K+V %d%% per-token %s" % (round(100 * s), tag), "matrix",
-                        policy(k=tp(s, "per_token", sc), v=tp(s, "per_token", sc)), "strict"))
-            k = TensorPolicy(s, "per_token", sc, list(al["k"]))
-            v = TensorPolicy(s, "per_token", sc, list(al["v"]))
-            out.append(("K+V %d%% per-token %s, calibrated (K %s, V %s)" %
-                        (round(100 * s), tag, "/".join("%.2f" % a for a in al["k"]),
-                         "/".join("%.2f" % a for a in al["v"])), "calibrated",
-                        policy(k=k, v=v), "strict"))
-    # the same uniform config may come from two files
-    seen, uniq = set(), []
-    for c in out:
-        if c[0] not in seen:
-            seen.add(c[0])
-            uniq.append(c)
-    return uniq
+            targets = sorted(float(t) for t in json.load(f)["allocations"])
+        for s in targets:
+            cal = Policy.calibrated(path, s, dense_window=WINDOW)
+            sc = cal.k.scoring
+            tag = "mag" if sc == "magnitude" else "oa"
+            name = "K+V %d%% per-token %s" % (round(100 * s), tag)
+            # keyed by name: the same uniform config may come from two files
+            out[name] = (name, "matrix", policy(k=tp(s, "per_token", sc),
+                                                v=tp(s, "per_token", sc)), "strict")
+            fmt = lambda xs: "/".join("%.2f" % a for a in xs)  # noqa: E731
+            name += ", calibrated (K %s, V %s)" % (fmt(cal.k.layer_sparsity),
+                                                   fmt(cal.v.layer_sparsity))
+            out[name] = (name, "calibrated", cal, "strict")
+    return list(out.values())
 
 
 def attribution_configs(model, s=0.7, heads=False):
@@ -274,17 +268,11 @@ def run(args):
         print("SKIP: models/data not found: %s" % ", ".join(missing))
         return 0
     log = lambda s: (print(s), sys.stdout.flush())
-    srv = None
-    if args.server_bin:
-        srv = LocalServer(args.server_bin, metrics=False).start()
-        target = srv.target
-    else:
-        target = args.server
     report = {"host": platform.node(), "prefill": args.prefill, "dense_window": WINDOW,
               "models": {}}
     md = []
     failures = []
-    try:
+    with server_target(args.server, args.server_bin) as target:
         with Client(target, timeout=60) as client:
             client.wait_ready()
             report["server"] = vars_of(client.server_info())
@@ -352,9 +340,6 @@ def run(args):
                     elif not (math.isfinite(r["ppl"]) and r["ppl"] >= dres["ppl"] * 0.98):
                         failures.append("%s %s: ppl %.4f vs dense %.4f" % (mname, c[0], r["ppl"],
                                                                            dres["ppl"]))
-    finally:
-        if srv is not None:
-            srv.stop()
     text = "\n".join(md)
     print(text)
     if args.json:

@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # the sparsekv_client package
 import llama_numpy as L  # noqa: E402
 from sparsekv_client import Client, DecodeItem, Policy, TensorPolicy  # noqa: E402
+from sparsekv_client.testing import server_target  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -254,14 +255,7 @@ def main(argv=None):
         print("SKIP: model %s not found" % args.model)
         return 0
     model = L.load(args.model)
-    srv = None
-    if args.server_bin:
-        from sparsekv_client.testing import LocalServer
-        srv = LocalServer(args.server_bin, metrics=False).start()
-        target = srv.target
-    else:
-        target = args.server
-    try:
+    with server_target(args.server, args.server_bin) as target:
         with Client(target) as c:
             c.wait_ready()
             fe = ServiceLlama(model, c)
@@ -306,9 +300,6 @@ def main(argv=None):
                 if not diff <= tol or not np.isfinite(lg[1]).all():
                     print("FAIL: service logits do not match the local dense forward")
                     return 1
-    finally:
-        if srv is not None:
-            srv.stop()
     return 0
 
 

@@ -2,11 +2,14 @@
 
     with LocalServer("build/bin/sparsekv-server", flags=["--decode_threads=1"]) as srv:
         client = Client(srv.target)
+    with server_target(args.server, args.server_bin) as target:   # --server or --server-bin
+        client = Client(target)
 
 The server is started with --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 and a
 --ready_file, which it writes once serving (grpc_port=N, metrics_port=M).
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -112,3 +115,15 @@ class LocalServer:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+@contextlib.contextmanager
+def server_target(server=None, server_bin=None, flags=(), metrics=False):
+    """HOST:PORT of the server to use for the duration of the block: `server` as given, or a
+    LocalServer started from `server_bin` (and stopped, its files removed, afterwards). For
+    scripts that take either --server or --server-bin."""
+    if server_bin:
+        with LocalServer(server_bin, flags, metrics=metrics) as srv:
+            yield srv.target
+    else:
+        yield server
