@@ -55,26 +55,43 @@ inline uint32_t Load32(const uint8_t* p) {
 
 // Software prefetch of the next block's bytes, spread over the current block's row loops: the
 // hardware prefetchers alone left compute and DRAM reads mostly serialised (measured: dense
-// decode at ~50% of the streaming bandwidth without it).
+// decode at ~50% of the streaming bandwidth without it). The row loops copy it into a local
+// so that the range being issued (cur, end) stays in registers; the other ranges wait in
+// `next` and are taken when it runs out.
 struct Prefetcher {
-  const char* cur[4];
-  const char* end[4];
-  int n = 0;  // ranges left, consumed from the back
+  const char* cur = nullptr;
+  const char* end = nullptr;
+  const char* next_begin[3];
+  const char* next_end[3];
+  int pending = 0;
 
+  void Clear() {
+    cur = end = nullptr;
+    pending = 0;
+  }
   void Add(const uint8_t* p, size_t bytes) {
-    if (bytes == 0 || n == 4) return;
-    cur[n] = reinterpret_cast<const char*>(p);
-    end[n] = cur[n] + bytes;
-    ++n;
+    if (bytes == 0) return;
+    const char* b = reinterpret_cast<const char*>(p);
+    if (cur >= end) {
+      cur = b;
+      end = b + bytes;
+    } else if (pending < 3) {
+      next_begin[pending] = b;
+      next_end[pending] = b + bytes;
+      ++pending;
+    }
   }
   // Issues up to `lines` prefetches of 64 bytes.
   SKV_INLINE void Step(int lines) {
-    while (lines > 0 && n > 0) {
-      const int i = n - 1;
-      _mm_prefetch(cur[i], _MM_HINT_T0);
-      cur[i] += 64;
-      --lines;
-      if (cur[i] >= end[i]) --n;
+    for (int i = 0; i < lines; ++i) {
+      if (__builtin_expect(cur >= end, 0)) {
+        if (pending == 0) return;
+        --pending;
+        cur = next_begin[pending];
+        end = next_end[pending];
+      }
+      _mm_prefetch(cur, _MM_HINT_T0);
+      cur += 64;
     }
   }
 };
@@ -156,8 +173,11 @@ struct DenseF32 {
 
 // ---- math helpers ----
 
-// exp(x) for x <= ~88, ~1 ulp (Cephes expf polynomial), NaN in gives NaN out, -inf gives 0.
+// exp(x) for x <= ~88, ~1 ulp (Cephes expf polynomial), NaN in gives NaN out, and 0 below
+// -87.3 (exp there is below FLT_MIN): a denormal result would make every FMA that reads it
+// take a microcode assist, and its share of a softmax whose largest term is 1 is < 1e-38.
 SKV_AVX512 SKV_INLINE __m512 Exp(__m512 x) {
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
   // max/min return their second operand when either is NaN: x goes second to keep NaN.
   x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-110.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -171,7 +191,7 @@ SKV_AVX512 SKV_INLINE __m512 Exp(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
+  return _mm512_maskz_scalef_ps(normal, y, n);
 }
 
 // Sixteen vectors v[i] (16 floats each, 64 bytes apart) -> one vector whose lane i is the sum
@@ -250,28 +270,58 @@ SKV_INLINE uint32_t RowMask(const RowBlock& rb, int r, int w) {
 
 // ---- scores ----
 
-// p[h, r] = q_h . k_r (q pre-scaled) for HT heads and `rows` per-token/dense rows.
-template <class L, bool kSparse, int HT>
+// p[h, r] = q_h . k_r (q pre-scaled) for HT heads and `rows` per-token/dense rows. Rows run
+// in pairs: each q load feeds two FMAs, and one row's FMA chains (2 * words deep) overlap the
+// other's. W is the number of 32-column words when fixed at compile time (0: rb.words).
+template <class L, bool kSparse, int HT, int W>
 SKV_AVX512 void RowScores(const RowBlock& rb, int rows, const float* q, int dpad, float* red,
-                          float* p, Prefetcher* pf) {
+                          float* p, Prefetcher* pfp) {
+  // With W fixed, dpad = 32 * W is a constant too: GCC then addresses q with immediates
+  // instead of running out of registers for 2 * HT * W row pointers.
+  const int words = W > 0 ? W : rb.words;
+  const int dp = W > 0 ? 32 * W : dpad;
+  const uint8_t* const bitmaps = rb.bitmaps;
+  const uint8_t* const values = rb.values;
+  const size_t bm_stride = rb.bm_stride, val_stride = rb.val_stride;
+  const uint32_t* const dense_mask = rb.dense_mask;
+  auto mask = [&](const uint8_t* bm, int w) __attribute__((always_inline)) {
+    return kSparse ? Load32(bm + 4 * w) : dense_mask[w];
+  };
+  Prefetcher pf = *pfp;
   for (int r0 = 0; r0 < rows; r0 += 16) {
     const int n = std::min(16, rows - r0);
-    for (int i = 0; i < n; ++i) {
-      const int r = r0 + i;
-      pf->Step(4);
-      __m512 acc[HT];
-      for (int h = 0; h < HT; ++h) acc[h] = _mm512_setzero_ps();
-      const uint8_t* ptr = rb.values + r * rb.val_stride;
-      for (int w = 0; w < rb.words; ++w) {
-        __m512 lo, hi;
-        ptr += L::Load(ptr, RowMask<kSparse>(rb, r, w), &lo, &hi);
+    for (int i = 0; i < n; i += 2) {
+      pf.Step(6);
+      // An odd last row is paired with itself; its twin's sums land in a slot the
+      // reduction below overwrites with zeros.
+      const int ra = r0 + i;
+      const int rb1 = i + 1 < n ? ra + 1 : ra;
+      __m512 a0[HT], a1[HT];
+      for (int h = 0; h < HT; ++h) a0[h] = a1[h] = _mm512_setzero_ps();
+      const uint8_t* pa = values + ra * val_stride;
+      const uint8_t* pb = values + rb1 * val_stride;
+      const uint8_t* ba = kSparse ? bitmaps + ra * bm_stride : nullptr;
+      const uint8_t* bb = kSparse ? bitmaps + rb1 * bm_stride : nullptr;
+#pragma GCC unroll 8
+      for (int w = 0; w < words; ++w) {
+        __m512 lo0, hi0, lo1, hi1;
+        pa += L::Load(pa, mask(ba, w), &lo0, &hi0);
+        pb += L::Load(pb, mask(bb, w), &lo1, &hi1);
         const float* qw = q + 32 * w;
+#pragma GCC unroll 8
         for (int h = 0; h < HT; ++h) {
-          acc[h] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(qw + h * dpad), acc[h]);
-          acc[h] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(qw + h * dpad + 16), acc[h]);
+          const __m512 qa = _mm512_loadu_ps(qw + h * dp);
+          const __m512 qb = _mm512_loadu_ps(qw + h * dp + 16);
+          a0[h] = _mm512_fmadd_ps(lo0, qa, a0[h]);
+          a1[h] = _mm512_fmadd_ps(lo1, qa, a1[h]);
+          a0[h] = _mm512_fmadd_ps(hi0, qb, a0[h]);
+          a1[h] = _mm512_fmadd_ps(hi1, qb, a1[h]);
         }
       }
-      for (int h = 0; h < HT; ++h) _mm512_storeu_ps(red + (h * 16 + i) * 16, acc[h]);
+      for (int h = 0; h < HT; ++h) {
+        _mm512_storeu_ps(red + (h * 16 + i) * 16, a0[h]);
+        _mm512_storeu_ps(red + (h * 16 + i + 1) * 16, a1[h]);
+      }
     }
     const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
     for (int h = 0; h < HT; ++h) {
@@ -279,6 +329,7 @@ SKV_AVX512 void RowScores(const RowBlock& rb, int rows, const float* q, int dpad
       _mm512_mask_storeu_ps(p + h * kBlock + r0, valid, HSum16(red + h * 256));
     }
   }
+  *pfp = pf;
 }
 
 // Per-channel K of one token group (GW words = 32 * GW tokens): every channel vector is
@@ -312,14 +363,15 @@ SKV_AVX512 void ChannelScores(const uint8_t* bitmaps, const uint8_t* values, int
 // nothing: with a store in the loop GCC keeps spilling the accumulator array every row.
 template <class L, bool kSparse, int HT, int NW>
 SKV_AVX512 void RowValuesSlice(const RowBlock& rb, int rows, int w0, const float* p, float* acc,
-                               int dpad, const uint8_t* const* vp, Prefetcher* pf) {
+                               int dpad, const uint8_t* const* vp, Prefetcher* pfp) {
+  Prefetcher pf = *pfp;
   __m512 a[HT][2 * NW];
 #pragma GCC unroll 16
   for (int h = 0; h < HT; ++h)
 #pragma GCC unroll 16
     for (int z = 0; z < 2 * NW; ++z) a[h][z] = _mm512_loadu_ps(acc + h * dpad + 32 * w0 + 16 * z);
   for (int r = 0; r < rows; ++r) {
-    pf->Step(2);
+    pf.Step(2);
     __m512 x[2 * NW];
 #pragma GCC unroll 16
     for (int w = 0; w < NW; ++w) {
@@ -336,22 +388,26 @@ SKV_AVX512 void RowValuesSlice(const RowBlock& rb, int rows, int w0, const float
   for (int h = 0; h < HT; ++h)
 #pragma GCC unroll 16
     for (int z = 0; z < 2 * NW; ++z) _mm512_storeu_ps(acc + h * dpad + 32 * w0 + 16 * z, a[h][z]);
+  *pfp = pf;
 }
 
-template <class L, bool kSparse, int HT, int NW>
+// W: words per row when fixed at compile time (0: rb.words).
+template <class L, bool kSparse, int HT, int NW, int W>
 SKV_AVX512 void RowValues(const RowBlock& rb, int rows, const float* p, float* acc, int dpad,
                           const uint8_t** vp, Prefetcher* pf) {
+  const int words = W > 0 ? W : rb.words;
   for (int r = 0; r < rows; ++r) {
     const uint8_t* ptr = rb.values + r * rb.val_stride;
-    for (int w = 0; w < rb.words; ++w) {
+#pragma GCC unroll 8
+    for (int w = 0; w < words; ++w) {
       vp[w * kBlock + r] = ptr;
       ptr += static_cast<size_t>(__builtin_popcount(RowMask<kSparse>(rb, r, w))) * L::kSize;
     }
   }
   int w0 = 0;
-  for (; w0 + NW <= rb.words; w0 += NW)
+  for (; w0 + NW <= words; w0 += NW)
     RowValuesSlice<L, kSparse, HT, NW>(rb, rows, w0, p, acc, dpad, vp, pf);
-  for (; w0 < rb.words; ++w0) RowValuesSlice<L, kSparse, HT, 1>(rb, rows, w0, p, acc, dpad, vp, pf);
+  for (; w0 < words; ++w0) RowValuesSlice<L, kSparse, HT, 1>(rb, rows, w0, p, acc, dpad, vp, pf);
 }
 
 // Per-channel V of one token group: acc[h, j] += p[h, :] . v_j over the channel vectors, 16
@@ -389,44 +445,62 @@ SKV_AVX512 void ChannelValues(const uint8_t* bitmaps, const uint8_t* values, int
 // ---- online softmax over one block ----
 
 // Turns p[h, 0..rows) from scores into exp(score - m_new), rescales acc and l by
-// exp(m_old - m_new), and zeroes p[h, rows..kBlock).
+// exp(m_old - m_new), and zeroes p[h, rows..kBlock). The rescale factors of up to 16 heads
+// come from one vector Exp: a scalar std::exp per head and block cost ~1 ns per row.
 SKV_AVX512 void SoftmaxBlock(Work* w, int rows) {
-  for (int h = 0; h < w->group; ++h) {
-    float* s = w->p.data() + h * kBlock;
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __mmask16 nan = 0;
-    for (int c = 0; c < rows; c += 16) {
-      const __mmask16 valid =
-          static_cast<__mmask16>(rows - c >= 16 ? 0xffffu : (1u << (rows - c)) - 1);
-      const __m512 v = _mm512_mask_loadu_ps(mx, valid, s + c);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      mx = _mm512_max_ps(mx, v);
-    }
-    float block_max = _mm512_reduce_max_ps(mx);
-    if (nan) block_max = NAN;  // NaN in q or K propagates, as in the reference
-    const float m_old = w->m[h];
-    const float m_new = std::isnan(block_max) ? NAN : std::fmax(m_old, block_max);
-    const float alpha = std::isinf(m_old) ? 0.0f : std::exp(m_old - m_new);
-    if (alpha != 1.0f) {
-      float* a = w->acc.data() + h * w->dpad;
-      const __m512 av = _mm512_set1_ps(alpha);
-      for (int j = 0; j < w->dpad; j += 16) {
-        _mm512_storeu_ps(a + j, _mm512_mul_ps(_mm512_loadu_ps(a + j), av));
+  alignas(64) float bmax[16], alpha[16], mnew[16];
+  for (int h0 = 0; h0 < w->group; h0 += 16) {
+    const int hn = std::min(16, w->group - h0);
+    _mm512_store_ps(bmax, _mm512_setzero_ps());  // unused lanes: no garbage into Exp
+    for (int i = 0; i < hn; ++i) {
+      const float* s = w->p.data() + (h0 + i) * kBlock;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __mmask16 nan = 0;
+      for (int c = 0; c < rows; c += 16) {
+        const __mmask16 valid =
+            static_cast<__mmask16>(rows - c >= 16 ? 0xffffu : (1u << (rows - c)) - 1);
+        const __m512 v = _mm512_mask_loadu_ps(mx, valid, s + c);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, v);
       }
+      // NaN in q or K propagates, as in the reference.
+      bmax[i] = nan ? NAN : _mm512_reduce_max_ps(mx);
     }
-    const __m512 mv = _mm512_set1_ps(m_new);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < kBlock; c += 16) {
-      const int left = rows - c;
-      const __mmask16 valid = static_cast<__mmask16>(left >= 16  ? 0xffffu
-                                                     : left <= 0 ? 0u
-                                                                 : (1u << left) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
-      _mm512_storeu_ps(s + c, e);
-      sum = _mm512_add_ps(sum, e);
+    const __mmask16 live = static_cast<__mmask16>((1u << hn) - 1);
+    const __m512 m_old = _mm512_maskz_loadu_ps(live, w->m.data() + h0);
+    // max_ps returns its second operand when either is NaN: a NaN block max wins, and a NaN
+    // m_old gives way to the block max (std::fmax's rule) while alpha = exp(NaN) keeps acc
+    // and l NaN.
+    const __m512 m_new = _mm512_max_ps(m_old, _mm512_load_ps(bmax));
+    const __mmask16 inf = _mm512_fpclass_ps_mask(m_old, 0x18);  // +-infinity: nothing yet
+    const __m512 a =
+        _mm512_maskz_mov_ps(static_cast<__mmask16>(~inf & live), Exp(_mm512_sub_ps(m_old, m_new)));
+    _mm512_store_ps(alpha, a);
+    _mm512_store_ps(mnew, m_new);
+    for (int i = 0; i < hn; ++i) {
+      const int h = h0 + i;
+      float* s = w->p.data() + h * kBlock;
+      if (alpha[i] != 1.0f) {
+        float* acc = w->acc.data() + h * w->dpad;
+        const __m512 av = _mm512_set1_ps(alpha[i]);
+        for (int j = 0; j < w->dpad; j += 16) {
+          _mm512_storeu_ps(acc + j, _mm512_mul_ps(_mm512_loadu_ps(acc + j), av));
+        }
+      }
+      const __m512 mv = _mm512_set1_ps(mnew[i]);
+      __m512 sum = _mm512_setzero_ps();
+      for (int c = 0; c < kBlock; c += 16) {
+        const int left = rows - c;
+        const __mmask16 valid = static_cast<__mmask16>(left >= 16  ? 0xffffu
+                                                       : left <= 0 ? 0u
+                                                                   : (1u << left) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+        _mm512_storeu_ps(s + c, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      w->l[h] = w->l[h] * alpha[i] + _mm512_reduce_add_ps(sum);
+      w->m[h] = mnew[i];
     }
-    w->l[h] = w->l[h] * alpha + _mm512_reduce_add_ps(sum);
-    w->m[h] = m_new;
   }
 }
 
@@ -439,6 +513,37 @@ inline int Tile(int left, int max_tile) {
   return std::min(left, 4);
 }
 
+// Word counts of the common head dims (64, 128, 256) get unrolled row loops.
+template <class L, bool kSparse, int HT>
+SKV_AVX512 void RowScoresW(const RowBlock& rb, int rows, const float* q, int dpad, float* red,
+                           float* p, Prefetcher* pf) {
+  switch (rb.words) {
+    case 2:
+      return RowScores<L, kSparse, HT, 2>(rb, rows, q, dpad, red, p, pf);
+    case 4:
+      return RowScores<L, kSparse, HT, 4>(rb, rows, q, dpad, red, p, pf);
+    case 8:
+      return RowScores<L, kSparse, HT, 8>(rb, rows, q, dpad, red, p, pf);
+    default:
+      return RowScores<L, kSparse, HT, 0>(rb, rows, q, dpad, red, p, pf);
+  }
+}
+
+template <class L, bool kSparse, int HT, int NW>
+SKV_AVX512 void RowValuesW(const RowBlock& rb, int rows, const float* p, float* acc, int dpad,
+                           const uint8_t** vp, Prefetcher* pf) {
+  switch (rb.words) {
+    case 2:
+      return RowValues<L, kSparse, HT, NW, 2>(rb, rows, p, acc, dpad, vp, pf);
+    case 4:
+      return RowValues<L, kSparse, HT, NW, 4>(rb, rows, p, acc, dpad, vp, pf);
+    case 8:
+      return RowValues<L, kSparse, HT, NW, 8>(rb, rows, p, acc, dpad, vp, pf);
+    default:
+      return RowValues<L, kSparse, HT, NW, 0>(rb, rows, p, acc, dpad, vp, pf);
+  }
+}
+
 template <class L, bool kSparse>
 SKV_AVX512 void RowScoresAll(const RowBlock& rb, int rows, Work* w) {
   for (int h0 = 0; h0 < w->group;) {
@@ -448,19 +553,19 @@ SKV_AVX512 void RowScoresAll(const RowBlock& rb, int rows, Work* w) {
     float* red = w->red.data();
     switch (ht) {
       case 8:
-        RowScores<L, kSparse, 8>(rb, rows, q, w->dpad, red, p, &w->pf);
+        RowScoresW<L, kSparse, 8>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       case 4:
-        RowScores<L, kSparse, 4>(rb, rows, q, w->dpad, red, p, &w->pf);
+        RowScoresW<L, kSparse, 4>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       case 3:
-        RowScores<L, kSparse, 3>(rb, rows, q, w->dpad, red, p, &w->pf);
+        RowScoresW<L, kSparse, 3>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       case 2:
-        RowScores<L, kSparse, 2>(rb, rows, q, w->dpad, red, p, &w->pf);
+        RowScoresW<L, kSparse, 2>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       default:
-        RowScores<L, kSparse, 1>(rb, rows, q, w->dpad, red, p, &w->pf);
+        RowScoresW<L, kSparse, 1>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
     }
     h0 += ht;
@@ -476,19 +581,19 @@ SKV_AVX512 void RowValuesAll(const RowBlock& rb, int rows, Work* w) {
     const uint8_t** vp = w->vp.data();
     switch (ht) {
       case 8:
-        RowValues<L, kSparse, 8, 1>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        RowValuesW<L, kSparse, 8, 1>(rb, rows, p, acc, w->dpad, vp, &w->pf);
         break;
       case 4:
-        RowValues<L, kSparse, 4, 2>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        RowValuesW<L, kSparse, 4, 2>(rb, rows, p, acc, w->dpad, vp, &w->pf);
         break;
       case 3:
-        RowValues<L, kSparse, 3, 2>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        RowValuesW<L, kSparse, 3, 2>(rb, rows, p, acc, w->dpad, vp, &w->pf);
         break;
       case 2:
-        RowValues<L, kSparse, 2, 4>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        RowValuesW<L, kSparse, 2, 4>(rb, rows, p, acc, w->dpad, vp, &w->pf);
         break;
       default:
-        RowValues<L, kSparse, 1, 4>(rb, rows, p, acc, w->dpad, vp, &w->pf);
+        RowValuesW<L, kSparse, 1, 4>(rb, rows, p, acc, w->dpad, vp, &w->pf);
         break;
     }
     h0 += ht;
@@ -659,7 +764,7 @@ struct Pipeline {
 
   void Emit(const SectionBlock& nk, const SectionBlock& nv) {
     if (have) {
-      w->pf.n = 0;
+      w->pf.Clear();
       AddRanges(nk, *w, &w->pf);
       AddRanges(nv, *w, &w->pf);
       RunBlock(k, v, w);
@@ -670,7 +775,7 @@ struct Pipeline {
   }
   void Flush() {
     if (have) {
-      w->pf.n = 0;
+      w->pf.Clear();
       RunBlock(k, v, w);
     }
     have = false;
