@@ -56,11 +56,11 @@ inline uint32_t Load32(const uint8_t* p) {
 // Software prefetch of the next block's bytes, spread over the current block's row loops: the
 // hardware prefetchers alone left compute and DRAM reads mostly serialised (measured: dense
 // decode at ~50% of the streaming bandwidth without it). Prefetches are paced: the row loops
-// report work done in units of 1/8 row of K or V, and each unit releases an equal share of
-// the next block's lines. Bursts of prefetches fill the line-fill
-// buffers that the current block's own loads need: a fixed 8 lines per K row pair was 7%
-// slower at 70% sparsity than 4, while 4 left dense under-prefetched. The row loops copy the
-// prefetcher into a local so that (cur, end, credit) stay in registers.
+// report work done in units of 1/8 row of K or V, and each unit releases an equal share of the
+// next block's lines. Bursts fill the line-fill buffers that the current block's own loads
+// need: a fixed 8 lines per K row pair was ~8% slower at 70% sparsity than 4, while 4 left
+// dense under-prefetched. The row loops copy the prefetcher into a local so that (cur, end,
+// credit) stay in registers.
 struct Prefetcher {
   static constexpr int kUnitsPerRow = 8;
   const char* cur = nullptr;
@@ -303,9 +303,6 @@ SKV_AVX512 void RowScores(const RowBlock& rb, int rows, const float* q, int dpad
   const uint8_t* const values = rb.values;
   const size_t bm_stride = rb.bm_stride, val_stride = rb.val_stride;
   const uint32_t* const dense_mask = rb.dense_mask;
-  auto mask = [&](const uint8_t* bm, int w) __attribute__((always_inline)) {
-    return kSparse ? Load32(bm + 4 * w) : dense_mask[w];
-  };
   Prefetcher pf = *pfp;
   for (int r0 = 0; r0 < rows; r0 += 16) {
     const int n = std::min(16, rows - r0);
@@ -324,8 +321,8 @@ SKV_AVX512 void RowScores(const RowBlock& rb, int rows, const float* q, int dpad
 #pragma GCC unroll 8
       for (int w = 0; w < words; ++w) {
         __m512 lo0, hi0, lo1, hi1;
-        pa += L::Load(pa, mask(ba, w), &lo0, &hi0);
-        pb += L::Load(pb, mask(bb, w), &lo1, &hi1);
+        pa += L::Load(pa, kSparse ? Load32(ba + 4 * w) : dense_mask[w], &lo0, &hi0);
+        pb += L::Load(pb, kSparse ? Load32(bb + 4 * w) : dense_mask[w], &lo1, &hi1);
         const float* qw = q + 32 * w;
 #pragma GCC unroll 8
         for (int h = 0; h < HT; ++h) {
