@@ -60,7 +60,9 @@ inline uint32_t Load32(const uint8_t* p) {
 // next block's lines. Bursts fill the line-fill buffers that the current block's own loads
 // need: a fixed 8 lines per K row pair was ~8% slower at 70% sparsity than 4, while 4 left
 // dense under-prefetched. The row loops copy the prefetcher into a local so that (cur, end,
-// credit) stay in registers.
+// credit) stay in registers. Lines go to L2 (T1), not L1: the L1's 16 line-fill buffers capped
+// dense decode at ~11.7 GB/s where L2-bound prefetches reach ~13.7 (dense 26.6 -> 24.0 ms per
+// step, GQA 4; sparse unchanged).
 struct Prefetcher {
   static constexpr int kUnitsPerRow = 8;
   const char* cur = nullptr;
@@ -109,7 +111,7 @@ struct Prefetcher {
         cur = next_begin[pending];
         end = next_end[pending];
       }
-      _mm_prefetch(cur, _MM_HINT_T0);
+      _mm_prefetch(cur, _MM_HINT_T1);
       cur += 64;
     }
   }
@@ -162,6 +164,13 @@ struct DenseF16 {
   static constexpr size_t kSize = 2;
   SKV_AVX512 SKV_INLINE static size_t Load(const uint8_t* p, uint32_t mask, __m512* lo,
                                            __m512* hi) {
+    // A whole word converts straight from memory: one uop less than a masked load and a
+    // register convert (dense compute 0.067 -> 0.056 ms per 2048 L2-resident rows).
+    if (__builtin_expect(mask == 0xffffffffu, 1)) {
+      *lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      *hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+      return 64;
+    }
     *lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask), p));
     *hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask >> 16), p + 32));
     return static_cast<size_t>(__builtin_popcount(mask)) * 2;

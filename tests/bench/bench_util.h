@@ -92,11 +92,36 @@ __attribute__((target("avx2"))) inline double SumAvx2(const float* p, size_t n) 
   for (; i < n; ++i) s += p[i];
   return s;
 }
+
+// The same sum with software prefetches 16 KiB ahead into L2: on the 2-vCPU VM this reads
+// ~15 GB/s where the hardware prefetchers alone reach ~13.4 (a single core's L1 fill buffers
+// limit plain loads), so it is the fairer "streaming bandwidth" for kernels that prefetch.
+__attribute__((target("avx2"))) inline double SumAvx2Prefetch(const float* p, size_t n) {
+  constexpr size_t kAhead = 4096;  // floats
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    if (i + kAhead + 32 <= n) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAhead), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAhead + 16), _MM_HINT_T1);
+    }
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  double s = 0;
+  for (float x : t) s += x;
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
 #endif
 
-inline double SumFloats(const float* p, size_t n) {
+inline double SumFloats(const float* p, size_t n, bool prefetch = false) {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2")) return SumAvx2(p, n);
+  if (__builtin_cpu_supports("avx2")) return prefetch ? SumAvx2Prefetch(p, n) : SumAvx2(p, n);
 #endif
   double s = 0;
   for (size_t i = 0; i < n; ++i) s += p[i];
@@ -104,27 +129,32 @@ inline double SumFloats(const float* p, size_t n) {
 }
 
 // Streaming read bandwidth in GB/s (1e9 bytes/s): a SIMD sum over `bytes` of memory, split
-// over `threads` threads (the pool plus the caller), median of `reps` passes.
+// over `threads` threads (the pool plus the caller), median of `reps` passes; the better of
+// the plain sum and the one with software prefetches.
 inline double StreamReadGBps(const std::vector<float>& buf, int threads, kernels::ThreadPool* pool,
                              int reps) {
-  std::vector<double> times;
-  volatile double sink = 0;
-  const size_t n = buf.size();
-  for (int r = 0; r < reps; ++r) {
-    std::vector<double> part(threads);
-    const double t0 = Now();
-    if (threads == 1 || pool == nullptr) {
-      part[0] = SumFloats(buf.data(), n);
-    } else {
-      pool->Run(threads, [&](int i) {
-        const size_t b = n * i / threads, e = n * (i + 1) / threads;
-        part[i] = SumFloats(buf.data() + b, e - b);
-      });
+  double best = 0;
+  for (bool prefetch : {false, true}) {
+    std::vector<double> times;
+    volatile double sink = 0;
+    const size_t n = buf.size();
+    for (int r = 0; r < reps; ++r) {
+      std::vector<double> part(threads);
+      const double t0 = Now();
+      if (threads == 1 || pool == nullptr) {
+        part[0] = SumFloats(buf.data(), n, prefetch);
+      } else {
+        pool->Run(threads, [&](int i) {
+          const size_t b = n * i / threads, e = n * (i + 1) / threads;
+          part[i] = SumFloats(buf.data() + b, e - b, prefetch);
+        });
+      }
+      times.push_back(Now() - t0);
+      for (double x : part) sink = sink + x;
     }
-    times.push_back(Now() - t0);
-    for (double x : part) sink = sink + x;
+    best = std::max(best, n * sizeof(float) / Median(times) / 1e9);
   }
-  return n * sizeof(float) / Median(times) / 1e9;
+  return best;
 }
 
 }  // namespace sparsekv::bench
