@@ -146,12 +146,12 @@ SKV_AVX2 void ExpandRows(const SectionFormat* fmt, DType t, const uint8_t* data,
     }
     return;
   }
-  const size_t bm = BitmapBytes(d);
-  const size_t vs = static_cast<size_t>(fmt->k) * es;
   if (es == 2) {
     ExpandRows16(fmt, t, data, t0, rows, d, dpad, end, out);
     return;
   }
+  const size_t bm = BitmapBytes(d);
+  const size_t vs = static_cast<size_t>(fmt->k) * es;
   for (int r = 0; r < rows; ++r) {
     const uint8_t* bits = data + (static_cast<size_t>(t0) + r) * bm;
     const uint8_t* src = data + fmt->bitmap_bytes() + (static_cast<size_t>(t0) + r) * vs;
@@ -160,8 +160,8 @@ SKV_AVX2 void ExpandRows(const SectionFormat* fmt, DType t, const uint8_t* data,
     for (int j = 0; j < dpad; j += 8) {
       const unsigned b = j < d ? bits[j >> 3] : 0u;
       const int cnt = __builtin_popcount(b);
-      // Only a section's last values can lie within 8 elements of its end: test with a
-      // pointer compare and divide only there (a division per 8 columns cost ~1/3 of the step).
+      // fp32 values (16-bit ones go to ExpandRows16). Only a section's last values can lie
+      // within 8 elements of its end: a pointer compare, and a division only there.
       const __m256 v =
           end - src >= static_cast<ptrdiff_t>(8 * es)
               ? Load8Full(t, src)
