@@ -26,6 +26,13 @@ struct ChunkRef {
   const uint8_t* v;  // v_format.bytes()
 };
 
+// Arithmetic of a decode step. kFloat32: products and sums in fp32 (every variant; the
+// default). kFloat16: for fp16 caches on CPUs with AVX512-FP16, products and short partial sums
+// (at most head_dim / 32 terms per lane for K, one 64-token block for V) in fp16, everything
+// longer in fp32; about 2.5x less compute, attention-output error ~1e-3 relative (see
+// tests/bench/RESULTS.md). A request the hardware or dtype cannot serve runs kFloat32.
+enum class DecodeCompute { kFloat32 = 0, kFloat16 = 1 };
+
 // Parameters of one decode attention call. The cache is the chunks followed by the spans
 // (order does not change the result).
 // REQUIRES: group >= 1, head_dim >= 1, every buffer as its comment says; k_format/v_format
@@ -36,6 +43,7 @@ struct DecodeAttentionParams {
   int head_dim = 0;
   DType dtype = DType::kFloat16;  // of dense spans and compressed values
   float scale = 1.0f;             // applied to q . k before the softmax
+  DecodeCompute compute = DecodeCompute::kFloat32;
   SectionFormat k_format;         // of every chunk's K section
   SectionFormat v_format;         // of every chunk's V section
   const ChunkRef* chunks = nullptr;

@@ -1,11 +1,6 @@
 // AVX-512 decode attention. See avx512_attention.h for the contract.
 //
-// Every function that uses AVX-512 carries SKV_AVX512 (a target attribute) instead of the
-// file being compiled with -mavx512*: the standard-library templates instantiated here then
-// stay baseline code, so the linker can never pick an AVX-512 copy of, say,
-// std::vector<float>::resize for the rest of the program (an ODR trap of per-file flags).
-//
-// Layout of the per-call scratch (thread-local, reused):
+// Layout of the per-call scratch (thread-local, reused; avx512_common.h):
 //   q     [group, dpad]  query rows * scale, zero-padded to dpad = round_up(head_dim, 32)
 //   acc   [group, dpad]  unnormalised output of the online softmax
 //   p     [group, 64]    scores of the current block, then exp(score - m)
@@ -18,11 +13,11 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/avx512_common.h"
+#include "kernels/cpu/avx512_fp16_attention.h"
 #include "kernels/cpu/row_source.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SPARSEKV_HAVE_AVX512_VARIANT 1
-#include <immintrin.h>
+#ifdef SPARSEKV_HAVE_AVX512_VARIANT
 // GCC 12 reports its own _mm512_reduce_* helpers as maybe-uninitialized (a known false
 // positive in avx512fintrin.h).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -39,83 +34,9 @@ void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState
 
 bool Avx512AttentionCompiled() { return true; }
 
-#define SKV_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi2,popcnt")))
-#define SKV_INLINE inline __attribute__((always_inline))
-
 namespace {
 
-constexpr int kBlock = 64;  // tokens per online-softmax block (per-token and dense rows)
-
-inline uint32_t Load32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// Software prefetch of the next block's bytes, spread over the current block's row loops: the
-// hardware prefetchers alone left compute and DRAM reads mostly serialised (measured: dense
-// decode at ~50% of the streaming bandwidth without it). Prefetches are paced: the row loops
-// report work done in units of 1/8 row of K or V, and each unit releases an equal share of the
-// next block's lines. Bursts fill the line-fill buffers that the current block's own loads
-// need: a fixed 8 lines per K row pair was ~8% slower at 70% sparsity than 4, while 4 left
-// dense under-prefetched. The row loops copy the prefetcher into a local so that (cur, end,
-// credit) stay in registers. Lines go to L2 (T1), not L1: the L1's 16 line-fill buffers capped
-// dense decode at ~11.7 GB/s where L2-bound prefetches reach ~13.7 (dense 26.6 -> 24.0 ms per
-// step, GQA 4; sparse unchanged).
-struct Prefetcher {
-  static constexpr int kUnitsPerRow = 8;
-  const char* cur = nullptr;
-  const char* end = nullptr;
-  const char* next_begin[3];
-  const char* next_end[3];
-  int pending = 0;
-  uint32_t lines = 0;   // lines added since Clear
-  uint32_t rate = 0;    // 1/256 lines per unit
-  uint32_t credit = 0;  // 1/256 lines
-
-  void Clear() {
-    cur = end = nullptr;
-    pending = 0;
-    lines = credit = 0;
-  }
-  void Add(const uint8_t* p, size_t bytes) {
-    if (bytes == 0) return;
-    const char* b = reinterpret_cast<const char*>(p);
-    lines += static_cast<uint32_t>((bytes + 63) / 64);
-    if (cur >= end) {
-      cur = b;
-      end = b + bytes;
-    } else if (pending < 3) {
-      next_begin[pending] = b;
-      next_end[pending] = b + bytes;
-      ++pending;
-    }
-  }
-  // Sets the pace for a block whose K and V loops report `rows` rows each: the lines are
-  // spread evenly over the block's work (releasing them over its first 4/5 or 2/3 measured
-  // 2-10% slower, dense most).
-  void Pace(int rows) {
-    const uint32_t units = static_cast<uint32_t>(std::max(rows, 1)) * 2 * kUnitsPerRow;
-    rate = static_cast<uint32_t>((static_cast<uint64_t>(lines) * 256 + units - 1) / units);
-  }
-  // Reports `units` of work done: issues the lines it has earned.
-  SKV_INLINE void Step(int units) {
-    credit += static_cast<uint32_t>(units) * rate;
-    int n = static_cast<int>(credit >> 8);
-    credit &= 0xff;
-    for (; n > 0; --n) {
-      if (__builtin_expect(cur >= end, 0)) {
-        if (pending == 0) return;
-        --pending;
-        cur = next_begin[pending];
-        end = next_end[pending];
-      }
-      _mm_prefetch(cur, _MM_HINT_T1);
-      cur += 64;
-    }
-  }
-};
+using namespace avx512_detail;  // NOLINT(build/namespaces): this file's own internals
 
 // ---- element loaders: one 32-element word of a row (or vector) as two zmm of floats ----
 // Load(ptr, mask, lo, hi) reads popcount(mask) packed elements at ptr, places them in the
@@ -220,80 +141,6 @@ SKV_AVX512 SKV_INLINE __m512 Exp(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_scalef_ps(normal, y, n);
-}
-
-// Sixteen vectors v[i] (16 floats each, 64 bytes apart) -> one vector whose lane i is the sum
-// of v[i]'s lanes: 45 instructions instead of 16 full horizontal reductions.
-SKV_AVX512 SKV_INLINE __m512 HSum16(const float* v) {
-  __m512 pair[8];
-  for (int i = 0; i < 8; ++i) {
-    const __m512 a = _mm512_loadu_ps(v + 32 * i);
-    const __m512 b = _mm512_loadu_ps(v + 32 * i + 16);
-    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3].
-    pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  }
-  __m512 quad[4];
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(pair[2 * i]);
-    const __m512d y = _mm512_castps_pd(pair[2 * i + 1]);
-    // Per 128-bit lane: [a, b, c, d] lane sums of the four source vectors.
-    quad[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                            _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  // quad[i] holds vectors 4i..4i+3, one partial per 128-bit lane: sum the four lanes.
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x44),
-                                   _mm512_shuffle_f32x4(quad[0], quad[1], 0xee));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x44),
-                                   _mm512_shuffle_f32x4(quad[2], quad[3], 0xee));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
-}
-
-// ---- per-call scratch ----
-
-struct Work {
-  int group = 0, d = 0, dpad = 0, words = 0;
-  std::vector<float> q, acc, p, red, m, l;
-  std::vector<uint32_t> dense_mask;  // [words] valid columns of each 32-column word
-  std::vector<const uint8_t*> vp;    // [words, kBlock] per-row value cursors
-  std::vector<float> kf, vf;         // fallback expansion buffers
-  Prefetcher pf;                     // the next block's bytes
-
-  void Reset(const DecodeAttentionParams& params) {
-    group = params.group;
-    d = params.head_dim;
-    dpad = (d + 31) / 32 * 32;
-    words = dpad / 32;
-    q.assign(static_cast<size_t>(group) * dpad, 0.0f);
-    for (int h = 0; h < group; ++h) {
-      for (int j = 0; j < d; ++j) {
-        q[static_cast<size_t>(h) * dpad + j] =
-            params.q[static_cast<size_t>(h) * d + j] * params.scale;
-      }
-    }
-    acc.assign(static_cast<size_t>(group) * dpad, 0.0f);
-    p.assign(static_cast<size_t>(group) * kBlock, 0.0f);
-    red.assign(8 * 16 * 16, 0.0f);
-    m.assign(group, -std::numeric_limits<float>::infinity());
-    l.assign(group, 0.0f);
-    dense_mask.assign(words, 0xffffffffu);
-    if (d % 32 != 0) dense_mask[words - 1] = (1u << (d % 32)) - 1;
-    vp.assign(static_cast<size_t>(words) * kBlock, nullptr);
-  }
-};
-
-// Rows of a block in per-token or dense layout.
-struct RowBlock {
-  const uint8_t* bitmaps;  // null for dense rows
-  size_t bm_stride;        // bytes of bitmap per row
-  const uint8_t* values;   // first row's values
-  size_t val_stride;       // bytes of values per row
-  const uint32_t* dense_mask;
-  int words;
-};
-
-template <bool kSparse>
-SKV_INLINE uint32_t RowMask(const RowBlock& rb, int r, int w) {
-  return kSparse ? Load32(rb.bitmaps + r * rb.bm_stride + 4 * w) : rb.dense_mask[w];
 }
 
 // ---- scores ----
@@ -475,7 +322,9 @@ SKV_AVX512 void ChannelValues(const uint8_t* bitmaps, const uint8_t* values, int
 // Turns p[h, 0..rows) from scores into exp(score - m_new), rescales acc and l by
 // exp(m_old - m_new), and zeroes p[h, rows..kBlock). The rescale factors of up to 16 heads
 // come from one vector Exp: a scalar std::exp per head and block cost ~1 ns per row.
-SKV_AVX512 void SoftmaxBlock(Work* w, int rows) {
+// round_f16: p is rounded to fp16 before it is summed into l, for the fp16 V kernel (the
+// weights it multiplies with are then exactly the ones l normalises).
+SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
   alignas(64) float bmax[16], alpha[16], mnew[16];
   for (int h0 = 0; h0 < w->group; h0 += 16) {
     const int hn = std::min(16, w->group - h0);
@@ -522,7 +371,8 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows) {
         const __mmask16 valid = static_cast<__mmask16>(left >= 16  ? 0xffffu
                                                        : left <= 0 ? 0u
                                                                    : (1u << left) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+        __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+        if (round_f16) e = _mm512_cvtph_ps(_mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT));
         _mm512_storeu_ps(s + c, e);
         sum = _mm512_add_ps(sum, e);
       }
@@ -533,13 +383,6 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows) {
 }
 
 // ---- dispatch over head tiles and element types ----
-
-// Head tiles: up to 8 heads share one pass over rows (per-token/dense K), 4 elsewhere so that
-// accumulators stay in the 32 zmm registers.
-inline int Tile(int left, int max_tile) {
-  if (left >= 8 && max_tile >= 8) return 8;
-  return std::min(left, 4);
-}
 
 // Word counts of the common head dims (64, 128, 256) get unrolled row loops.
 template <class L, bool kSparse, int HT>
@@ -758,10 +601,19 @@ SKV_AVX512 void RunSection(const SectionBlock& b, Work* w) {
 #undef SKV_ROWS
 }
 
+// Whether the fp16-arithmetic kernels take this section: fp16 per-token or dense rows.
+bool Fp16Rows(const SectionBlock& b, const Work& w) {
+  return w.f16 && b.dtype == DType::kFloat16 &&
+         (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
+}
+
 SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) {
-  RunSection<true>(k, w);
-  SoftmaxBlock(w, k.rows);
-  RunSection<false>(v, w);
+  // The fp16 kernels report a non-finite result (fp16 overflow or non-finite input); the
+  // block is then recomputed in fp32.
+  if (!Fp16Rows(k, *w) || !Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)) RunSection<true>(k, w);
+  const bool vh = Fp16Rows(v, *w);
+  SoftmaxBlock(w, k.rows, vh);
+  if (!vh || !Fp16RowValues(MakeRowBlock(v, *w), v.rows, w)) RunSection<false>(v, w);
 }
 
 // Adds the bytes a block's section reads to the prefetcher.
@@ -871,6 +723,7 @@ void RunAll(const DecodeAttentionParams& p, Work* w) {
 void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {
   thread_local Work w;
   w.Reset(p);
+  PrepareFp16(p, &w);
   RunAll(p, &w);
   state->Assign(p.group, p.head_dim, w.m.data(), w.l.data(), w.acc.data(), w.dpad);
 }

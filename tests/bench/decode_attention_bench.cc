@@ -8,8 +8,13 @@
 // default working set per sparsity exceeds a 260 MiB L3), as a real decode over many layers
 // does.
 //
+// Every configuration runs with fp32 arithmetic and, where the CPU has AVX512-FP16 and the
+// cache is fp16, also with fp16 arithmetic (DecodeCompute::kFloat16); each sparse row's
+// speedup is against dense with the same arithmetic, and the last column against fp32 dense.
+//
 // Flags: --tokens --kv_heads --group --head_dim --iters --layers --chunk --threads --variant
 //        (portable|avx2|avx512, default the best this CPU runs) --stream_mib --dtype (f16|bf16)
+//        --compute (both|f32|f16, default both)
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -35,7 +40,12 @@ struct Config {
   int64_t tokens, kv_heads, group, head_dim, iters, layers, chunk, threads, stream_mib;
   DType dtype;
   std::string variant;
+  std::vector<kernels::DecodeCompute> computes;
 };
+
+const char* ComputeName(kernels::DecodeCompute m) {
+  return m == kernels::DecodeCompute::kFloat16 ? "f16" : "f32";
+}
 
 // All layers of one sparsity: chunk sections laid out layer-major, head-major, chunk order.
 struct Cache {
@@ -85,7 +95,8 @@ Cache Build(const Config& c, double sparsity, const std::vector<uint8_t>& k_rows
 
 // Median seconds per step (one layer, all KV heads).
 double TimeSteps(const Config& c, const kernels::Backend& backend, const Cache& cache,
-                 const std::vector<float>& q, int threads, kernels::ThreadPool* pool) {
+                 const std::vector<float>& q, kernels::DecodeCompute compute, int threads,
+                 kernels::ThreadPool* pool) {
   const int64_t chunks = c.tokens / c.chunk;
   std::vector<float> out(c.group * c.head_dim), lse(c.group);
   auto step = [&](int64_t layer) {
@@ -96,6 +107,7 @@ double TimeSteps(const Config& c, const kernels::Backend& backend, const Cache& 
       p.head_dim = static_cast<int>(c.head_dim);
       p.dtype = c.dtype;
       p.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+      p.compute = compute;
       p.k_format = cache.kf;
       p.v_format = cache.vf;
       p.chunks = cache.refs.data() + (layer * c.kv_heads + h) * chunks;
@@ -132,6 +144,14 @@ int Main(int argc, char** argv) {
   c.stream_mib = IntFlag(argc, argv, "stream_mib", 1024);
   c.dtype = Flag(argc, argv, "dtype", "f16") == "bf16" ? DType::kBFloat16 : DType::kFloat16;
   c.variant = Flag(argc, argv, "variant", "");
+  const std::string compute = Flag(argc, argv, "compute", "both");
+  const bool f16_ok = c.dtype == DType::kFloat16 && kernels::GetCpuFeatures().avx512_fp16;
+  if (compute != "f16") c.computes.push_back(kernels::DecodeCompute::kFloat32);
+  if (compute != "f32" && f16_ok) c.computes.push_back(kernels::DecodeCompute::kFloat16);
+  if (c.computes.empty()) {
+    std::fprintf(stderr, "--compute f16 needs an fp16 cache and a CPU with AVX512-FP16\n");
+    return 2;
+  }
   c.tokens = std::max<int64_t>(c.chunk, c.tokens / c.chunk * c.chunk);
   c.threads = std::max<int64_t>(1, c.threads);
 
@@ -189,21 +209,30 @@ int Main(int argc, char** argv) {
   std::printf("\n## Decode step (one layer: %lld KV heads x %lld tokens)\n\n",
               (long long)c.kv_heads, (long long)c.tokens);
   std::printf(
-      "| threads | sparsity | MB read/step | ms/step | GB/s | stream GB/s | of stream | "
-      "speedup vs dense |\n|---|---|---|---|---|---|---|---|\n");
+      "| threads | compute | sparsity | MB read/step | ms/step | GB/s | stream GB/s | of stream | "
+      "speedup vs dense | vs f32 dense |\n|---|---|---|---|---|---|---|---|---|---|\n");
   std::vector<int> thread_counts = {1};
   if (c.threads > 1) thread_counts.push_back(static_cast<int>(c.threads));
   for (int t : thread_counts) {
     const double stream = StreamReadGBps(stream_buf, t, pool.get(), 5);
-    double dense_time = 0;
-    for (const Cache& cache : caches) {
-      const double sec = TimeSteps(c, *backend, cache, q, t, pool.get());
-      if (cache.sparsity == 0.0) dense_time = sec;
-      const double gbps = cache.bytes_per_layer / sec / 1e9;
-      std::printf("| %d | %.1f | %.1f | %.3f | %.2f | %.2f | %.2f | %.2fx |\n", t, cache.sparsity,
-                  cache.bytes_per_layer / 1e6, sec * 1e3, gbps, stream, gbps / stream,
-                  dense_time / sec);
-      std::fflush(stdout);
+    double f32_dense = 0;
+    for (kernels::DecodeCompute m : c.computes) {
+      double dense_time = 0;
+      for (const Cache& cache : caches) {
+        const double sec = TimeSteps(c, *backend, cache, q, m, t, pool.get());
+        if (cache.sparsity == 0.0) dense_time = sec;
+        if (cache.sparsity == 0.0 && m == kernels::DecodeCompute::kFloat32) f32_dense = sec;
+        const double gbps = cache.bytes_per_layer / sec / 1e9;
+        std::printf("| %d | %s | %.1f | %.1f | %.3f | %.2f | %.2f | %.2f | %.2fx | ", t,
+                    ComputeName(m), cache.sparsity, cache.bytes_per_layer / 1e6, sec * 1e3, gbps,
+                    stream, gbps / stream, dense_time / sec);
+        if (f32_dense > 0) {
+          std::printf("%.2fx |\n", f32_dense / sec);
+        } else {
+          std::printf("- |\n");
+        }
+        std::fflush(stdout);
+      }
     }
   }
   return 0;
