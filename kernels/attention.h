@@ -44,8 +44,8 @@ struct DecodeAttentionParams {
   DType dtype = DType::kFloat16;  // of dense spans and compressed values
   float scale = 1.0f;             // applied to q . k before the softmax
   DecodeCompute compute = DecodeCompute::kFloat32;
-  SectionFormat k_format;         // of every chunk's K section
-  SectionFormat v_format;         // of every chunk's V section
+  SectionFormat k_format;  // of every chunk's K section
+  SectionFormat v_format;  // of every chunk's V section
   const ChunkRef* chunks = nullptr;
   int num_chunks = 0;
   const DenseSpan* spans = nullptr;

@@ -25,6 +25,9 @@ class Backend {
   // (p.group, p.head_dim) and filled. p.out and p.lse are not touched.
   virtual void DecodeAttentionPartial(const DecodeAttentionParams& p,
                                       AttentionState* state) const = 0;
+  // Whether DecodeCompute::kFloat16 takes effect here (for fp16 caches); when false such
+  // requests run in fp32.
+  virtual bool Fp16Arithmetic() const { return false; }
 };
 
 // Partial + finalize: writes p.out and p.lse.

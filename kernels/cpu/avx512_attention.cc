@@ -28,11 +28,13 @@ namespace sparsekv::kernels {
 #ifndef SPARSEKV_HAVE_AVX512_VARIANT
 
 bool Avx512AttentionCompiled() { return false; }
+bool Avx512Fp16ArithmeticAvailable() { return false; }
 void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {}
 
 #else
 
 bool Avx512AttentionCompiled() { return true; }
+bool Avx512Fp16ArithmeticAvailable() { return avx512_detail::Fp16ArithmeticAvailable(); }
 
 namespace {
 

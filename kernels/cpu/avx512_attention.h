@@ -16,6 +16,10 @@ namespace sparsekv::kernels {
 // Whether this build contains the variant (x86-64 with GCC or Clang).
 bool Avx512AttentionCompiled();
 
+// Whether DecodeCompute::kFloat16 takes effect: built with AVX512-FP16 support and the CPU
+// has it (avx512_fp16_attention.h).
+bool Avx512Fp16ArithmeticAvailable();
+
 // See Backend::DecodeAttentionPartial.
 void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state);
 

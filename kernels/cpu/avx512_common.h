@@ -124,7 +124,6 @@ SKV_AVX512 SKV_INLINE __m512 HSum16(const float* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
 }
 
-
 struct Work {
   int group = 0, d = 0, dpad = 0, words = 0;
   std::vector<float> q, acc, p, red, m, l;

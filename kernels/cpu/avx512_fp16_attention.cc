@@ -19,15 +19,17 @@ namespace sparsekv::kernels::avx512_detail {
 
 #ifndef SPARSEKV_HAVE_FP16_ARITHMETIC
 
+bool Fp16ArithmeticAvailable() { return false; }
 void PrepareFp16(const DecodeAttentionParams&, Work* w) { w->f16 = false; }
 bool Fp16RowScores(const RowBlock&, int, Work*) { return false; }
 bool Fp16RowValues(const RowBlock&, int, Work*) { return false; }
 
 #else
 
-#define SKV_AVX512FP16                                                                    \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512fp16,fma," \
-                        "f16c,bmi2,popcnt")))
+#define SKV_AVX512FP16                                                        \
+  __attribute__((                                                             \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512fp16,fma," \
+             "f16c,bmi2,popcnt")))
 
 namespace {
 
@@ -61,8 +63,9 @@ SKV_AVX512FP16 SKV_INLINE void FoldPair4(const __m512h* A, const __m512h* B, flo
   __m512i f[4];
   for (int j = 0; j < 4; ++j) {
     const __m512i a = _mm512_castph_si512(A[j]), b = _mm512_castph_si512(B[j]);
-    f[j] = _mm512_castph_si512(_mm512_add_ph(_mm512_castsi512_ph(_mm512_shuffle_i64x2(a, b, 0x44)),
-                                             _mm512_castsi512_ph(_mm512_shuffle_i64x2(a, b, 0xee))));
+    f[j] =
+        _mm512_castph_si512(_mm512_add_ph(_mm512_castsi512_ph(_mm512_shuffle_i64x2(a, b, 0x44)),
+                                          _mm512_castsi512_ph(_mm512_shuffle_i64x2(a, b, 0xee))));
   }
   // [a_h0 b_h0 a_h1 b_h1] and [a_h2 b_h2 a_h3 b_h3], 8 lanes each
   const __m512i t01 = _mm512_castph_si512(
@@ -72,9 +75,9 @@ SKV_AVX512FP16 SKV_INLINE void FoldPair4(const __m512h* A, const __m512h* B, flo
       _mm512_add_ph(_mm512_castsi512_ph(_mm512_shuffle_i64x2(f[2], f[3], 0x88)),
                     _mm512_castsi512_ph(_mm512_shuffle_i64x2(f[2], f[3], 0xdd))));
   // 128-bit lanes [a_h0 a_h2] [b_h0 b_h2] [a_h1 a_h3] [b_h1 b_h3], 4 lanes each
-  const __m512i u = _mm512_castph_si512(
-      _mm512_add_ph(_mm512_castsi512_ph(_mm512_unpacklo_epi64(t01, t23)),
-                    _mm512_castsi512_ph(_mm512_unpackhi_epi64(t01, t23))));
+  const __m512i u =
+      _mm512_castph_si512(_mm512_add_ph(_mm512_castsi512_ph(_mm512_unpacklo_epi64(t01, t23)),
+                                        _mm512_castsi512_ph(_mm512_unpackhi_epi64(t01, t23))));
   _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
   _mm512_storeu_ps(dst + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
 }
@@ -83,10 +86,10 @@ SKV_AVX512FP16 SKV_INLINE void FoldPair4(const __m512h* A, const __m512h* B, flo
 SKV_AVX512FP16 SKV_INLINE __m512 SumSlots4(const float* x) {
   const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 32);
   const __m512 x2 = _mm512_loadu_ps(x + 64), x3 = _mm512_loadu_ps(x + 96);
-  const __m512d p01 = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(x0, x1),
-                                                     _mm512_unpackhi_ps(x0, x1)));
-  const __m512d p23 = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(x2, x3),
-                                                     _mm512_unpackhi_ps(x2, x3)));
+  const __m512d p01 =
+      _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1)));
+  const __m512d p23 =
+      _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(x2, x3), _mm512_unpackhi_ps(x2, x3)));
   return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
                        _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)));
 }
@@ -283,21 +286,24 @@ SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
   return bad == 0;
 }
 
-// Up to NW words per pass (the widest of 8, 4, 2, 1 that fits the row): as many as keep HT * NW accumulators, NW row words and the weight in the
-// 32 zmm registers.
+// Up to NW words per pass (the widest of 8, 4, 2, 1 that fits the row): as many as keep HT * NW
+// accumulators, NW row words and the weight in the 32 zmm registers.
 template <bool kSparse, int HT, int NW>
 SKV_AVX512FP16 bool ValuesTile(const RowBlock& rb, int rows, const uint32_t* p16, float* out,
                                int dpad, Prefetcher* pf) {
   bool ok = true;
   int w0 = 0;
   if constexpr (NW >= 8) {
-    for (; w0 + 8 <= rb.words; w0 += 8) ok &= ValuesSlice<kSparse, HT, 8>(rb, rows, w0, p16, out, dpad, pf);
+    for (; w0 + 8 <= rb.words; w0 += 8)
+      ok &= ValuesSlice<kSparse, HT, 8>(rb, rows, w0, p16, out, dpad, pf);
   }
   if constexpr (NW >= 4) {
-    for (; w0 + 4 <= rb.words; w0 += 4) ok &= ValuesSlice<kSparse, HT, 4>(rb, rows, w0, p16, out, dpad, pf);
+    for (; w0 + 4 <= rb.words; w0 += 4)
+      ok &= ValuesSlice<kSparse, HT, 4>(rb, rows, w0, p16, out, dpad, pf);
   }
   if constexpr (NW >= 2) {
-    for (; w0 + 2 <= rb.words; w0 += 2) ok &= ValuesSlice<kSparse, HT, 2>(rb, rows, w0, p16, out, dpad, pf);
+    for (; w0 + 2 <= rb.words; w0 += 2)
+      ok &= ValuesSlice<kSparse, HT, 2>(rb, rows, w0, p16, out, dpad, pf);
   }
   for (; w0 < rb.words; ++w0) ok &= ValuesSlice<kSparse, HT, 1>(rb, rows, w0, p16, out, dpad, pf);
   return ok;
@@ -345,10 +351,12 @@ SKV_AVX512FP16 bool ValuesAll(const RowBlock& rb, int rows, Work* w) {
 
 }  // namespace
 
+bool Fp16ArithmeticAvailable() { return GetCpuFeatures().avx512_fp16; }
+
 SKV_AVX512FP16 void PrepareFp16(const DecodeAttentionParams& p, Work* w) {
   w->f16 = false;
   if (p.compute != DecodeCompute::kFloat16 || p.dtype != DType::kFloat16 ||
-      !GetCpuFeatures().avx512_fp16) {
+      !Fp16ArithmeticAvailable()) {
     return;
   }
   w->q16.resize(w->q.size());

@@ -23,6 +23,9 @@
 
 namespace sparsekv::kernels::avx512_detail {
 
+// Built with AVX512-FP16 intrinsics and the CPU has AVX512-FP16.
+bool Fp16ArithmeticAvailable();
+
 // Sets w->f16 (after w->Reset(p)) when p asks for kFloat16, the cache is fp16, this build and
 // CPU have AVX512-FP16 and every q * scale fits fp16; then fills w->q16 and sizes the buffers.
 void PrepareFp16(const DecodeAttentionParams& p, Work* w);

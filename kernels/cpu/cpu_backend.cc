@@ -42,6 +42,7 @@ class Avx512CpuBackend final : public Backend {
                               AttentionState* state) const override {
     Avx512DecodeAttentionPartial(p, state);
   }
+  bool Fp16Arithmetic() const override { return Avx512Fp16ArithmeticAvailable(); }
 };
 
 }  // namespace

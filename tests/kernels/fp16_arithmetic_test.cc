@@ -1,0 +1,304 @@
+// DecodeCompute::kFloat16 (fp16 arithmetic on AVX512-FP16) against the float64 reference, and
+// the fallbacks that keep it exact where fp16 cannot serve: other dtypes and variants (bitwise
+// equal to fp32), fp16 overflow in K or V and non-finite inputs (recomputed in fp32, so fp32
+// tolerances apply).
+//
+// Tolerance of the fp16 path. The unit roundoff of fp16 is u = 2^-11 = 4.9e-4. A score passes
+// through the rounding of q * scale, head_dim / 32 fused multiply-adds per lane and three
+// 2-way folds, all in fp16; a V element through one fp16 multiply-add per row of a 64-row
+// block. On N(0,1) data that gives output errors of ~1.2e-3 relative RMS (measured: 0.9e-3 to
+// 1.7e-3 across these shapes), so 5e-3 leaves headroom while any indexing or permutation error
+// (outputs of the wrong rows, heads or channels) is O(1). The log-sum-exp depends on the
+// scores only: |error| <= 8 u max_t sum_c |scale q_c k_c| bounds it (worst case, all
+// roundings aligned).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace sparsekv::kernels {
+namespace {
+
+constexpr double kU = 1.0 / 2048;  // fp16 unit roundoff
+
+struct Shape {
+  int group, head_dim, chunks, chunk_tokens;
+  int64_t dense_tokens;
+  SectionKind k_kind, v_kind;
+  double sparsity;
+  DType dtype = DType::kFloat16;
+};
+
+std::string Name(const Shape& s) {
+  return "group " + std::to_string(s.group) + " D " + std::to_string(s.head_dim) + " chunks " +
+         std::to_string(s.chunks) + "x" + std::to_string(s.chunk_tokens) + " dense " +
+         std::to_string(s.dense_tokens) + " kinds " + std::to_string(static_cast<int>(s.k_kind)) +
+         std::to_string(static_cast<int>(s.v_kind)) + " s " + std::to_string(s.sparsity) + " " +
+         DTypeName(s.dtype);
+}
+
+// A cache and query from `gen` (K and V elements; q elements), owned buffers.
+struct Problem {
+  DecodeAttentionParams p;
+  std::vector<std::vector<uint8_t>> secs;
+  std::vector<ChunkRef> refs;
+  std::vector<uint8_t> kd, vd;
+  DenseSpan span{};
+  std::vector<float> q;
+  std::vector<float> k_all;  // every K row as float, for the score bound
+  float max_v = 0.0f;
+};
+
+template <class KGen, class VGen, class QGen>
+void Build(const Shape& s, KGen kgen, VGen vgen, QGen qgen, Problem* pr) {
+  const size_t es = DTypeSize(s.dtype);
+  auto rows = [&](int64_t n, bool is_k) {
+    std::vector<uint8_t> out(static_cast<size_t>(n) * s.head_dim * es);
+    for (size_t i = 0; i < static_cast<size_t>(n) * s.head_dim; ++i) {
+      StoreFromFloat(s.dtype, out.data(), i, is_k ? kgen() : vgen());
+      const float x = LoadAsFloat(s.dtype, out.data(), i);
+      if (!is_k) pr->max_v = std::fmax(pr->max_v, std::fabs(x));
+    }
+    return out;
+  };
+  DecodeAttentionParams& p = pr->p;
+  p.group = s.group;
+  p.head_dim = s.head_dim;
+  p.dtype = s.dtype;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  p.k_format = MakeSectionFormat(s.k_kind, s.sparsity, s.head_dim, s.chunk_tokens, 32, s.dtype);
+  p.v_format = MakeSectionFormat(s.v_kind, s.sparsity, s.head_dim, s.chunk_tokens, 32, s.dtype);
+  for (int i = 0; i < s.chunks; ++i) {
+    std::vector<uint8_t> kr = rows(s.chunk_tokens, true), vr = rows(s.chunk_tokens, false);
+    pr->secs.emplace_back(p.k_format.bytes());
+    CompressSection(p.k_format, kr.data(), nullptr, nullptr, pr->secs.back().data());
+    pr->secs.emplace_back(p.v_format.bytes());
+    CompressSection(p.v_format, vr.data(), nullptr, nullptr, pr->secs.back().data());
+    // The score bound uses the K the kernel sees: the pruned rows.
+    std::vector<uint8_t> dense(static_cast<size_t>(s.chunk_tokens) * s.head_dim * es);
+    DecompressSection(p.k_format, pr->secs[pr->secs.size() - 2].data(), dense.data());
+    for (int64_t i = 0; i < static_cast<int64_t>(s.chunk_tokens) * s.head_dim; ++i) {
+      pr->k_all.push_back(LoadAsFloat(s.dtype, dense.data(), i));
+    }
+  }
+  for (int i = 0; i < s.chunks; ++i) {
+    pr->refs.push_back({pr->secs[2 * i].data(), pr->secs[2 * i + 1].data()});
+  }
+  pr->kd = rows(s.dense_tokens, true);
+  pr->vd = rows(s.dense_tokens, false);
+  for (int64_t i = 0; i < s.dense_tokens * s.head_dim; ++i) {
+    pr->k_all.push_back(LoadAsFloat(s.dtype, pr->kd.data(), i));
+  }
+  pr->span = {pr->kd.data(), pr->vd.data(), s.dense_tokens};
+  pr->q.resize(static_cast<size_t>(s.group) * s.head_dim);
+  for (float& x : pr->q) x = qgen();
+  p.q = pr->q.data();
+  p.chunks = pr->refs.data();
+  p.num_chunks = s.chunks;
+  p.spans = &pr->span;
+  p.num_spans = 1;
+}
+
+void RunDecode(const Backend& b, DecodeAttentionParams p, DecodeCompute compute, int splits,
+               ThreadPool* pool, std::vector<float>* out, std::vector<float>* lse) {
+  out->assign(static_cast<size_t>(p.group) * p.head_dim, 0.0f);
+  lse->assign(p.group, 0.0f);
+  p.compute = compute;
+  p.out = out->data();
+  p.lse = lse->data();
+  ParallelDecodeAttention(b, p, pool, splits);
+}
+
+void Reference(const Problem& pr, std::vector<float>* out, std::vector<float>* lse) {
+  DecodeAttentionParams r = pr.p;
+  out->assign(pr.q.size(), 0.0f);
+  lse->assign(r.group, 0.0f);
+  r.out = out->data();
+  r.lse = lse->data();
+  ReferenceDecodeAttention(r);
+}
+
+// max over heads and tokens of sum_c |scale q_c k_c|
+double ScoreMagnitude(const Problem& pr) {
+  const int d = pr.p.head_dim;
+  double best = 0;
+  for (int h = 0; h < pr.p.group; ++h) {
+    for (size_t t = 0; t * d < pr.k_all.size(); ++t) {
+      double s = 0;
+      for (int c = 0; c < d; ++c) s += std::fabs(pr.q[h * d + c] * pr.k_all[t * d + c]);
+      best = std::fmax(best, s * pr.p.scale);
+    }
+  }
+  return best;
+}
+
+std::vector<Shape> Shapes() {
+  const SectionKind T = SectionKind::kPerToken, C = SectionKind::kPerChannel,
+                    D = SectionKind::kDense;
+  return {
+      {4, 128, 3, 256, 45, T, T, 0.7},   // the benchmark's shape, odd dense tail
+      {4, 128, 2, 256, 32, T, T, 0.5},   //
+      {1, 64, 2, 129, 3, T, T, 0.7},     // MHA, odd rows per chunk (odd row paired with itself)
+      {2, 256, 1, 81, 27, T, T, 0.5},    // D 256: 8 words, V in slices
+      {3, 100, 2, 33, 9, T, T, 0.7},     // partial last word (D % 32 = 4), 3 heads
+      {5, 136, 1, 65, 70, T, T, 0.6},    // tiles 4 + 1: both K reductions in one call
+      {8, 128, 1, 64, 1, T, T, 0.7},     // tile of 8 (two 4-head reduction groups)
+      {12, 64, 1, 64, 2, T, T, 0.5},     // 8 + 4
+      {17, 64, 1, 40, 2, T, T, 0.7},     // 8 + 8 + 1, softmax over 16 + 1 heads
+      {4, 128, 2, 128, 5, D, D, 0.0},    // dense chunks: the fp16 dense path
+      {4, 128, 0, 256, 257, D, D, 0.0},  // dense span only
+      {4, 128, 2, 64, 5, T, C, 0.7},     // per-channel V stays fp32, K fp16
+      {4, 128, 2, 64, 5, C, T, 0.7},     // per-channel K stays fp32, V fp16
+  };
+}
+
+TEST(Fp16ArithmeticTest, MatchesFloat64ReferenceWithinFp16Tolerance) {
+  const Backend& b = CpuBackend();
+  if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
+  ThreadPool pool(2);
+  uint32_t seed = 11;
+  for (const Shape& s : Shapes()) {
+    SCOPED_TRACE(Name(s));
+    std::mt19937 rng(seed++);
+    std::normal_distribution<float> n01(0.0f, 1.0f);
+    Problem pr;
+    auto g = [&] { return n01(rng); };
+    Build(s, g, g, g, &pr);
+    std::vector<float> want, want_lse, got, lse;
+    Reference(pr, &want, &want_lse);
+    const double lse_tol = 8 * kU * ScoreMagnitude(pr) + 1e-5;
+    for (int splits : {1, 3}) {
+      RunDecode(b, pr.p, DecodeCompute::kFloat16, splits, &pool, &got, &lse);
+      double num = 0, den = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(got[i])) << i;
+        num += (got[i] - want[i]) * static_cast<double>(got[i] - want[i]);
+        den += static_cast<double>(want[i]) * want[i];
+      }
+      EXPECT_LE(std::sqrt(num / den), 5e-3) << "splits " << splits;
+      for (int h = 0; h < s.group; ++h) EXPECT_NEAR(lse[h], want_lse[h], lse_tol) << "head " << h;
+    }
+  }
+}
+
+// fp16 arithmetic must actually be in use: its results differ from fp32's in the low bits.
+TEST(Fp16ArithmeticTest, DiffersFromFp32WhereItApplies) {
+  const Backend& b = CpuBackend();
+  if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  Problem pr;
+  auto g = [&] { return n01(rng); };
+  Build({4, 128, 2, 256, 10, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, g, g, g, &pr);
+  std::vector<float> a, la, c, lc;
+  RunDecode(b, pr.p, DecodeCompute::kFloat32, 1, nullptr, &a, &la);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &c, &lc);
+  EXPECT_NE(a, c);
+}
+
+// Where kFloat16 cannot apply (other dtypes; variants without fp16 arithmetic) the request
+// runs the fp32 path: bitwise the same result.
+TEST(Fp16ArithmeticTest, RequestIsExactFp32WhereItCannotApply) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  auto g = [&] { return n01(rng); };
+  for (const Backend* b : CpuBackendVariants()) {
+    for (DType dt : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+      if (dt == DType::kFloat16 && b->Fp16Arithmetic()) continue;
+      SCOPED_TRACE(b->variant() + " " + DTypeName(dt));
+      Problem pr;
+      Build({4, 128, 2, 64, 7, SectionKind::kPerToken, SectionKind::kPerToken, 0.7, dt}, g, g, g,
+            &pr);
+      std::vector<float> a, la, c, lc;
+      RunDecode(*b, pr.p, DecodeCompute::kFloat32, 1, nullptr, &a, &la);
+      RunDecode(*b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &c, &lc);
+      EXPECT_EQ(a, c);
+      EXPECT_EQ(la, lc);
+    }
+  }
+}
+
+// Checks out/lse against the reference at the fp32 path's tolerance (simd_backend_test).
+void ExpectFp32Accurate(const Problem& pr, const std::vector<float>& got,
+                        const std::vector<float>& lse) {
+  std::vector<float> want, want_lse;
+  Reference(pr, &want, &want_lse);
+  const float tol = 5e-5f * std::fmax(pr.max_v, 1.0f);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], tol) << i;
+  for (size_t h = 0; h < lse.size(); ++h) {
+    EXPECT_NEAR(lse[h], want_lse[h], 5e-5f * std::fmax(1.0f, std::fabs(want_lse[h])));
+  }
+}
+
+// Scores beyond fp16's range (|partial sums| > 65504): those blocks are recomputed in fp32.
+TEST(Fp16ArithmeticTest, KOverflowFallsBackToFp32) {
+  const Backend& b = CpuBackend();
+  if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
+  std::mt19937 rng(9);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  // |k| ~ 3000 and |q * scale| ~ 25: products ~ 7.5e4 overflow fp16, scores stay finite in
+  // fp32 (the softmax is then extremely peaked, which the reference handles too).
+  auto kg = [&] { return 3000.0f * n01(rng); };
+  auto vg = [&] { return n01(rng); };
+  auto qg = [&] { return 25.0f * std::sqrt(128.0f) * n01(rng); };
+  Problem pr;
+  Build({4, 128, 2, 64, 9, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, kg, vg, qg, &pr);
+  std::vector<float> got, lse;
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  ExpectFp32Accurate(pr, got, lse);
+}
+
+// V sums beyond fp16's range: |v| ~ 3e4 and near-uniform weights overflow a 64-row block sum.
+TEST(Fp16ArithmeticTest, VOverflowFallsBackToFp32) {
+  const Backend& b = CpuBackend();
+  if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
+  std::mt19937 rng(10);
+  std::uniform_real_distribution<float> pos(20000.0f, 30000.0f);
+  std::normal_distribution<float> small(0.0f, 0.01f);
+  auto kg = [&] { return small(rng); };
+  auto vg = [&] { return pos(rng); };
+  Problem pr;
+  Build({4, 128, 2, 64, 9, SectionKind::kPerToken, SectionKind::kPerToken, 0.5}, kg, vg, kg, &pr);
+  std::vector<float> got, lse;
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  ExpectFp32Accurate(pr, got, lse);
+}
+
+// q * scale beyond fp16: the whole call runs fp32.
+TEST(Fp16ArithmeticTest, QueryBeyondFp16RunsFp32) {
+  const Backend& b = CpuBackend();
+  if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
+  std::mt19937 rng(12);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  auto g = [&] { return 0.001f * n01(rng); };
+  Problem pr;
+  Build({4, 64, 1, 64, 3, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, g, g, g, &pr);
+  pr.q[3] = 1e6f;  // * scale 1/8 = 125000 > 65504
+  std::vector<float> got, lse;
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  ExpectFp32Accurate(pr, got, lse);
+}
+
+// NaN in one head's query: that head's output is NaN (as in fp32), the others are not.
+TEST(Fp16ArithmeticTest, NanInQueryPropagates) {
+  const Backend& b = CpuBackend();
+  if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
+  std::mt19937 rng(13);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  auto g = [&] { return n01(rng); };
+  Problem pr;
+  Build({4, 64, 1, 64, 3, SectionKind::kPerToken, SectionKind::kPerToken, 0.5}, g, g, g, &pr);
+  pr.q[64 + 5] = NAN;  // head 1
+  std::vector<float> got, lse;
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  EXPECT_TRUE(std::isnan(got[64]));
+  EXPECT_FALSE(std::isnan(got[0]));
+}
+
+}  // namespace
+}  // namespace sparsekv::kernels
