@@ -35,18 +35,28 @@ namespace {
 
 constexpr int kNonFinite = 0x99;  // vfpclass: QNaN | +inf | -inf | SNaN
 
-// One 32-column word of a row as 32 fp16 lanes, zeros where the mask is clear: compressed
-// rows expand their packed values, dense rows load (masked only for a partial last word).
-template <bool kSparse>
+// How a block's rows are stored: compressed (expand by the bitmap words), dense with a partial
+// last word (head_dim % 32 != 0: masked loads there) or dense in whole words (plain loads, no
+// mask work in the row loops).
+enum RowKind { kSparseRows, kDenseRows, kFullRows };
+
+template <int kRows>
+SKV_INLINE uint32_t Mask(const RowBlock& rb, int r, int w) {
+  if (kRows == kFullRows) return 0xffffffffu;
+  return RowMask<kRows == kSparseRows>(rb, r, w);
+}
+
+// One 32-column word of a row as 32 fp16 lanes, zeros where the mask is clear.
+template <int kRows>
 SKV_AVX512FP16 SKV_INLINE __m512h Word(const uint8_t* p, uint32_t mask) {
-  if (kSparse) return _mm512_castsi512_ph(_mm512_maskz_expandloadu_epi16(mask, p));
-  if (__builtin_expect(mask == 0xffffffffu, 1)) return _mm512_castsi512_ph(_mm512_loadu_si512(p));
+  if (kRows == kSparseRows) return _mm512_castsi512_ph(_mm512_maskz_expandloadu_epi16(mask, p));
+  if (kRows == kFullRows || mask == 0xffffffffu) return _mm512_castsi512_ph(_mm512_loadu_si512(p));
   return _mm512_castsi512_ph(_mm512_maskz_loadu_epi16(mask, p));
 }
 
-template <bool kSparse>
+template <int kRows>
 SKV_INLINE size_t WordBytes(uint32_t mask) {
-  return kSparse ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
+  return kRows == kSparseRows ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
 }
 
 // ---- reduction of K partial sums, four heads at a time ----
@@ -54,12 +64,16 @@ SKV_INLINE size_t WordBytes(uint32_t mask) {
 // each fold one shuffle pair and one add: [a | b] per head (16 lanes each), then two heads per
 // vector (8 lanes), then four (4 lanes). The 32 remaining lanes widen to two fp32 vectors and
 // the last two folds, over 8 row pairs at once, are fp32; a 2-source permute puts each head's
-// 16 sums in row order. ~16 uops per row for 4 heads where the per-row 32 -> 16 fold,
-// conversions and a 16-way fp32 transpose took ~27 (measured 13 -> 10 ns per L2-resident row).
+// 16 sums in row order. ~15 uops per row for 4 heads where the per-row 32 -> 16 fold,
+// conversions and a 16-way fp32 transpose took ~27 (measured 13 -> 8.5 ns per L2-resident row
+// with FoldPair4's converts from memory).
 
-// Four heads' accumulators of rows a (A) and b (B) -> 32 fp32 partial sums at dst:
+// Four heads' accumulators of rows a (A) and b (B) -> 32 fp16 partial sums at dst:
 // dst[0..15] = 4 lanes each of (a,h0) (a,h2) (b,h0) (b,h2); dst[16..31] the same for h1, h3.
-SKV_AVX512FP16 SKV_INLINE void FoldPair4(const __m512h* A, const __m512h* B, float* dst) {
+// They stay fp16 in memory: SumSlots4 widens them with converts from memory, which need no
+// shuffle-port uop (the register form and its extract take three per row pair; the shuffle
+// port is this loop's bottleneck next to the expands: 9.0 -> 8.5 ns per L2-resident row).
+SKV_AVX512FP16 SKV_INLINE void FoldPair4(const __m512h* A, const __m512h* B, uint16_t* dst) {
   __m512i f[4];
   for (int j = 0; j < 4; ++j) {
     const __m512i a = _mm512_castph_si512(A[j]), b = _mm512_castph_si512(B[j]);
@@ -78,14 +92,17 @@ SKV_AVX512FP16 SKV_INLINE void FoldPair4(const __m512h* A, const __m512h* B, flo
   const __m512i u =
       _mm512_castph_si512(_mm512_add_ph(_mm512_castsi512_ph(_mm512_unpacklo_epi64(t01, t23)),
                                         _mm512_castsi512_ph(_mm512_unpackhi_epi64(t01, t23))));
-  _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
-  _mm512_storeu_ps(dst + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+  _mm512_storeu_si512(dst, u);
 }
 
-// Four FoldPair4 outputs (x, 32 floats apart) -> lane 4c + k = full sum of slot c of pair k.
-SKV_AVX512FP16 SKV_INLINE __m512 SumSlots4(const float* x) {
-  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 32);
-  const __m512 x2 = _mm512_loadu_ps(x + 64), x3 = _mm512_loadu_ps(x + 96);
+SKV_AVX512FP16 SKV_INLINE __m512 Widen(const uint16_t* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+// Halves of four FoldPair4 outputs (x, 32 halves apart) -> lane 4c + k = full sum of slot c of
+// pair k.
+SKV_AVX512FP16 SKV_INLINE __m512 SumSlots4(const uint16_t* x) {
+  const __m512 x0 = Widen(x), x1 = Widen(x + 32), x2 = Widen(x + 64), x3 = Widen(x + 96);
   const __m512d p01 =
       _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1)));
   const __m512d p23 =
@@ -94,9 +111,9 @@ SKV_AVX512FP16 SKV_INLINE __m512 SumSlots4(const float* x) {
                        _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)));
 }
 
-// The 8 row pairs' FoldPair4 outputs at v (32 floats per pair) -> p[h * kBlock + i], i < 16,
+// The 8 row pairs' FoldPair4 outputs at v (32 halves per pair) -> p[h * kBlock + i], i < 16,
 // for the four heads, rows under `valid`.
-SKV_AVX512FP16 SKV_INLINE void FinishRows4(const float* v, float* p, __mmask16 valid) {
+SKV_AVX512FP16 SKV_INLINE void FinishRows4(const uint16_t* v, float* p, __mmask16 valid) {
   const __m512 lo_a = SumSlots4(v), lo_b = SumSlots4(v + 128);
   const __m512 hi_a = SumSlots4(v + 16), hi_b = SumSlots4(v + 144);
   // Row 2k of the first 8 is slot 0 (a) of pair k, row 2k+1 slot 2 (b); +16 for the next 8.
@@ -111,11 +128,13 @@ SKV_AVX512FP16 SKV_INLINE void FinishRows4(const float* v, float* p, __mmask16 v
 // Rows in pairs as in the fp32 RowScores. Per row and head the 32 lanes of fp16 partial sums
 // are folded to 16 (the two rows' halves are shuffled together, one add) and converted to
 // fp32 for the transposed reduction.
-template <bool kSparse, int HT, int W>
+template <int kRows, int HT, int W>
 SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int dpad, float* red,
                            float* p, Prefetcher* pfp) {
   const int words = W > 0 ? W : rb.words;
   const int dp = W > 0 ? 32 * W : dpad;
+  // fp16 partial sums of the 4-head reduction (HT / 4 groups of 8 pairs x 32 halves).
+  uint16_t* const red16 = reinterpret_cast<uint16_t*>(red);
   Prefetcher pf = *pfp;
   for (int r0 = 0; r0 < rows; r0 += 16) {
     const int n = std::min(16, rows - r0);
@@ -131,12 +150,12 @@ SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int 
       const uint8_t* pb = rb.values + rb1 * rb.val_stride;
 #pragma GCC unroll 8
       for (int w = 0; w < words; ++w) {
-        const uint32_t ma = RowMask<kSparse>(rb, ra, w);
-        const uint32_t mb = RowMask<kSparse>(rb, rb1, w);
-        const __m512h x0 = Word<kSparse>(pa, ma);
-        const __m512h x1 = Word<kSparse>(pb, mb);
-        pa += WordBytes<kSparse>(ma);
-        pb += WordBytes<kSparse>(mb);
+        const uint32_t ma = Mask<kRows>(rb, ra, w);
+        const uint32_t mb = Mask<kRows>(rb, rb1, w);
+        const __m512h x0 = Word<kRows>(pa, ma);
+        const __m512h x1 = Word<kRows>(pb, mb);
+        pa += WordBytes<kRows>(ma);
+        pb += WordBytes<kRows>(mb);
 #pragma GCC unroll 8
         for (int h = 0; h < HT; ++h) {
           const __m512h qv = _mm512_loadu_ph(q + h * dp + 32 * w);
@@ -145,7 +164,8 @@ SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int 
         }
       }
       if (HT % 4 == 0) {
-        for (int g = 0; g < HT / 4; ++g) FoldPair4(a0 + 4 * g, a1 + 4 * g, red + g * 256 + i * 16);
+        for (int g = 0; g < HT / 4; ++g)
+          FoldPair4(a0 + 4 * g, a1 + 4 * g, red16 + g * 256 + i * 16);
         continue;
       }
       for (int h = 0; h < HT; ++h) {
@@ -165,10 +185,9 @@ SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int 
       // Pairs past the last row: zeros (their lanes are not stored, but stay finite).
       for (int g = 0; g < HT / 4; ++g) {
         for (int i = (n + 1) / 2 * 2; i < 16; i += 2) {
-          _mm512_storeu_ps(red + g * 256 + i * 16, _mm512_setzero_ps());
-          _mm512_storeu_ps(red + g * 256 + i * 16 + 16, _mm512_setzero_ps());
+          _mm512_storeu_si512(red16 + g * 256 + i * 16, _mm512_setzero_si512());
         }
-        FinishRows4(red + g * 256, p + 4 * g * kBlock + r0, valid);
+        FinishRows4(red16 + g * 256, p + 4 * g * kBlock + r0, valid);
       }
       continue;
     }
@@ -180,22 +199,22 @@ SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int 
   *pfp = pf;
 }
 
-template <bool kSparse, int HT>
+template <int kRows, int HT>
 SKV_AVX512FP16 void ScoresW(const RowBlock& rb, int rows, const uint16_t* q, int dpad, float* red,
                             float* p, Prefetcher* pf) {
   switch (rb.words) {
     case 2:
-      return Scores<kSparse, HT, 2>(rb, rows, q, dpad, red, p, pf);
+      return Scores<kRows, HT, 2>(rb, rows, q, dpad, red, p, pf);
     case 4:
-      return Scores<kSparse, HT, 4>(rb, rows, q, dpad, red, p, pf);
+      return Scores<kRows, HT, 4>(rb, rows, q, dpad, red, p, pf);
     case 8:
-      return Scores<kSparse, HT, 8>(rb, rows, q, dpad, red, p, pf);
+      return Scores<kRows, HT, 8>(rb, rows, q, dpad, red, p, pf);
     default:
-      return Scores<kSparse, HT, 0>(rb, rows, q, dpad, red, p, pf);
+      return Scores<kRows, HT, 0>(rb, rows, q, dpad, red, p, pf);
   }
 }
 
-template <bool kSparse>
+template <int kRows>
 SKV_AVX512FP16 void ScoresAll(const RowBlock& rb, int rows, Work* w) {
   for (int h0 = 0; h0 < w->group;) {
     const int ht = Tile(w->group - h0, 8);
@@ -204,19 +223,19 @@ SKV_AVX512FP16 void ScoresAll(const RowBlock& rb, int rows, Work* w) {
     float* red = w->red.data();
     switch (ht) {
       case 8:
-        ScoresW<kSparse, 8>(rb, rows, q, w->dpad, red, p, &w->pf);
+        ScoresW<kRows, 8>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       case 4:
-        ScoresW<kSparse, 4>(rb, rows, q, w->dpad, red, p, &w->pf);
+        ScoresW<kRows, 4>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       case 3:
-        ScoresW<kSparse, 3>(rb, rows, q, w->dpad, red, p, &w->pf);
+        ScoresW<kRows, 3>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       case 2:
-        ScoresW<kSparse, 2>(rb, rows, q, w->dpad, red, p, &w->pf);
+        ScoresW<kRows, 2>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
       default:
-        ScoresW<kSparse, 1>(rb, rows, q, w->dpad, red, p, &w->pf);
+        ScoresW<kRows, 1>(rb, rows, q, w->dpad, red, p, &w->pf);
         break;
     }
     h0 += ht;
@@ -241,7 +260,7 @@ SKV_INLINE size_t PrefixCount(const uint8_t* bm, int n) {
 // fills all 32 lanes. Each row's cursor is found from its bitmap as the row is read (a
 // precomputed cursor table cost as much as the FMAs at this speed). Returns false when any
 // partial sum is non-finite.
-template <bool kSparse, int HT, int NW>
+template <int kRows, int HT, int NW>
 SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint32_t* p16,
                                 float* out, int dpad, Prefetcher* pfp) {
   Prefetcher pf = *pfp;
@@ -254,13 +273,14 @@ SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
   for (int r = 0; r < rows; ++r) {
     pf.Step(step);
     const uint8_t* ptr = rb.values + r * rb.val_stride;
-    if (w0 > 0) ptr += kSparse ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0;
+    if (w0 > 0)
+      ptr += kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0;
     __m512h x[NW];
 #pragma GCC unroll 16
     for (int z = 0; z < NW; ++z) {
-      const uint32_t m = RowMask<kSparse>(rb, r, w0 + z);
-      x[z] = Word<kSparse>(ptr, m);
-      ptr += WordBytes<kSparse>(m);
+      const uint32_t m = Mask<kRows>(rb, r, w0 + z);
+      x[z] = Word<kRows>(ptr, m);
+      ptr += WordBytes<kRows>(m);
     }
 #pragma GCC unroll 16
     for (int h = 0; h < HT; ++h) {
@@ -288,28 +308,28 @@ SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
 
 // Up to NW words per pass (the widest of 8, 4, 2, 1 that fits the row): as many as keep HT * NW
 // accumulators, NW row words and the weight in the 32 zmm registers.
-template <bool kSparse, int HT, int NW>
+template <int kRows, int HT, int NW>
 SKV_AVX512FP16 bool ValuesTile(const RowBlock& rb, int rows, const uint32_t* p16, float* out,
                                int dpad, Prefetcher* pf) {
   bool ok = true;
   int w0 = 0;
   if constexpr (NW >= 8) {
     for (; w0 + 8 <= rb.words; w0 += 8)
-      ok &= ValuesSlice<kSparse, HT, 8>(rb, rows, w0, p16, out, dpad, pf);
+      ok &= ValuesSlice<kRows, HT, 8>(rb, rows, w0, p16, out, dpad, pf);
   }
   if constexpr (NW >= 4) {
     for (; w0 + 4 <= rb.words; w0 += 4)
-      ok &= ValuesSlice<kSparse, HT, 4>(rb, rows, w0, p16, out, dpad, pf);
+      ok &= ValuesSlice<kRows, HT, 4>(rb, rows, w0, p16, out, dpad, pf);
   }
   if constexpr (NW >= 2) {
     for (; w0 + 2 <= rb.words; w0 += 2)
-      ok &= ValuesSlice<kSparse, HT, 2>(rb, rows, w0, p16, out, dpad, pf);
+      ok &= ValuesSlice<kRows, HT, 2>(rb, rows, w0, p16, out, dpad, pf);
   }
-  for (; w0 < rb.words; ++w0) ok &= ValuesSlice<kSparse, HT, 1>(rb, rows, w0, p16, out, dpad, pf);
+  for (; w0 < rb.words; ++w0) ok &= ValuesSlice<kRows, HT, 1>(rb, rows, w0, p16, out, dpad, pf);
   return ok;
 }
 
-template <bool kSparse>
+template <int kRows>
 SKV_AVX512FP16 bool ValuesAll(const RowBlock& rb, int rows, Work* w) {
   // Weights as fp16 pairs; p is already fp16-exact, so the conversion is exact.
   for (int i = 0; i < w->group * kBlock; i += 16) {
@@ -324,19 +344,19 @@ SKV_AVX512FP16 bool ValuesAll(const RowBlock& rb, int rows, Work* w) {
     float* out = w->vblock.data() + h0 * w->dpad;
     switch (ht) {
       case 8:
-        ok &= ValuesTile<kSparse, 8, 2>(rb, rows, p16, out, w->dpad, &w->pf);
+        ok &= ValuesTile<kRows, 8, 2>(rb, rows, p16, out, w->dpad, &w->pf);
         break;
       case 4:
-        ok &= ValuesTile<kSparse, 4, 4>(rb, rows, p16, out, w->dpad, &w->pf);
+        ok &= ValuesTile<kRows, 4, 4>(rb, rows, p16, out, w->dpad, &w->pf);
         break;
       case 3:
-        ok &= ValuesTile<kSparse, 3, 4>(rb, rows, p16, out, w->dpad, &w->pf);
+        ok &= ValuesTile<kRows, 3, 4>(rb, rows, p16, out, w->dpad, &w->pf);
         break;
       case 2:
-        ok &= ValuesTile<kSparse, 2, 8>(rb, rows, p16, out, w->dpad, &w->pf);
+        ok &= ValuesTile<kRows, 2, 8>(rb, rows, p16, out, w->dpad, &w->pf);
         break;
       default:
-        ok &= ValuesTile<kSparse, 1, 8>(rb, rows, p16, out, w->dpad, &w->pf);
+        ok &= ValuesTile<kRows, 1, 8>(rb, rows, p16, out, w->dpad, &w->pf);
         break;
     }
     h0 += ht;
@@ -373,7 +393,13 @@ SKV_AVX512FP16 void PrepareFp16(const DecodeAttentionParams& p, Work* w) {
 }
 
 SKV_AVX512FP16 bool Fp16RowScores(const RowBlock& rb, int rows, Work* w) {
-  rb.bitmaps != nullptr ? ScoresAll<true>(rb, rows, w) : ScoresAll<false>(rb, rows, w);
+  if (rb.bitmaps != nullptr) {
+    ScoresAll<kSparseRows>(rb, rows, w);
+  } else if (rb.dense_mask[rb.words - 1] == 0xffffffffu) {
+    ScoresAll<kFullRows>(rb, rows, w);
+  } else {
+    ScoresAll<kDenseRows>(rb, rows, w);
+  }
   __mmask16 bad = 0;
   for (int h = 0; h < w->group; ++h) {
     const float* s = w->p.data() + h * kBlock;
@@ -387,7 +413,9 @@ SKV_AVX512FP16 bool Fp16RowScores(const RowBlock& rb, int rows, Work* w) {
 }
 
 SKV_AVX512FP16 bool Fp16RowValues(const RowBlock& rb, int rows, Work* w) {
-  return rb.bitmaps != nullptr ? ValuesAll<true>(rb, rows, w) : ValuesAll<false>(rb, rows, w);
+  if (rb.bitmaps != nullptr) return ValuesAll<kSparseRows>(rb, rows, w);
+  if (rb.dense_mask[rb.words - 1] == 0xffffffffu) return ValuesAll<kFullRows>(rb, rows, w);
+  return ValuesAll<kDenseRows>(rb, rows, w);
 }
 
 #endif  // SPARSEKV_HAVE_FP16_ARITHMETIC
