@@ -87,6 +87,7 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
     p.head_dim = d;
     p.dtype = layout.dtype;
     p.scale = options.scale;
+    p.compute = options.compute;
     return p;
   };
   auto task = [&](int i) {

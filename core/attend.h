@@ -17,6 +17,9 @@ namespace sparsekv {
 
 struct AttendOptions {
   float scale = 1.0f;
+  // Arithmetic of every kernel call of the step. Decode steps pass the session policy's
+  // decode_compute; steps that only feed scoring statistics (obs_q) keep kFloat32.
+  kernels::DecodeCompute compute = kernels::DecodeCompute::kFloat32;
   kernels::ThreadPool* pool = nullptr;  // null: run on the calling thread
   // Below this many cached rows (tokens x KV heads) the step runs on one thread: splitting
   // costs more than it saves. 2048 rows are ~80 us of one core (D 128, GQA 4); with the pool's
@@ -30,8 +33,8 @@ void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q
                  float* lse);
 
 // mass[h] receives, per tail row of `snap` in order, the probability summed over KV head h's
-// query group (see kernels::AccumulateDenseMass). mass is resized to [num_kv_heads,
-// snap.tail_tokens].
+// query group (see kernels::AccumulateDenseMass), always in fp32 (it ranks elements for
+// pruning). mass is resized to [num_kv_heads, snap.tail_tokens].
 void TailMass(const Layout& layout, const LayerSnapshot& snap, const float* q, float scale,
               const float* lse, std::vector<float>* mass);
 

@@ -108,6 +108,7 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
       snap = layers_[layer].Snapshot();
     }
     // Seed the scoring statistics before the new tokens become eligible for compression.
+    // These steps only feed statistics: they run fp32 whatever the policy's decode_compute.
     for (int64_t t = 0; t < obs_tokens; ++t) {
       kernels::ConvertElements(
           obs_q.dtype,
@@ -193,8 +194,14 @@ absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
   }
   AttendOptions options;
   options.scale = scale;
+  options.compute = info_.policy.decode_compute;
   options.pool = env_.threads.get();
   AttendLayer(l, snap, q.data(), *env_.backend, options, out->out.data(), lse.data());
+  // With kFloat16 this lse carries the step's ~1e-3 error into the fp32 tail mass, as a
+  // factor per query head that changes from step to step: per-channel output-aware ranking
+  // may break near-ties differently (tests/eval/attention_quality.py, fp16 store, 70%: up to
+  // 0.5% of keep/drop decisions differ, error vs dense within 1%). An fp32 lse would cost the
+  // full fp32 step that kFloat16 saves.
   RecordScoring(in.layer, snap, q.data(), scale, lse.data());
   if (in.want_lse) out->lse = std::move(lse);
   out->tokens_attended = snap.tokens;
@@ -348,6 +355,10 @@ SessionInfo Session::Info() const {
   };
   st.scoring_in_force_k = in_force(p.k);
   st.scoring_in_force_v = in_force(p.v);
+  // What the kernels will do with the policy's request (attention.h: others run fp32).
+  const bool fp16 = p.decode_compute == DecodeCompute::kFloat16 &&
+                    info_.layout.dtype == DType::kFloat16 && env_.backend->Fp16Arithmetic();
+  st.decode_compute_in_force = fp16 ? DecodeCompute::kFloat16 : DecodeCompute::kFloat32;
   st.decode_steps = decode_steps_;
   return info;
 }

@@ -70,6 +70,11 @@ absl::Status ValidatePolicy(const Policy& p, const Layout& layout) {
         absl::StrCat("policy.chunk_tokens must be a multiple of group_tokens (", p.group_tokens,
                      ") in [", p.group_tokens, ", 8192], got ", p.chunk_tokens));
   }
+  if (p.decode_compute != DecodeCompute::kFloat32 && p.decode_compute != DecodeCompute::kFloat16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.decode_compute must be kFloat32 or kFloat16, got ",
+                     static_cast<int>(p.decode_compute)));
+  }
   SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.k, "k", layout.num_layers));
   SPARSEKV_RETURN_IF_ERROR(ValidateTensorPolicy(p.v, "v", layout.num_layers));
   return absl::OkStatus();

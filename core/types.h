@@ -11,10 +11,12 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "kernels/attention.h"
 #include "kernels/dtype.h"
 
 namespace sparsekv {
 
+using kernels::DecodeCompute;
 using kernels::DType;
 
 inline constexpr int kMaxHeadDim = 512;
@@ -65,11 +67,15 @@ struct Policy {
   int dense_window = 32;
   int chunk_tokens = 256;
   int group_tokens = 32;
+  // Arithmetic of decode steps (kernels/attention.h): kFloat16 trades ~1e-3 relative output
+  // error for less compute where the backend and an fp16 cache allow it, else runs fp32.
+  DecodeCompute decode_compute = DecodeCompute::kFloat32;
 };
 
 // InvalidArgument naming the first bad field, or OK.
 absl::Status ValidateLayout(const Layout& layout);
-// InvalidArgument for out-of-range values, or per-layer sparsities not one per layer.
+// InvalidArgument for out-of-range values (decode_compute included), or per-layer sparsities
+// not one per layer.
 absl::Status ValidatePolicy(const Policy& policy, const Layout& layout);
 
 // A borrowed, read-only tensor: `data` holds product(shape) elements of `dtype`, row-major,
@@ -106,6 +112,7 @@ struct SessionStats {
   int64_t chunks = 0;
   int64_t chunks_output_aware_k = 0;
   int64_t chunks_output_aware_v = 0;
+  DecodeCompute decode_compute_in_force = DecodeCompute::kFloat32;
 };
 
 // Everything a client can learn about a session.

@@ -95,6 +95,15 @@ v1::Scoring ToProto(Scoring s) {
   return s == Scoring::kOutputAware ? v1::SCORING_OUTPUT_AWARE : v1::SCORING_MAGNITUDE;
 }
 
+// Unspecified means fp32: the exact path stays the default, fp16 arithmetic is opt-in.
+DecodeCompute FromProto(v1::DecodeCompute c) {
+  return c == v1::DECODE_COMPUTE_FLOAT16 ? DecodeCompute::kFloat16 : DecodeCompute::kFloat32;
+}
+
+v1::DecodeCompute ToProto(DecodeCompute c) {
+  return c == DecodeCompute::kFloat16 ? v1::DECODE_COMPUTE_FLOAT16 : v1::DECODE_COMPUTE_FLOAT32;
+}
+
 absl::StatusOr<TensorPolicy> FromProto(const v1::TensorPolicy& p, const char* field) {
   if (!v1::PruneDirection_IsValid(p.direction())) {
     return absl::InvalidArgumentError(
@@ -144,6 +153,11 @@ absl::StatusOr<CreateSessionParams> FromProto(const v1::CreateSessionRequest& re
   if (pol.dense_window() != 0) p.policy.dense_window = ClampToInt(pol.dense_window());
   if (pol.group_tokens() != 0) p.policy.group_tokens = ClampToInt(pol.group_tokens());
   if (pol.chunk_tokens() != 0) p.policy.chunk_tokens = ClampToInt(pol.chunk_tokens());
+  if (!v1::DecodeCompute_IsValid(pol.decode_compute())) {
+    return absl::InvalidArgumentError(absl::StrCat("policy.decode_compute: unknown enum value ",
+                                                   static_cast<int>(pol.decode_compute())));
+  }
+  p.policy.decode_compute = FromProto(pol.decode_compute());
   if (req.ttl_seconds() > 10ull * 365 * 24 * 3600) {
     return absl::InvalidArgumentError(absl::StrCat("ttl_seconds too large: ", req.ttl_seconds()));
   }
@@ -182,6 +196,7 @@ void ToProto(const SessionStats& s, v1::SessionStats* out) {
   out->set_chunks(s.chunks);
   out->set_chunks_output_aware_k(s.chunks_output_aware_k);
   out->set_chunks_output_aware_v(s.chunks_output_aware_v);
+  out->set_decode_compute_in_force(ToProto(s.decode_compute_in_force));
 }
 
 void ToProto(const SessionInfo& info, v1::Session* out) {
@@ -199,6 +214,7 @@ void ToProto(const SessionInfo& info, v1::Session* out) {
   p->set_dense_window(info.policy.dense_window);
   p->set_chunk_tokens(info.policy.chunk_tokens);
   p->set_group_tokens(info.policy.group_tokens);
+  p->set_decode_compute(ToProto(info.policy.decode_compute));
   out->set_ttl_seconds(absl::ToInt64Seconds(info.ttl));
   out->mutable_labels()->insert(info.labels.begin(), info.labels.end());
   out->set_create_time_unix_ms(absl::ToUnixMillis(info.create_time));

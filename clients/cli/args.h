@@ -46,6 +46,7 @@ ABSL_DECLARE_FLAG(std::string, v_scoring);
 ABSL_DECLARE_FLAG(uint32_t, dense_window);
 ABSL_DECLARE_FLAG(uint32_t, chunk_tokens);
 ABSL_DECLARE_FLAG(uint32_t, group_tokens);
+ABSL_DECLARE_FLAG(std::string, decode_compute);
 ABSL_DECLARE_FLAG(uint32_t, page_size);
 // append.
 ABSL_DECLARE_FLAG(std::string, k);
@@ -112,6 +113,7 @@ struct Invocation {
 // default, then sets the flags `args` names.
 // Accepted forms: --name=value, --name value, -name..., --bool, --nobool, and "--" to end
 // the options; flags may come before or after the subcommand. "-h"/"--help" mean `help`.
+// Dashes in a flag name read as underscores (--decode-compute is --decode_compute).
 // Returns InvalidArgument with a message for the user on: an unknown subcommand or flag, a
 // flag the subcommand does not take, a missing or unparsable value, a wrong number of
 // positional arguments.

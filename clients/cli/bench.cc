@@ -178,6 +178,7 @@ class Bench {
     l->set_dtype(o_.dtype);
     req.mutable_policy()->mutable_k()->set_sparsity(sparsity);
     req.mutable_policy()->mutable_v()->set_sparsity(sparsity);
+    req.mutable_policy()->set_decode_compute(o_.decode_compute);
     req.set_ttl_seconds(3600);
     (*req.mutable_labels())["bench"] = o_.workload;
     const int64_t t0 = NowNs();
@@ -186,6 +187,7 @@ class Bench {
     if (!s.ok()) return s.status();
     absl::MutexLock l2(&mu_);
     live_.insert(s->id());
+    in_force_ = s->stats().decode_compute_in_force();
     return s->id();
   }
 
@@ -280,6 +282,12 @@ class Bench {
 
   const BenchOptions& options() const { return o_; }
 
+  // As the last session created reported it (UNSPECIFIED before the first).
+  v1::DecodeCompute decode_compute_in_force() {
+    absl::MutexLock l(&mu_);
+    return in_force_;
+  }
+
  private:
   // `n` elements of the storage dtype, standard normal.
   std::string RandomBytes(size_t n, uint64_t seed) const {
@@ -304,6 +312,7 @@ class Bench {
   v1::Tensor q_;
   absl::Mutex mu_;
   std::set<std::string> live_ ABSL_GUARDED_BY(mu_);
+  v1::DecodeCompute in_force_ ABSL_GUARDED_BY(mu_) = v1::DECODE_COMPUTE_UNSPECIFIED;
 };
 
 BenchPhase Merged(const std::string& name, const std::vector<BenchPhase>& parts, double seconds) {
@@ -668,6 +677,12 @@ absl::StatusOr<BenchOptions> BenchOptionsFromFlags(const Invocation& inv) {
                       o.workload == "sessions" ? uint64_t{256} : uint64_t{4096});
   o.sparsity =
       flag_or("sparsity", absl::GetFlag(FLAGS_sparsity), o.workload == "mixed" ? 0.7f : 0.0f);
+  absl::StatusOr<v1::DecodeCompute> compute =
+      ParseDecodeCompute(absl::GetFlag(FLAGS_decode_compute));
+  if (!compute.ok()) {
+    return UsageError(absl::StrCat("--decode_compute: ", compute.status().message()));
+  }
+  o.decode_compute = *compute;
   o.duration = absl::GetFlag(FLAGS_duration);
   o.requests = absl::GetFlag(FLAGS_requests);
   o.concurrency = absl::GetFlag(FLAGS_concurrency);
@@ -712,6 +727,7 @@ absl::StatusOr<BenchReport> RunBench(const BenchOptions& options, std::ostream& 
   } else {
     st = RunMixed(b, &report, progress_out);
   }
+  report.decode_compute_in_force = b.decode_compute_in_force();
   BenchPhase del;
   const int64_t t0 = NowNs();
   b.DeleteAll(&del);
@@ -729,7 +745,9 @@ std::string BenchReportText(const BenchReport& r) {
   const BenchPhase& m = r.main();
   std::string out;
   absl::StrAppend(&out, "workload    ", o.workload, "  (", ShapeText(o), ")\n");
-  absl::StrAppend(&out, "server      ", o.server, "  kernel ", r.kernel_variant, "\n");
+  absl::StrAppend(&out, "server      ", o.server, "  kernel ", r.kernel_variant,
+                  "  decode_compute ", DecodeComputeName(o.decode_compute), " (in force ",
+                  DecodeComputeName(r.decode_compute_in_force), ")\n");
   std::vector<std::string> errs;
   for (const auto& [code, n] : m.errors) errs.push_back(absl::StrCat(code, "=", n));
   absl::StrAppend(
@@ -787,11 +805,13 @@ std::string BenchReportJson(const BenchReport& r) {
   w.Key("workload").String(o.workload);
   w.Key("server").String(o.server);
   w.Key("kernel_variant").String(r.kernel_variant);
+  w.Key("decode_compute_in_force").String(DecodeComputeName(r.decode_compute_in_force));
   w.Key("options").BeginObject();
   w.Key("sessions").Uint(o.sessions).Key("layers").Uint(o.layers);
   w.Key("kv_heads").Uint(o.kv_heads).Key("q_heads").Uint(o.q_heads);
   w.Key("head_dim").Uint(o.head_dim).Key("dtype").String(WireDTypeName(o.dtype));
   w.Key("context").Uint(o.context).Key("sparsity").Float(o.sparsity);
+  w.Key("decode_compute").String(DecodeComputeName(o.decode_compute));
   w.Key("duration_s").Double(absl::ToDoubleSeconds(o.duration));
   w.Key("requests").Uint(o.requests).Key("concurrency").Uint(o.concurrency);
   w.Key("inflight").Uint(o.inflight).Key("channels").Uint(o.channels);

@@ -47,6 +47,7 @@ struct BenchOptions {
   v1::DType dtype = v1::DTYPE_FLOAT16;  // storage dtype; uploads travel in it too
   uint64_t context = 4096;              // tokens per layer uploaded before decoding
   float sparsity = 0.0f;                // K and V, per-token magnitude
+  v1::DecodeCompute decode_compute = v1::DECODE_COMPUTE_UNSPECIFIED;  // of every session
   absl::Duration duration = absl::Seconds(10);
   uint64_t requests = 0;     // > 0: stop after this many main-phase requests instead
   uint32_t concurrency = 1;  // worker threads (each its own stream for decode_stream)
@@ -80,7 +81,10 @@ struct BenchPhase {
 
 struct BenchReport {
   BenchOptions options;
-  std::string kernel_variant;      // from GetServerInfo
+  std::string kernel_variant;  // from GetServerInfo
+  // Decode arithmetic the server ran the sessions with (their stats); UNSPECIFIED when no
+  // session was created.
+  v1::DecodeCompute decode_compute_in_force = v1::DECODE_COMPUTE_UNSPECIFIED;
   std::vector<BenchPhase> phases;  // in the order they ran
   int main_phase = -1;             // index into phases
   double client_cpu_seconds = 0;   // this process, user + system, over the main phase

@@ -112,6 +112,7 @@ void WriteStatsJson(const v1::SessionStats& st, JsonWriter& w) {
   w.Key("chunks").Uint(st.chunks());
   w.Key("chunks_output_aware_k").Uint(st.chunks_output_aware_k());
   w.Key("chunks_output_aware_v").Uint(st.chunks_output_aware_v());
+  w.Key("decode_compute_in_force").String(DecodeComputeName(st.decode_compute_in_force()));
   w.EndObject();
 }
 
@@ -149,6 +150,7 @@ void WriteSessionJson(const v1::Session& s, JsonWriter& w) {
   w.Key("dense_window").Uint(p.dense_window());
   w.Key("chunk_tokens").Uint(p.chunk_tokens());
   w.Key("group_tokens").Uint(p.group_tokens());
+  w.Key("decode_compute").String(DecodeComputeName(p.decode_compute()));
   w.EndObject();
   w.Key("ttl_seconds").Uint(s.ttl_seconds());
   w.Key("labels").BeginObject();
@@ -199,6 +201,7 @@ void AddStatsRows(const v1::SessionStats& st, KeyValues& kv) {
                                              " v=", FormatFloat(st.achieved_sparsity_v())))
       .Add("scoring_in_force", absl::StrCat("k=", ScoringName(st.scoring_in_force_k()),
                                             " v=", ScoringName(st.scoring_in_force_v())))
+      .Add("decode_compute_in_force", DecodeComputeName(st.decode_compute_in_force()))
       .Add("pruning_backlog", absl::StrCat(st.pruning_backlog_tokens(), " tokens"))
       .Add("decode_steps", absl::StrCat(st.decode_steps()));
 }
@@ -228,6 +231,7 @@ std::string SessionText(const v1::Session& s) {
       .Add("policy_v", policy(p.v()))
       .Add("windows", absl::StrCat("dense_window=", p.dense_window(), " chunk_tokens=",
                                    p.chunk_tokens(), " group_tokens=", p.group_tokens()))
+      .Add("decode_compute", DecodeComputeName(p.decode_compute()))
       .Add("ttl", absl::StrCat(s.ttl_seconds(), "s"))
       .Add("labels", labels.empty() ? "-" : absl::StrJoin(labels, " "))
       .Add("created", FormatUnixMs(s.create_time_unix_ms()))
@@ -318,6 +322,12 @@ absl::Status CmdCreate(Context& ctx) {
   p->set_dense_window(absl::GetFlag(FLAGS_dense_window));
   p->set_chunk_tokens(absl::GetFlag(FLAGS_chunk_tokens));
   p->set_group_tokens(absl::GetFlag(FLAGS_group_tokens));
+  absl::StatusOr<v1::DecodeCompute> compute =
+      ParseDecodeCompute(absl::GetFlag(FLAGS_decode_compute));
+  if (!compute.ok()) {
+    return UsageError(absl::StrCat("--decode_compute: ", compute.status().message()));
+  }
+  p->set_decode_compute(*compute);
 
   const absl::Duration ttl = absl::GetFlag(FLAGS_ttl);
   if (ttl < absl::ZeroDuration()) return UsageError("--ttl must not be negative");

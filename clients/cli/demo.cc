@@ -165,6 +165,11 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
   const uint32_t steps = absl::GetFlag(FLAGS_steps);
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
   const bool json = absl::GetFlag(FLAGS_json);
+  const absl::StatusOr<v1::DecodeCompute> compute =
+      ParseDecodeCompute(absl::GetFlag(FLAGS_decode_compute));
+  if (!compute.ok()) {
+    return UsageError(absl::StrCat("--decode_compute: ", compute.status().message()));
+  }
   if (layers == 0 || kv_heads == 0 || q_heads == 0 || head_dim == 0 || tokens == 0) {
     return UsageError("--layers, --kv_heads, --q_heads, --head_dim and --context must be > 0");
   }
@@ -197,6 +202,7 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
     l->set_num_q_heads(q_heads);
     l->set_head_dim(head_dim);
     l->set_dtype(v1::DTYPE_FLOAT16);
+    req.mutable_policy()->set_decode_compute(*compute);
     if (i == 1) {
       req.mutable_policy()->mutable_k()->set_sparsity(sparsity);
       req.mutable_policy()->mutable_v()->set_sparsity(sparsity);
@@ -300,6 +306,9 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
   const double p50_dense = static_cast<double>(lat[0].Percentile(0.5));
   const double p50_pruned = static_cast<double>(lat[1].Percentile(0.5));
   const double speedup = p50_pruned > 0 ? p50_dense / p50_pruned : 0.0;
+  // The server echoes the resolved request (FLOAT32 when unspecified) and what it runs.
+  const v1::DecodeCompute compute_requested = pruned.policy().decode_compute();
+  const v1::DecodeCompute compute_in_force = pruned.stats().decode_compute_in_force();
   const double upload_mbps =
       upload_ns > 0 ? static_cast<double>(upload_bytes) / 1e6 / (upload_ns / 1e9) : 0.0;
 
@@ -314,6 +323,8 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
     w.Key("layers").Uint(layers).Key("kv_heads").Uint(kv_heads).Key("q_heads").Uint(q_heads);
     w.Key("head_dim").Uint(head_dim).Key("tokens").Uint(tokens).Key("dtype").String("float16");
     w.Key("sparsity").Float(sparsity);
+    w.Key("decode_compute").String(DecodeComputeName(compute_requested));
+    w.Key("decode_compute_in_force").String(DecodeComputeName(compute_in_force));
     w.Key("upload_bytes").Uint(upload_bytes).Key("upload_MBps").Double(upload_mbps);
     w.Key("flush_seconds").Double(flush_ns / 1e9);
     w.Key("tokens_compressed").Uint(flush.tokens_compressed());
@@ -355,6 +366,12 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
       "sparsity   achieved K %.3f, V %.3f (the newest %u tokens stay dense)\n",
       pruned.stats().achieved_sparsity_k(), pruned.stats().achieved_sparsity_v(),
       pruned.policy().dense_window() == 0 ? 32u : pruned.policy().dense_window());
+  out << absl::StrFormat(
+      "compute    decode arithmetic %s in force on both sessions (requested %s)%s\n",
+      DecodeComputeName(compute_in_force), DecodeComputeName(compute_requested),
+      compute_requested == v1::DECODE_COMPUTE_FLOAT16 && compute_in_force != compute_requested
+          ? ": the server's CPU has no AVX512-FP16"
+          : "");
   out << absl::StrFormat(
       "decode     p50 dense %s, pruned %s: %.2fx %s (%u steps each, one "
       "layer per step)\n",

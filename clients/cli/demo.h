@@ -3,8 +3,9 @@
 // Creates two sessions with the same layout, one dense and one pruned (per-token magnitude,
 // --sparsity of K and V, default chunking), uploads the same synthetic K/V to both, flushes
 // the pruned one, runs the same decode queries on both, and reports: bytes held dense vs
-// pruned (memory saved), achieved sparsity, decode p50 of each and their ratio, and the
-// relative error of the pruned session's attention output against the dense one's. Deletes
+// pruned (memory saved), achieved sparsity, decode p50 of each and their ratio, the relative
+// error of the pruned session's attention output against the dense one's, and which decode
+// arithmetic was in force (--decode_compute f16 asks both sessions for fp16). Deletes
 // both sessions at the end (also on failure). Starts no server: when none answers it says
 // how to start one and exits 3.
 //

@@ -44,6 +44,26 @@ absl::StatusOr<v1::DType> ParseWireDType(const std::string& name) {
       absl::StrCat("unknown dtype '", name, "' (want float16, bfloat16 or float32)"));
 }
 
+const char* DecodeComputeName(v1::DecodeCompute compute) {
+  switch (compute) {
+    case v1::DECODE_COMPUTE_FLOAT32:
+      return "f32";
+    case v1::DECODE_COMPUTE_FLOAT16:
+      return "f16";
+    default:
+      return "unspecified";
+  }
+}
+
+absl::StatusOr<v1::DecodeCompute> ParseDecodeCompute(const std::string& name) {
+  const std::string n = absl::AsciiStrToLower(name);
+  if (n.empty()) return v1::DECODE_COMPUTE_UNSPECIFIED;
+  if (n == "f32" || n == "float32" || n == "fp32") return v1::DECODE_COMPUTE_FLOAT32;
+  if (n == "f16" || n == "float16" || n == "fp16") return v1::DECODE_COMPUTE_FLOAT16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown decode compute '", name, "' (want f32 or f16)"));
+}
+
 v1::Tensor NpyToTensor(const NpyArray& array) {
   v1::Tensor t;
   t.set_dtype(array.dtype == NpyDType::kFloat32 ? v1::DTYPE_FLOAT32 : v1::DTYPE_FLOAT16);

@@ -1,5 +1,5 @@
-// Conversions between .npy arrays, wire Tensors and float vectors, and the splitting of a
-// K/V upload into AppendKV messages.
+// Conversions between .npy arrays, wire Tensors and float vectors, names of wire enums, and
+// the splitting of a K/V upload into AppendKV messages.
 //
 // Kept apart from the command code so that the byte-level work (dtype conversion, slicing
 // along tokens) is unit-tested without a server.
@@ -25,6 +25,13 @@ const char* WireDTypeName(v1::DType dtype);
 // Parses "float16" | "bfloat16" | "float32" (also "fp16", "bf16", "fp32", "f16", "f32").
 // Returns InvalidArgument for anything else.
 absl::StatusOr<v1::DType> ParseWireDType(const std::string& name);
+
+// "f32", "f16" or "unspecified": the spelling --decode_compute takes.
+const char* DecodeComputeName(v1::DecodeCompute compute);
+
+// Parses "f32" | "f16" (also "float32", "fp32", "float16", "fp16"); "" gives UNSPECIFIED (the
+// server default, f32). Returns InvalidArgument for anything else.
+absl::StatusOr<v1::DecodeCompute> ParseDecodeCompute(const std::string& name);
 
 // The wire Tensor holding `array` unchanged (same bytes, dtype and shape).
 v1::Tensor NpyToTensor(const NpyArray& array);

@@ -70,6 +70,28 @@ TEST(ArgsTest, BooleanFlagsTakeNoSeparateValue) {
   EXPECT_FALSE(absl::GetFlag(FLAGS_json));
 }
 
+TEST(ArgsTest, DecodeComputeTakesDashesOrUnderscores) {
+  absl::FlagSaver saver;
+  for (const char* cmd : {"create", "demo", "bench"}) {
+    absl::StatusOr<Invocation> inv = Parse({cmd, "--decode-compute", "f16"});
+    ASSERT_TRUE(inv.ok()) << cmd << ": " << inv.status();
+    EXPECT_TRUE(inv->Has("decode_compute")) << cmd;
+    EXPECT_EQ(absl::GetFlag(FLAGS_decode_compute), "f16") << cmd;
+  }
+  absl::StatusOr<Invocation> inv = Parse({"create", "--decode_compute=f32"});
+  ASSERT_TRUE(inv.ok()) << inv.status();
+  EXPECT_EQ(absl::GetFlag(FLAGS_decode_compute), "f32");
+  inv = Parse({"list", "--decode-compute=f16"});  // not a flag of list
+  EXPECT_EQ(inv.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(inv.status().message().find("--decode_compute"), std::string::npos) << inv.status();
+  inv = Parse({"create", "--decode-comput=f16"});  // unknown: named as typed
+  EXPECT_EQ(inv.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(inv.status().message().find("--decode-comput"), std::string::npos) << inv.status();
+  const std::string usage = UsageText("create");
+  EXPECT_NE(usage.find("--decode_compute"), std::string::npos);
+  EXPECT_NE(usage.find("AVX512-FP16"), std::string::npos);
+}
+
 TEST(ArgsTest, DoubleDashEndsOptions) {
   absl::FlagSaver saver;
   absl::StatusOr<Invocation> inv = Parse({"get", "--", "-weird-id"});

@@ -41,6 +41,7 @@ TEST(BenchOptionsTest, DefaultsAreADecodeRunAt4kContext) {
   EXPECT_EQ(o->duration, absl::Seconds(10));
   EXPECT_EQ(o->requests, 0u);
   EXPECT_EQ(o->dtype, v1::DTYPE_FLOAT16);
+  EXPECT_EQ(o->decode_compute, v1::DECODE_COMPUTE_UNSPECIFIED);
 }
 
 TEST(BenchOptionsTest, ParsesEveryFlag) {
@@ -63,6 +64,7 @@ TEST(BenchOptionsTest, ParsesEveryFlag) {
                                             "--message_bytes=1024",
                                             "--server_pid=123",
                                             "--seed=9",
+                                            "--decode_compute=f16",
                                             "--server=h:1",
                                             "--json"});
   ASSERT_TRUE(o.ok()) << o.status();
@@ -84,6 +86,7 @@ TEST(BenchOptionsTest, ParsesEveryFlag) {
   EXPECT_EQ(o->message_bytes, 1024);
   EXPECT_EQ(o->server_pid, 123);
   EXPECT_EQ(o->seed, 9u);
+  EXPECT_EQ(o->decode_compute, v1::DECODE_COMPUTE_FLOAT16);
   EXPECT_EQ(o->server, "h:1");
 }
 
@@ -122,6 +125,7 @@ TEST(BenchOptionsTest, RejectsBadValuesAsUsageErrors) {
            {"--message_bytes=0"},
            {"--workload=prefill", "--context=0"},
            {"--server_pid=-1"},
+           {"--decode_compute=f8"},
        }) {
     absl::StatusOr<BenchOptions> o = Options(args);
     ASSERT_FALSE(o.ok()) << args[0];

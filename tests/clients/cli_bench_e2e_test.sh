@@ -63,11 +63,12 @@ GRPC_PORT=$(sed -n 's/^grpc_port=//p' "$TMP/ready")
 
 # --- demo: text and JSON (a smaller shape than the default, to keep the test fast) ----------------
 run 0 demo_text demo --layers=2 --kv_heads=2 --q_heads=8 --head_dim=128 --context=2048 --steps=4
-for word in "memory" "saved" "achieved K" "decode" "faster\|slower" "relative error"; do
+for word in "memory" "saved" "achieved K" "decode" "faster\|slower" "relative error" \
+  "arithmetic f32 in force"; do
   grep -q -- "$word" "$TMP/demo_text.out" || { cat "$TMP/demo_text.out"; fail "demo lacks '$word'"; }
 done
 run 0 demo_json --json demo --layers=2 --kv_heads=2 --q_heads=8 --head_dim=128 --context=2048 \
-  --steps=4
+  --steps=4 --decode-compute=f16
 "$PY" - "$TMP/demo_json.out" <<'PYEOF' || fail "demo --json figures"
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -79,6 +80,8 @@ assert d["decode_steps"] == 8, d
 assert d["decode_p50_us_dense"] > 0 and d["decode_p50_us_pruned"] > 0 and d["decode_speedup"] > 0, d
 assert 0 < d["attention_rel_error_mean"] <= d["attention_rel_error_max"] < 1, d
 assert d["bytes_pruned_session"] < d["bytes_dense_session"], d
+# f16 in force needs a CPU with AVX512-FP16; elsewhere the sessions run f32.
+assert d["decode_compute"] == "f16" and d["decode_compute_in_force"] in ("f16", "f32"), d
 print("demo:", {k: d[k] for k in ("memory_saved_ratio", "decode_speedup", "attention_rel_error_mean")})
 PYEOF
 
@@ -110,8 +113,11 @@ run 0 bench_prefill --json bench --workload=prefill $SMALL --requests=4 --messag
 check_bench bench_prefill append 4
 "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["bytes"] == 4*2*2*300*2*64*2, d["bytes"]; assert d["throughput_MBps"] > 0' \
   "$TMP/bench_prefill.out" || fail "prefill bytes"
-run 0 bench_decode --json bench --workload=decode $SMALL --requests=200 --concurrency=2
+run 0 bench_decode --json bench --workload=decode $SMALL --requests=200 --concurrency=2 \
+  --decode_compute=f16
 check_bench bench_decode decode 200
+"$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["options"]["decode_compute"] == "f16" and d["decode_compute_in_force"] in ("f16", "f32"), d' \
+  "$TMP/bench_decode.out" || fail "bench decode_compute"
 run 0 bench_stream --json bench --workload=decode_stream $SMALL --requests=500 --concurrency=2 \
   --inflight=4 --append
 check_bench bench_stream decode_stream 500

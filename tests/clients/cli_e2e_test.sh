@@ -249,6 +249,15 @@ run 2 layer_sparsity_junk create --layers=2 --kv_heads=1 --q_heads=2 --head_dim=
 run 0 layer_sparsity_ok create --id=per-layer --layers=2 --kv_heads=1 --q_heads=2 --head_dim=64 \
   --k_layer_sparsity=0.8,0.3
 expect_in "$TMP/layer_sparsity_ok.out" "per_layer=[0.8,0.3]"
+run 0 decode_compute create --id=dc16 --layers=1 --kv_heads=1 --q_heads=2 --head_dim=64 \
+  --decode-compute f16
+expect_in "$TMP/decode_compute.out" "decode_compute           f16"
+grep -Eq "^decode_compute_in_force  f(16|32)$" "$TMP/decode_compute.out" ||
+  fail "create does not show the decode arithmetic in force"
+run 0 delete_dc16 delete dc16
+run 2 decode_compute_bad create --layers=1 --kv_heads=1 --q_heads=2 --head_dim=64 \
+  --decode_compute=f8
+expect_in "$TMP/decode_compute_bad.err" "--decode_compute"
 run 2 bad_flag list --layers=3
 run 2 no_command bogus-command
 run 0 help help

@@ -40,6 +40,8 @@ class FakeService final : public v1::KvCacheService::Service {
     s.set_tenant(req->tenant().empty() ? "default" : req->tenant());
     *s.mutable_layout() = req->layout();
     *s.mutable_policy() = req->policy();
+    last_policy_ = req->policy();
+    s.mutable_stats()->set_decode_compute_in_force(in_force_);
     s.set_ttl_seconds(req->ttl_seconds());
     *s.mutable_labels() = req->labels();
     s.set_create_time_unix_ms(1700000000000);
@@ -200,6 +202,16 @@ class FakeService final : public v1::KvCacheService::Service {
     return n;
   }
 
+  // What CreateSession reports as the decode arithmetic in force.
+  void set_in_force(v1::DecodeCompute c) {
+    absl::MutexLock lock(&mu_);
+    in_force_ = c;
+  }
+  v1::Policy last_policy() {
+    absl::MutexLock lock(&mu_);
+    return last_policy_;
+  }
+
  private:
   struct Piece {
     uint64_t token_begin;
@@ -209,6 +221,8 @@ class FakeService final : public v1::KvCacheService::Service {
   };
   absl::Mutex mu_;
   std::map<std::string, v1::Session> sessions_ ABSL_GUARDED_BY(mu_);
+  v1::Policy last_policy_ ABSL_GUARDED_BY(mu_);
+  v1::DecodeCompute in_force_ ABSL_GUARDED_BY(mu_) = v1::DECODE_COMPUTE_UNSPECIFIED;
   std::map<std::pair<std::string, uint32_t>, std::vector<Piece>> stored_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -348,6 +362,28 @@ TEST_F(CliTest, CreateGetListDelete) {
   r = Run({"get", "s1"});
   EXPECT_EQ(r.code, kExitServerError);
   EXPECT_EQ(r.err, "error: NOT_FOUND: no such session\n");
+}
+
+TEST_F(CliTest, CreatePassesDecodeComputeAndShowsItAndItsUse) {
+  service_.set_in_force(v1::DECODE_COMPUTE_FLOAT32);
+  Result r = Run({"create", "--id=c16", "--layers=1", "--kv_heads=1", "--q_heads=2", "--head_dim=8",
+                  "--decode-compute", "f16"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, "decode_compute           f16\n")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "decode_compute_in_force  f32\n")) << r.out;
+  EXPECT_EQ(service_.last_policy().decode_compute(), v1::DECODE_COMPUTE_FLOAT16);
+  r = Run({"--json", "get", "c16"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, "\"group_tokens\":0,\"decode_compute\":\"f16\"}")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "\"decode_compute_in_force\":\"f32\"")) << r.out;
+  // Not given: the server default (unspecified on the wire).
+  r = Run({"create", "--id=c32", "--layers=1", "--kv_heads=1", "--q_heads=2", "--head_dim=8"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_EQ(service_.last_policy().decode_compute(), v1::DECODE_COMPUTE_UNSPECIFIED);
+  r = Run({"create", "--layers=1", "--kv_heads=1", "--q_heads=2", "--head_dim=8",
+           "--decode_compute=f64"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_TRUE(absl::StrContains(r.err, "--decode_compute: unknown decode compute 'f64'")) << r.err;
 }
 
 TEST_F(CliTest, AppendSplitsIntoMessagesAndReadStitchesThemBack) {

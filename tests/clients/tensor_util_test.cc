@@ -17,6 +17,22 @@ TEST(TensorUtilTest, ParsesDTypeNames) {
   EXPECT_EQ(ParseWireDType("int8").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(TensorUtilTest, ParsesAndNamesDecodeCompute) {
+  EXPECT_EQ(*ParseDecodeCompute("f16"), v1::DECODE_COMPUTE_FLOAT16);
+  EXPECT_EQ(*ParseDecodeCompute("FP16"), v1::DECODE_COMPUTE_FLOAT16);
+  EXPECT_EQ(*ParseDecodeCompute("f32"), v1::DECODE_COMPUTE_FLOAT32);
+  EXPECT_EQ(*ParseDecodeCompute("float32"), v1::DECODE_COMPUTE_FLOAT32);
+  EXPECT_EQ(*ParseDecodeCompute(""), v1::DECODE_COMPUTE_UNSPECIFIED);
+  EXPECT_EQ(ParseDecodeCompute("bf16").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_STREQ(DecodeComputeName(v1::DECODE_COMPUTE_FLOAT16), "f16");
+  EXPECT_STREQ(DecodeComputeName(v1::DECODE_COMPUTE_FLOAT32), "f32");
+  EXPECT_STREQ(DecodeComputeName(v1::DECODE_COMPUTE_UNSPECIFIED), "unspecified");
+  // Every name parses back to its value.
+  for (v1::DecodeCompute c : {v1::DECODE_COMPUTE_FLOAT32, v1::DECODE_COMPUTE_FLOAT16}) {
+    EXPECT_EQ(*ParseDecodeCompute(DecodeComputeName(c)), c);
+  }
+}
+
 TEST(TensorUtilTest, ConvertsEveryWireDTypeToFloat) {
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> dist(-4.0f, 4.0f);

@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cmath>
+#include <string>
 #include <thread>
 
 #include "tests/core/test_util.h"
@@ -164,6 +167,117 @@ TEST(SessionTest, ConcurrentAppendAndDecodeStayConsistent) {
   }
   writer.join();
   EXPECT_EQ(f.session->tokens(0), 16 + 800);
+}
+
+// Counts the DecodeAttentionPartial calls per arithmetic (and those over compressed chunks),
+// then runs them on the CPU backend.
+class RecordingBackend final : public kernels::Backend {
+ public:
+  const char* name() const override { return "recording"; }
+  std::string variant() const override { return "recording"; }
+  void DecodeAttentionPartial(const kernels::DecodeAttentionParams& p,
+                              kernels::AttentionState* state) const override {
+    (p.compute == kernels::DecodeCompute::kFloat16 ? f16_calls : f32_calls).fetch_add(1);
+    if (p.num_chunks > 0 && p.compute == kernels::DecodeCompute::kFloat16) {
+      f16_chunk_calls.fetch_add(1);
+    }
+    kernels::CpuBackend().DecodeAttentionPartial(p, state);
+  }
+  bool Fp16Arithmetic() const override { return true; }
+  void Reset() { f32_calls = f16_calls = f16_chunk_calls = 0; }
+
+  mutable std::atomic<int> f32_calls{0};
+  mutable std::atomic<int> f16_calls{0};
+  mutable std::atomic<int> f16_chunk_calls{0};
+};
+
+TEST(SessionTest, DecodeStepsUseThePolicysComputeAndScoringStaysFloat32) {
+  const int kv = 2, q_heads = 8, d = 64;
+  for (DecodeCompute compute : {DecodeCompute::kFloat32, DecodeCompute::kFloat16}) {
+    Policy policy;
+    policy.k.sparsity = policy.v.sparsity = 0.5f;
+    policy.chunk_tokens = 64;
+    policy.decode_compute = compute;
+    RecordingBackend backend;
+    Fixture f(Layout{1, kv, q_heads, d, DType::kFloat16}, 0, policy, &backend);
+    std::mt19937 rng(21);
+    OwnedTensor k = RandomTensor({1, 200, kv, d}, &rng);
+    OwnedTensor v = RandomTensor({1, 200, kv, d}, &rng);
+    OwnedTensor obs = RandomTensor({1, 3, q_heads, d}, &rng);
+    // Observation-window queries only feed scoring statistics: fp32 whatever the policy.
+    ASSERT_TRUE(f.session->Append(0, k.view, v.view, obs.view).ok());
+    EXPECT_GT(backend.f32_calls.load(), 0);
+    EXPECT_EQ(backend.f16_calls.load(), 0);
+    ASSERT_GT(f.session->Flush(), 0);
+    backend.Reset();
+    OwnedTensor q = RandomTensor({q_heads, d}, &rng);
+    DecodeInput in;
+    in.q = q.view;
+    DecodeOutput out;
+    ASSERT_TRUE(f.session->Decode(in, &out).ok());
+    if (compute == DecodeCompute::kFloat16) {
+      EXPECT_EQ(backend.f32_calls.load(), 0);
+      EXPECT_GT(backend.f16_chunk_calls.load(), 0);                         // compressed chunks
+      EXPECT_GT(backend.f16_calls.load(), backend.f16_chunk_calls.load());  // and the tail
+    } else {
+      EXPECT_GT(backend.f32_calls.load(), 0);
+      EXPECT_EQ(backend.f16_calls.load(), 0);
+    }
+    EXPECT_EQ(f.session->Info().stats.decode_compute_in_force, compute);
+  }
+}
+
+TEST(SessionTest, Float16ComputeStaysCloseToFloat32AndStatsSayWhichRan) {
+  // Same random cache (per-token pruned chunks plus a dense tail) in an fp32-compute and an
+  // fp16-compute session; the same queries decode on both.
+  const int layers = 1, kv = 2, q_heads = 8, d = 128, tokens = 700;
+  Policy policy;
+  policy.k.sparsity = policy.v.sparsity = 0.5f;
+  Policy policy16 = policy;
+  policy16.decode_compute = DecodeCompute::kFloat16;
+  const Layout layout{layers, kv, q_heads, d, DType::kFloat16};
+  Fixture f32(layout, 0, policy);
+  Fixture f16(layout, 0, policy16);
+  std::mt19937 rng(23);
+  OwnedTensor k = RandomTensor({layers, tokens, kv, d}, &rng);
+  OwnedTensor v = RandomTensor({layers, tokens, kv, d}, &rng);
+  for (Fixture* f : {&f32, &f16}) {
+    ASSERT_TRUE(f->session->Append(0, k.view, v.view, TensorView{}).ok());
+    ASSERT_GT(f->session->Flush(), 0);
+  }
+  const bool fp16_runs = kernels::CpuBackend().Fp16Arithmetic();
+  bool differs = false;
+  for (int step = 0; step < 4; ++step) {
+    OwnedTensor q = RandomTensor({q_heads, d}, &rng);
+    DecodeInput in;
+    in.q = q.view;
+    DecodeOutput o32, o16;
+    ASSERT_TRUE(f32.session->Decode(in, &o32).ok());
+    ASSERT_TRUE(f16.session->Decode(in, &o16).ok());
+    // fp16 products and short sums: ~1e-3 relative error per head (kernels/attention.h).
+    for (int h = 0; h < q_heads; ++h) {
+      double num = 0, den = 0;
+      for (int j = 0; j < d; ++j) {
+        const double a = o16.out[h * d + j], b = o32.out[h * d + j];
+        num += (a - b) * (a - b);
+        den += b * b;
+        differs |= a != b;
+      }
+      EXPECT_LE(std::sqrt(num / den), 1e-2) << "step " << step << " head " << h;
+    }
+  }
+  // On a CPU with fp16 arithmetic the request must have reached the kernels.
+  if (fp16_runs) {
+    EXPECT_TRUE(differs);
+  }
+  EXPECT_EQ(f32.session->Info().stats.decode_compute_in_force, DecodeCompute::kFloat32);
+  EXPECT_EQ(f16.session->Info().stats.decode_compute_in_force,
+            fp16_runs ? DecodeCompute::kFloat16 : DecodeCompute::kFloat32);
+  EXPECT_EQ(f16.session->Info().policy.decode_compute, DecodeCompute::kFloat16);
+
+  // Only fp16 caches compute in fp16.
+  Fixture bf16(Layout{layers, kv, q_heads, d, DType::kBFloat16}, 0, policy16);
+  EXPECT_EQ(bf16.session->Info().stats.decode_compute_in_force, DecodeCompute::kFloat32);
 }
 
 }  // namespace

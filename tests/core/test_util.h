@@ -66,14 +66,16 @@ inline std::vector<double> AttentionReference(const std::vector<double>& q,
   return out;
 }
 
-// A session with its own environment (budget, one pruner thread, pools, decode threads).
+// A session with its own environment (budget, one pruner thread, pools, decode threads);
+// `backend` null = kernels::CpuBackend().
 struct Fixture {
-  explicit Fixture(Layout layout, int64_t budget = 0, Policy policy = Policy()) {
+  explicit Fixture(Layout layout, int64_t budget = 0, Policy policy = Policy(),
+                   const kernels::Backend* backend = nullptr) {
     env.budget = std::make_shared<MemoryBudget>(budget, 0);
     env.pruner = std::make_shared<BoundedExecutor>(1, 1024);
     env.pools = std::make_shared<SlabPoolSet>();
     env.threads = std::make_shared<kernels::ThreadPool>(2);
-    env.backend = &kernels::CpuBackend();
+    env.backend = backend != nullptr ? backend : &kernels::CpuBackend();
     SessionInfo info;
     info.id = "s";
     info.tenant = "t";

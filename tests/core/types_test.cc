@@ -53,6 +53,13 @@ TEST(TypesTest, PolicyRanges) {
   p = Policy();
   p.group_tokens = 16;
   EXPECT_EQ(ValidatePolicy(p, Good()).code(), absl::StatusCode::kInvalidArgument);
+  p = Policy();
+  p.decode_compute = DecodeCompute::kFloat16;
+  EXPECT_TRUE(ValidatePolicy(p, Good()).ok());
+  p.decode_compute = static_cast<DecodeCompute>(7);
+  absl::Status st = ValidatePolicy(p, Good());
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("policy.decode_compute"), std::string::npos) << st;
 }
 
 }  // namespace

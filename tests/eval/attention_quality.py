@@ -22,12 +22,20 @@ Backends
                       (--server HOST:PORT); also reports the service's deviation from the
                       numpy oracle per configuration. Configurations the server refuses
                       (UNIMPLEMENTED while pruning is not built) are reported as such.
+                      --decode-compute f16 creates every session (the dense one too) with
+                      policy decode_compute FLOAT16: fp16 products in decode attention,
+                      ~1e-3 relative error on fp16 caches (--store fp16) served by a CPU with
+                      AVX512-FP16, fp32 elsewhere; the report names the arithmetic the
+                      server says was in force (default f32).
 
 Run (numpy, about 3 minutes on 2 cores):
   /usr/bin/python3 tests/eval/attention_quality.py --backend numpy \
       --json /tmp/attn_quality.json --md /tmp/attn_quality.md
 Service:
   /usr/bin/python3 tests/eval/attention_quality.py --backend service --server localhost:50051
+Service, fp16 cache and fp16 decode arithmetic:
+  /usr/bin/python3 tests/eval/attention_quality.py --backend service --server localhost:50051 \
+      --store fp16 --decode-compute f16
 
 Models and data are read from ../shared relative to the repository root (/work/shared); the
 script exits 0 with a SKIP line when they are absent.
@@ -185,6 +193,9 @@ def run_service(models, configs, args):
     dirs = {P.PER_TOKEN: pb2.PRUNE_DIRECTION_PER_TOKEN,
             P.PER_CHANNEL: pb2.PRUNE_DIRECTION_PER_CHANNEL}
     scor = {P.MAGNITUDE: pb2.SCORING_MAGNITUDE, P.OUTPUT_AWARE: pb2.SCORING_OUTPUT_AWARE}
+    compute = {"f32": pb2.DECODE_COMPUTE_FLOAT32,
+               "f16": pb2.DECODE_COMPUTE_FLOAT16}[args.decode_compute]
+    compute_names = {pb2.DECODE_COMPUTE_FLOAT32: "f32", pb2.DECODE_COMPUTE_FLOAT16: "f16"}
 
     def tensor(a):
         a = np.ascontiguousarray(a, dtype="<f4")
@@ -197,6 +208,7 @@ def run_service(models, configs, args):
                                 scoring=scor[c["scoring"]])
 
     results = {}
+    in_force = set()  # decode arithmetic the server reported for the sessions
     run_id = "%x" % int(time.time() * 1000)
     for mi, (m, seqs, dense, pos) in enumerate(models):
         layout = pb2.Layout(num_layers=m.n_layers, num_kv_heads=m.n_kv_heads,
@@ -207,7 +219,8 @@ def run_service(models, configs, args):
             sessions = {}
             for ci, c in enumerate([None] + list(configs)):
                 sid = "eval-%s-%d-%d-%d" % (run_id, mi, si, ci)
-                pol = pb2.Policy(dense_window=32, chunk_tokens=args.chunk, group_tokens=32)
+                pol = pb2.Policy(dense_window=32, chunk_tokens=args.chunk, group_tokens=32,
+                                 decode_compute=compute)
                 if c is not None:
                     pol.k.CopyFrom(tpolicy(c, "K" in c["target"]))
                     pol.v.CopyFrom(tpolicy(c, "V" in c["target"]))
@@ -257,6 +270,7 @@ def run_service(models, configs, args):
                 for ci, sid in sessions.items():
                     s = stub.GetSession(pb2.GetSessionRequest(session_id=sid)).stats
                     stats[ci] = (s.achieved_sparsity_k, s.achieved_sparsity_v)
+                    in_force.add(compute_names.get(s.decode_compute_in_force, "unspecified"))
                     if ci > 0 and not args.no_oracle:
                         stored[ci] = read_kv(stub, pb2, sid, Lz, T, m.n_kv_heads, m.head_dim)
             finally:
@@ -285,6 +299,7 @@ def run_service(models, configs, args):
         if "errors" in r:
             r["errors"] = np.concatenate(r["errors"])
             r["oracle"] = np.concatenate(r["oracle"]) if r["oracle"] else None
+    args.decode_compute_in_force = ",".join(sorted(in_force)) or "n/a"
     return results
 
 
@@ -331,11 +346,16 @@ def main():
     ap.add_argument("--u-mode", choices=("window", "cumulative"), default="window",
                     help="oracle's u_j accumulation (see prune_numpy)")
     ap.add_argument("--workers", type=int, default=2, help="processes (numpy backend)")
+    ap.add_argument("--decode-compute", choices=("f32", "f16"), default="f32",
+                    help="service backend: policy decode_compute of the sessions (f16: fp16 "
+                         "products, ~1e-3 relative error; fp16 caches on AVX512-FP16 CPUs only)")
     ap.add_argument("--no-oracle", action="store_true",
                     help="service backend: skip the numpy-oracle comparison")
     ap.add_argument("--json", help="write results as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     args = ap.parse_args()
+    if args.decode_compute != "f32" and args.backend != "service":
+        ap.error("--decode-compute f16 needs --backend service")
 
     names = [s for s in args.models.split(",") if s]
     missing = [n for n in names if not os.path.exists(os.path.join(L.MODELS, n, "config.json"))]
@@ -377,6 +397,9 @@ def main():
                  "over (layer, query head, position); backend `%s`, storage %s, dense window "
                  "32 (+ the new token), group 32, Flush after every decode step, prefill %d "
                  "tokens." % (args.backend, args.store, args.prefill))
+    if args.backend == "service":
+        lines[-1] += (" Decode arithmetic requested %s, in force %s." %
+                      (args.decode_compute, args.decode_compute_in_force))
     lines.append("")
     lines.append("Command: `%s` (%.0f s on %d cores, %s)" % (
         cmd, elapsed, os.cpu_count() or 0, platform.node()))

@@ -83,6 +83,41 @@ TEST(ConvertTest, UnknownEnumInPolicyIsRejected) {
   auto p = FromProto(req);
   EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(p.status().message().find("policy.k.scoring"), std::string::npos);
+
+  req = v1::CreateSessionRequest();
+  req.mutable_policy()->set_decode_compute(static_cast<v1::DecodeCompute>(3));
+  p = FromProto(req);
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(p.status().message().find("policy.decode_compute: unknown enum value 3"),
+            std::string::npos)
+      << p.status();
+}
+
+TEST(ConvertTest, DecodeComputeRoundTrips) {
+  // Unspecified is the server default, fp32, and is echoed resolved.
+  struct Case {
+    v1::DecodeCompute wire;
+    DecodeCompute core;
+    v1::DecodeCompute echo;
+  } cases[] = {
+      {v1::DECODE_COMPUTE_UNSPECIFIED, DecodeCompute::kFloat32, v1::DECODE_COMPUTE_FLOAT32},
+      {v1::DECODE_COMPUTE_FLOAT32, DecodeCompute::kFloat32, v1::DECODE_COMPUTE_FLOAT32},
+      {v1::DECODE_COMPUTE_FLOAT16, DecodeCompute::kFloat16, v1::DECODE_COMPUTE_FLOAT16},
+  };
+  for (const Case& c : cases) {
+    v1::CreateSessionRequest req;
+    req.mutable_policy()->set_decode_compute(c.wire);
+    auto p = FromProto(req);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(p->policy.decode_compute, c.core) << c.wire;
+    SessionInfo info;
+    info.policy = p->policy;
+    info.stats.decode_compute_in_force = c.core;
+    v1::Session s;
+    ToProto(info, &s);
+    EXPECT_EQ(s.policy().decode_compute(), c.echo);
+    EXPECT_EQ(s.stats().decode_compute_in_force(), c.echo);
+  }
 }
 
 TEST(ConvertTest, FloatsToTensorEncodesDtype) {

@@ -293,6 +293,49 @@ TEST_F(ServiceTest, ListSessionsPages) {
 namespace sparsekv::service {
 namespace {
 
+TEST_F(ServiceTest, DecodeComputeIsEchoedAndReportedInForce) {
+  v1::CreateSessionRequest req;
+  req.set_session_id("f16");
+  auto* l = req.mutable_layout();
+  l->set_num_layers(1);
+  l->set_num_kv_heads(kKv);
+  l->set_num_q_heads(kQ);
+  l->set_head_dim(kDim);
+  req.mutable_policy()->set_decode_compute(v1::DECODE_COMPUTE_FLOAT16);
+  v1::Session s;
+  ASSERT_TRUE(stub_->CreateSession(Ctx().get(), req, &s).ok());
+  const v1::DecodeCompute want_in_force = server_->store().backend().Fp16Arithmetic()
+                                              ? v1::DECODE_COMPUTE_FLOAT16
+                                              : v1::DECODE_COMPUTE_FLOAT32;
+  EXPECT_EQ(s.policy().decode_compute(), v1::DECODE_COMPUTE_FLOAT16);
+  EXPECT_EQ(s.stats().decode_compute_in_force(), want_in_force);
+  v1::GetSessionRequest gr;
+  gr.set_session_id("f16");
+  ASSERT_TRUE(stub_->GetSession(Ctx().get(), gr, &s).ok());
+  EXPECT_EQ(s.policy().decode_compute(), v1::DECODE_COMPUTE_FLOAT16);
+  EXPECT_EQ(s.stats().decode_compute_in_force(), want_in_force);
+
+  // A float32 cache has no fp16 path; an unspecified request is echoed as FLOAT32.
+  req.set_session_id("f16-on-f32");
+  l->set_dtype(v1::DTYPE_FLOAT32);
+  ASSERT_TRUE(stub_->CreateSession(Ctx().get(), req, &s).ok());
+  EXPECT_EQ(s.stats().decode_compute_in_force(), v1::DECODE_COMPUTE_FLOAT32);
+  req.set_session_id("default");
+  req.mutable_policy()->clear_decode_compute();
+  ASSERT_TRUE(stub_->CreateSession(Ctx().get(), req, &s).ok());
+  EXPECT_EQ(s.policy().decode_compute(), v1::DECODE_COMPUTE_FLOAT32);
+  EXPECT_EQ(s.stats().decode_compute_in_force(), v1::DECODE_COMPUTE_FLOAT32);
+
+  req.set_session_id("bad");
+  req.mutable_policy()->set_decode_compute(static_cast<v1::DecodeCompute>(5));
+  grpc::Status st = stub_->CreateSession(Ctx().get(), req, &s);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("policy.decode_compute"), std::string::npos)
+      << st.error_message();
+  gr.set_session_id("bad");
+  EXPECT_EQ(stub_->GetSession(Ctx().get(), gr, &s).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
 TEST_F(ServiceTest, FlushPrunesAndDecodeUsesThePrunedCache) {
   std::mt19937 rng(4);
   v1::CreateSessionRequest req;

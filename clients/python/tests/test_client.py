@@ -172,6 +172,43 @@ class SessionTest(unittest.TestCase):
             CLIENT.delete_session(name)
         self.assertEqual(cm.exception.code, "NOT_FOUND")
 
+    def test_decode_compute(self):
+        # Unspecified is echoed as the server default, f32; the client spells values f32/f16.
+        s = CLIENT.create_session(1, 1, 2, 32, session_id=sid("dc"))
+        self.addCleanup(lambda: CLIENT.delete_session(s.id))
+        self.assertEqual((s.policy.decode_compute, s.stats.decode_compute_in_force),
+                         ("f32", "f32"))
+        pols = {c: sk.Policy.uniform(0.5, decode_compute=c) for c in ("f32", "f16")}
+        ids = {}
+        for c, pol in pols.items():
+            info = CLIENT.create_session(1, 2, 8, 64, dtype="float16", policy=pol,
+                                         session_id=sid("dc-" + c))
+            ids[c] = info.id
+            self.addCleanup(lambda i=info.id: CLIENT.delete_session(i))
+            self.assertEqual(info.policy.decode_compute, c)
+        in_force = CLIENT.get_session(ids["f16"]).stats.decode_compute_in_force
+        self.assertIn(in_force, ("f16", "f32"))  # f16 needs a CPU with AVX512-FP16
+        k, v = rnd((1, 300, 2, 64), 31), rnd((1, 300, 2, 64), 32)
+        for i in ids.values():
+            CLIENT.append_kv(i, k, v)
+            CLIENT.flush(i)
+        q = rnd((8, 64), 33)
+        o32, _ = CLIENT.decode(ids["f32"], 0, q)
+        o16, _ = CLIENT.decode(ids["f16"], 0, q)
+        err = np.linalg.norm(o16 - o32, axis=1) / np.linalg.norm(o32, axis=1)
+        self.assertLess(err.max(), 1e-2)
+        # A float32 cache has no fp16 path.
+        f = CLIENT.create_session(1, 1, 2, 32, dtype="float32", policy=pols["f16"],
+                                  session_id=sid("dc-fp32"))
+        self.addCleanup(lambda: CLIENT.delete_session(f.id))
+        self.assertEqual(f.stats.decode_compute_in_force, "f32")
+        with self.assertRaises(ValueError):
+            sk.Policy(decode_compute="f8").to_proto()
+        with self.assertRaises(sk.SparsekvError) as cm:
+            CLIENT.create_session(1, 1, 1, 8, policy=sk.Policy(decode_compute=7))
+        self.assertEqual(cm.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("policy.decode_compute", cm.exception.message)
+
     def test_server_generated_id_and_defaults(self):
         s = CLIENT.create_session(1, 1, 1, 8)
         self.assertTrue(s.id)

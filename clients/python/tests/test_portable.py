@@ -100,9 +100,11 @@ class PortableTest(unittest.TestCase):
         cls.server.stop(None)
 
     def test_unary_and_errors(self):
-        s = self.client.create_session(2, 1, 2, 4, policy=sk.Policy.uniform(0.5))
+        s = self.client.create_session(2, 1, 2, 4,
+                                       policy=sk.Policy.uniform(0.5, decode_compute="f16"))
         self.assertEqual(s.id, "gen-1")
         self.assertEqual(s.policy.k.direction, "per_token")
+        self.assertEqual(s.policy.decode_compute, "f16")
         with self.assertRaises(sk.SparsekvError) as cm:
             self.client.create_session(2, 1, 2, 4, session_id="dup")
         self.assertEqual(cm.exception.code, "ALREADY_EXISTS")
