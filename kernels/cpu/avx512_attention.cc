@@ -324,8 +324,9 @@ SKV_AVX512 void ChannelValues(const uint8_t* bitmaps, const uint8_t* values, int
 // Turns p[h, 0..rows) from scores into exp(score - m_new), rescales acc and l by
 // exp(m_old - m_new), and zeroes p[h, rows..kBlock). The rescale factors of up to 16 heads
 // come from one vector Exp: a scalar std::exp per head and block cost ~1 ns per row.
-// round_f16: p is rounded to fp16 before it is summed into l, for the fp16 V kernel (the
-// weights it multiplies with are then exactly the ones l normalises).
+// round_f16: p is rounded to fp16 before it is summed into l and also written to w->p16 as fp16
+// pairs, for the fp16 V kernel (the weights it multiplies with are then exactly the ones l
+// normalises).
 SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
   alignas(64) float bmax[16], alpha[16], mnew[16];
   for (int h0 = 0; h0 < w->group; h0 += 16) {
@@ -374,7 +375,13 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
                                                        : left <= 0 ? 0u
                                                                    : (1u << left) - 1);
         __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
-        if (round_f16) e = _mm512_cvtph_ps(_mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT));
+        if (round_f16) {
+          const __m256i e16 = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT);
+          e = _mm512_cvtph_ps(e16);
+          const __m512i pair = _mm512_cvtepu16_epi32(e16);
+          _mm512_storeu_si512(w->p16.data() + h * kBlock + c,
+                              _mm512_or_si512(pair, _mm512_slli_epi32(pair, 16)));
+        }
         _mm512_storeu_ps(s + c, e);
         sum = _mm512_add_ps(sum, e);
       }
@@ -610,12 +617,16 @@ bool Fp16Rows(const SectionBlock& b, const Work& w) {
 }
 
 SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) {
-  // The fp16 kernels report a non-finite result (fp16 overflow or non-finite input); the
-  // block is then recomputed in fp32.
+  // The fp16 score kernel reports a non-finite result (fp16 overflow or non-finite input);
+  // the block's scores are then recomputed in fp32 (the V kernel falls back by itself).
   if (!Fp16Rows(k, *w) || !Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)) RunSection<true>(k, w);
   const bool vh = Fp16Rows(v, *w);
   SoftmaxBlock(w, k.rows, vh);
-  if (!vh || !Fp16RowValues(MakeRowBlock(v, *w), v.rows, w)) RunSection<false>(v, w);
+  if (vh) {
+    Fp16RowValues(MakeRowBlock(v, *w), v.rows, w);
+  } else {
+    RunSection<false>(v, w);
+  }
 }
 
 // Adds the bytes a block's section reads to the prefetcher.

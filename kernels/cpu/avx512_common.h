@@ -50,14 +50,15 @@ struct Prefetcher {
   const char* end = nullptr;
   const char* next_begin[3];
   const char* next_end[3];
-  int pending = 0;
+  int pending = 0;  // ranges added after the first
+  int taken = 0;    // of those, ranges started (in the order added: the order of use)
   uint32_t lines = 0;   // lines added since Clear
   uint32_t rate = 0;    // 1/256 lines per unit
   uint32_t credit = 0;  // 1/256 lines
 
   void Clear() {
     cur = end = nullptr;
-    pending = 0;
+    pending = taken = 0;
     lines = credit = 0;
   }
   void Add(const uint8_t* p, size_t bytes) {
@@ -87,10 +88,10 @@ struct Prefetcher {
     credit &= 0xff;
     for (; n > 0; --n) {
       if (__builtin_expect(cur >= end, 0)) {
-        if (pending == 0) return;
-        --pending;
-        cur = next_begin[pending];
-        end = next_end[pending];
+        if (taken == pending) return;
+        cur = next_begin[taken];
+        end = next_end[taken];
+        ++taken;
       }
       _mm_prefetch(cur, _MM_HINT_T1);
       cur += 64;
@@ -132,11 +133,10 @@ struct Work {
   std::vector<float> kf, vf;         // fallback expansion buffers
   Prefetcher pf;                     // the next block's bytes
   // fp16 arithmetic (DecodeCompute::kFloat16, avx512_fp16_attention.cc): q * scale in fp16
-  // [group, dpad], p as fp16 pairs [group, kBlock], the block's p.V before it joins acc.
+  // [group, dpad], p as fp16 pairs [group, kBlock] (each weight in both halves of a word).
   bool f16 = false;
   std::vector<uint16_t> q16;
   std::vector<uint32_t> p16;
-  std::vector<float> vblock;
 
   void Reset(const DecodeAttentionParams& params) {
     group = params.group;

@@ -255,14 +255,47 @@ SKV_INLINE size_t PrefixCount(const uint8_t* bm, int n) {
   return c;
 }
 
-// out[h, 32*w0 .. 32*(w0+NW)) = sum_r p[h, r] * v_r in fp16, then widened to fp32. p16 holds
-// each weight twice per 32-bit word, so that a plain 32-bit broadcast (a load-port operation)
-// fills all 32 lanes. Each row's cursor is found from its bitmap as the row is read (a
-// precomputed cursor table cost as much as the FMAs at this speed). Returns false when any
-// partial sum is non-finite.
+// Cursor of row r at word w0.
+template <int kRows>
+SKV_INLINE const uint8_t* RowCursor(const RowBlock& rb, int r, int w0) {
+  const uint8_t* ptr = rb.values + r * rb.val_stride;
+  if (w0 == 0) return ptr;
+  return ptr +
+         (kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0);
+}
+
+// The fp32 recomputation of one slice (rare: an fp16 partial sum overflowed, or the inputs are
+// not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h, r] * v_r, in the fp32 kernel's order
+// of operations (row by row, fused multiply-adds), so it matches that kernel.
+template <int kRows>
+SKV_AVX512FP16 void SliceFp32(const RowBlock& rb, int rows, int w0, int nw, int ht, const float* p,
+                              float* acc, int dpad) {
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* ptr = RowCursor<kRows>(rb, r, w0);
+    for (int z = 0; z < nw; ++z) {
+      const uint32_t m = Mask<kRows>(rb, r, w0 + z);
+      const __m512i x = _mm512_castph_si512(Word<kRows>(ptr, m));
+      ptr += WordBytes<kRows>(m);
+      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
+      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
+      for (int h = 0; h < ht; ++h) {
+        const __m512 pb = _mm512_set1_ps(p[h * kBlock + r]);
+        float* o = acc + h * dpad + 32 * (w0 + z);
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(pb, lo, _mm512_loadu_ps(o)));
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(pb, hi, _mm512_loadu_ps(o + 16)));
+      }
+    }
+  }
+}
+
+// acc[h, 32*w0 .. 32*(w0+NW)) += sum_r p[h, r] * v_r, the sum in fp16, widened to fp32 once
+// per block. p16 holds each weight twice per 32-bit word, so that a plain 32-bit broadcast (a
+// load-port operation) fills all 32 lanes. Each row's cursor is found from its bitmap as the
+// row is read (a precomputed cursor table cost as much as the FMAs at this speed). A slice
+// whose fp16 sums are not all finite is recomputed in fp32 instead (p: fp32 weights).
 template <int kRows, int HT, int NW>
-SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint32_t* p16,
-                                float* out, int dpad, Prefetcher* pfp) {
+SKV_AVX512FP16 void ValuesSlice(const RowBlock& rb, int rows, int w0, const uint32_t* p16,
+                                const float* p, float* acc, int dpad, Prefetcher* pfp) {
   Prefetcher pf = *pfp;
   __m512h a[HT][NW];
 #pragma GCC unroll 16
@@ -272,9 +305,7 @@ SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
   const int step = std::max(1, Prefetcher::kUnitsPerRow * NW / rb.words);
   for (int r = 0; r < rows; ++r) {
     pf.Step(step);
-    const uint8_t* ptr = rb.values + r * rb.val_stride;
-    if (w0 > 0)
-      ptr += kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0;
+    const uint8_t* ptr = RowCursor<kRows>(rb, r, w0);
     __m512h x[NW];
 #pragma GCC unroll 16
     for (int z = 0; z < NW; ++z) {
@@ -290,83 +321,80 @@ SKV_AVX512FP16 bool ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
       for (int z = 0; z < NW; ++z) a[h][z] = _mm512_fmadd_ph(pb, x[z], a[h][z]);
     }
   }
+  *pfp = pf;
   __mmask32 bad = 0;
+#pragma GCC unroll 16
+  for (int h = 0; h < HT; ++h)
+#pragma GCC unroll 16
+    for (int z = 0; z < NW; ++z) bad |= _mm512_fpclass_ph_mask(a[h][z], kNonFinite);
+  if (__builtin_expect(bad != 0, 0)) {
+    SliceFp32<kRows>(rb, rows, w0, NW, HT, p, acc, dpad);
+    return;
+  }
+  // Widened by converts from memory: no shuffle-port uops (see FoldPair4).
+  alignas(64) uint16_t sums[HT][NW][32];
+#pragma GCC unroll 16
+  for (int h = 0; h < HT; ++h)
+#pragma GCC unroll 16
+    for (int z = 0; z < NW; ++z) _mm512_store_si512(sums[h][z], _mm512_castph_si512(a[h][z]));
 #pragma GCC unroll 16
   for (int h = 0; h < HT; ++h) {
 #pragma GCC unroll 16
     for (int z = 0; z < NW; ++z) {
-      bad |= _mm512_fpclass_ph_mask(a[h][z], kNonFinite);
-      const __m512i s = _mm512_castph_si512(a[h][z]);
-      float* o = out + h * dpad + 32 * (w0 + z);
-      _mm512_storeu_ps(o, _mm512_cvtph_ps(_mm512_castsi512_si256(s)));
-      _mm512_storeu_ps(o + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(s, 1)));
+      float* o = acc + h * dpad + 32 * (w0 + z);
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), Widen(sums[h][z])));
+      _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), Widen(sums[h][z] + 16)));
     }
   }
-  *pfp = pf;
-  return bad == 0;
 }
 
 // Up to NW words per pass (the widest of 8, 4, 2, 1 that fits the row): as many as keep HT * NW
 // accumulators, NW row words and the weight in the 32 zmm registers.
 template <int kRows, int HT, int NW>
-SKV_AVX512FP16 bool ValuesTile(const RowBlock& rb, int rows, const uint32_t* p16, float* out,
-                               int dpad, Prefetcher* pf) {
-  bool ok = true;
+SKV_AVX512FP16 void ValuesTile(const RowBlock& rb, int rows, const uint32_t* p16, const float* p,
+                               float* acc, int dpad, Prefetcher* pf) {
   int w0 = 0;
   if constexpr (NW >= 8) {
     for (; w0 + 8 <= rb.words; w0 += 8)
-      ok &= ValuesSlice<kRows, HT, 8>(rb, rows, w0, p16, out, dpad, pf);
+      ValuesSlice<kRows, HT, 8>(rb, rows, w0, p16, p, acc, dpad, pf);
   }
   if constexpr (NW >= 4) {
     for (; w0 + 4 <= rb.words; w0 += 4)
-      ok &= ValuesSlice<kRows, HT, 4>(rb, rows, w0, p16, out, dpad, pf);
+      ValuesSlice<kRows, HT, 4>(rb, rows, w0, p16, p, acc, dpad, pf);
   }
   if constexpr (NW >= 2) {
     for (; w0 + 2 <= rb.words; w0 += 2)
-      ok &= ValuesSlice<kRows, HT, 2>(rb, rows, w0, p16, out, dpad, pf);
+      ValuesSlice<kRows, HT, 2>(rb, rows, w0, p16, p, acc, dpad, pf);
   }
-  for (; w0 < rb.words; ++w0) ok &= ValuesSlice<kRows, HT, 1>(rb, rows, w0, p16, out, dpad, pf);
-  return ok;
+  for (; w0 < rb.words; ++w0) ValuesSlice<kRows, HT, 1>(rb, rows, w0, p16, p, acc, dpad, pf);
 }
 
 template <int kRows>
-SKV_AVX512FP16 bool ValuesAll(const RowBlock& rb, int rows, Work* w) {
-  // Weights as fp16 pairs; p is already fp16-exact, so the conversion is exact.
-  for (int i = 0; i < w->group * kBlock; i += 16) {
-    const __m512i h = _mm512_cvtepu16_epi32(
-        _mm512_cvtps_ph(_mm512_loadu_ps(w->p.data() + i), _MM_FROUND_TO_NEAREST_INT));
-    _mm512_storeu_si512(w->p16.data() + i, _mm512_or_si512(h, _mm512_slli_epi32(h, 16)));
-  }
-  bool ok = true;
+SKV_AVX512FP16 void ValuesAll(const RowBlock& rb, int rows, Work* w) {
   for (int h0 = 0; h0 < w->group;) {
     const int ht = Tile(w->group - h0, 8);
     const uint32_t* p16 = w->p16.data() + h0 * kBlock;
-    float* out = w->vblock.data() + h0 * w->dpad;
+    const float* p = w->p.data() + h0 * kBlock;
+    float* acc = w->acc.data() + h0 * w->dpad;
     switch (ht) {
       case 8:
-        ok &= ValuesTile<kRows, 8, 2>(rb, rows, p16, out, w->dpad, &w->pf);
+        ValuesTile<kRows, 8, 2>(rb, rows, p16, p, acc, w->dpad, &w->pf);
         break;
       case 4:
-        ok &= ValuesTile<kRows, 4, 4>(rb, rows, p16, out, w->dpad, &w->pf);
+        ValuesTile<kRows, 4, 4>(rb, rows, p16, p, acc, w->dpad, &w->pf);
         break;
       case 3:
-        ok &= ValuesTile<kRows, 3, 4>(rb, rows, p16, out, w->dpad, &w->pf);
+        ValuesTile<kRows, 3, 4>(rb, rows, p16, p, acc, w->dpad, &w->pf);
         break;
       case 2:
-        ok &= ValuesTile<kRows, 2, 8>(rb, rows, p16, out, w->dpad, &w->pf);
+        ValuesTile<kRows, 2, 8>(rb, rows, p16, p, acc, w->dpad, &w->pf);
         break;
       default:
-        ok &= ValuesTile<kRows, 1, 8>(rb, rows, p16, out, w->dpad, &w->pf);
+        ValuesTile<kRows, 1, 8>(rb, rows, p16, p, acc, w->dpad, &w->pf);
         break;
     }
     h0 += ht;
   }
-  if (!ok) return false;
-  for (size_t i = 0; i < w->acc.size(); i += 16) {
-    _mm512_storeu_ps(w->acc.data() + i, _mm512_add_ps(_mm512_loadu_ps(w->acc.data() + i),
-                                                      _mm512_loadu_ps(w->vblock.data() + i)));
-  }
-  return true;
 }
 
 }  // namespace
@@ -388,7 +416,6 @@ SKV_AVX512FP16 void PrepareFp16(const DecodeAttentionParams& p, Work* w) {
   }
   if (overflow != 0) return;  // q * scale beyond fp16 (or NaN): fp32 for the whole call
   w->p16.assign(static_cast<size_t>(w->group) * kBlock, 0u);
-  w->vblock.assign(w->acc.size(), 0.0f);
   w->f16 = true;
 }
 
@@ -412,7 +439,7 @@ SKV_AVX512FP16 bool Fp16RowScores(const RowBlock& rb, int rows, Work* w) {
   return bad == 0;
 }
 
-SKV_AVX512FP16 bool Fp16RowValues(const RowBlock& rb, int rows, Work* w) {
+SKV_AVX512FP16 void Fp16RowValues(const RowBlock& rb, int rows, Work* w) {
   if (rb.bitmaps != nullptr) return ValuesAll<kSparseRows>(rb, rows, w);
   if (rb.dense_mask[rb.words - 1] == 0xffffffffu) return ValuesAll<kFullRows>(rb, rows, w);
   return ValuesAll<kDenseRows>(rb, rows, w);

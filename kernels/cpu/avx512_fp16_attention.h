@@ -12,7 +12,8 @@
 //   V: p rounded to fp16 (SoftmaxBlock sums the rounded values into l, so the weights stay
 //      normalised); p * v summed over one block (<= 64 rows) in fp16, then added in fp32.
 // fp16 overflow (a partial sum beyond 65504) gives inf or NaN; both are detected per block and
-// the caller recomputes that block in fp32, so range never makes a result silently wrong.
+// the block (for V: the slice of heads and words) is recomputed in fp32, so range never makes a
+// result silently wrong.
 // Non-finite inputs take the same route and so get the fp32 path's semantics.
 #ifndef SPARSEKV_KERNELS_CPU_AVX512_FP16_ATTENTION_H_
 #define SPARSEKV_KERNELS_CPU_AVX512_FP16_ATTENTION_H_
@@ -34,9 +35,10 @@ void PrepareFp16(const DecodeAttentionParams& p, Work* w);
 // when any score is non-finite: the caller recomputes the block in fp32.
 bool Fp16RowScores(const RowBlock& rb, int rows, Work* w);
 
-// w->acc += p . V over rb's rows (w->p holds fp16-exact weights, zero past `rows`). False,
-// with acc untouched, when any fp16 partial sum is non-finite: the caller recomputes in fp32.
-bool Fp16RowValues(const RowBlock& rb, int rows, Work* w);
+// w->acc += p . V over rb's rows: w->p16 holds the weights as fp16 pairs and w->p the same
+// (fp16-exact) values as floats, both zero past `rows` (SoftmaxBlock with round_f16). A slice
+// of heads and words whose fp16 sums are not all finite is recomputed in fp32 here.
+void Fp16RowValues(const RowBlock& rb, int rows, Work* w);
 
 }  // namespace sparsekv::kernels::avx512_detail
 
