@@ -145,6 +145,23 @@ SKV_AVX512 SKV_INLINE __m512 Exp(__m512 x) {
   return _mm512_maskz_scalef_ps(normal, y, n);
 }
 
+// exp(x) for x <= 0 (NaN propagates), for weights that are rounded to fp16 right after: a
+// degree-5 Taylor polynomial (relative error <= 2.4e-6, 1% of an fp16 ulp) and a clamp at
+// -87 (exp there is ~1e-38, zero in fp16, and never a denormal) instead of Exp's range mask:
+// five instructions fewer per 16 weights.
+SKV_AVX512 SKV_INLINE __m512 ExpForF16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // x second: NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 120), r, _mm512_set1_ps(1.0f / 24));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
 // ---- scores ----
 
 // p[h, r] = q_h . k_r (q pre-scaled) for HT heads and `rows` per-token/dense rows. Rows run
@@ -374,7 +391,8 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
         const __mmask16 valid = static_cast<__mmask16>(left >= 16  ? 0xffffu
                                                        : left <= 0 ? 0u
                                                                    : (1u << left) - 1);
-        __m512 e = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+        const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + c), mv);
+        __m512 e = _mm512_maskz_mov_ps(valid, round_f16 ? ExpForF16(x) : Exp(x));
         if (round_f16) {
           const __m256i e16 = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT);
           e = _mm512_cvtph_ps(e16);

@@ -50,8 +50,8 @@ struct Prefetcher {
   const char* end = nullptr;
   const char* next_begin[3];
   const char* next_end[3];
-  int pending = 0;  // ranges added after the first
-  int taken = 0;    // of those, ranges started (in the order added: the order of use)
+  int pending = 0;      // ranges added after the first
+  int taken = 0;        // of those, ranges started (in the order added: the order of use)
   uint32_t lines = 0;   // lines added since Clear
   uint32_t rate = 0;    // 1/256 lines per unit
   uint32_t credit = 0;  // 1/256 lines
