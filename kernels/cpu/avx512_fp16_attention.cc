@@ -22,7 +22,7 @@ namespace sparsekv::kernels::avx512_detail {
 bool Fp16ArithmeticAvailable() { return false; }
 void PrepareFp16(const DecodeAttentionParams&, Work* w) { w->f16 = false; }
 bool Fp16RowScores(const RowBlock&, int, Work*) { return false; }
-bool Fp16RowValues(const RowBlock&, int, Work*) { return false; }
+void Fp16RowValues(const RowBlock&, int, Work*) {}
 
 #else
 
@@ -125,9 +125,9 @@ SKV_AVX512FP16 SKV_INLINE void FinishRows4(const uint16_t* v, float* p, __mmask1
   _mm512_mask_storeu_ps(p + 3 * kBlock, valid, _mm512_permutex2var_ps(hi_a, odd, hi_b));
 }
 
-// Rows in pairs as in the fp32 RowScores. Per row and head the 32 lanes of fp16 partial sums
-// are folded to 16 (the two rows' halves are shuffled together, one add) and converted to
-// fp32 for the transposed reduction.
+// Rows in pairs as in the fp32 RowScores. With a multiple of 4 heads the partial sums go
+// through FoldPair4 / FinishRows4; otherwise per row and head the 32 lanes are folded to 16 in
+// fp16 (the two rows' halves shuffled together, one add) and the fp32 HSum16 finishes.
 template <int kRows, int HT, int W>
 SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int dpad, float* red,
                            float* p, Prefetcher* pfp) {
