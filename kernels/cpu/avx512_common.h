@@ -183,6 +183,34 @@ inline int Tile(int left, int max_tile) {
   return std::min(left, 4);
 }
 
+// Pulls kLines cache lines from row r's values (and, compressed, its bitmap line) from L2 into
+// L1, a few rows ahead of use. The block prefetcher (avx512_common.h) brings the next block
+// only into L2, and a compressed row's loads form a short dependent chain (bitmap word ->
+// popcount -> address of the next word's values), so L2 round trips showed in DRAM-resident
+// runs. Line counts are compile-time (a runtime-counted loop or a computed jump measured ~3-7%
+// slower at s = 0.7): per K row pair 4 for compressed rows (two rows of 76 or 128 bytes at
+// s = 0.7 / 0.5) and 8 for dense fp16 D = 128 rows; per V row 3 and 4. Measured, ms per step
+// on one thread, medians of 3-4 runs: dense 20.6 -> 19.7, s = 0.5 13.9 -> 13.2, s = 0.7
+// 11.1 -> 11.0. Each T0 prefetch holds one of the 16 L1 fill buffers that demand loads need,
+// so covering every line of every row exactly (a prefetch per 64 bytes plus the last byte)
+// was slower. Used by the fp16-arithmetic kernels only: in the fp32 row loops, which are
+// compute-bound, it measured no gain (dense 24.4 -> 24.6 ms, s = 0.7 18.1 -> 18.5).
+constexpr int kL1Ahead = 4;          // rows
+constexpr int kPairLinesSparse = 4;  // K, per row pair
+constexpr int kPairLinesDense = 8;
+constexpr int kRowLinesSparse = 3;  // V, per row
+constexpr int kRowLinesDense = 4;
+
+template <bool kSparse, int kLines>
+SKV_AVX512 SKV_INLINE void PrefetchRowL1(const RowBlock& rb, int r) {
+  const char* v = reinterpret_cast<const char*>(rb.values + r * rb.val_stride);
+#pragma GCC unroll 8
+  for (int i = 0; i < kLines; ++i) _mm_prefetch(v + 64 * i, _MM_HINT_T0);
+  if (kSparse) {
+    _mm_prefetch(reinterpret_cast<const char*>(rb.bitmaps + r * rb.bm_stride), _MM_HINT_T0);
+  }
+}
+
 }  // namespace sparsekv::kernels::avx512_detail
 
 #endif  // x86-64 with GCC or Clang

@@ -59,32 +59,6 @@ SKV_INLINE size_t WordBytes(uint32_t mask) {
   return kRows == kSparseRows ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
 }
 
-// Pulls kLines cache lines from row r's values (and, compressed, its bitmap line) from L2 into
-// L1, a few rows ahead of use. The block prefetcher (avx512_common.h) brings the next block
-// only into L2, and a compressed row's loads form a short dependent chain (bitmap word ->
-// popcount -> address of the next word's values), so L2 round trips showed in DRAM-resident
-// runs. Line counts are compile-time (a runtime-counted loop or a computed jump measured ~3-7%
-// slower at s = 0.7): per K row pair 4 for compressed rows (two rows of 76 or 128 bytes at
-// s = 0.7 / 0.5) and 8 for dense fp16 D = 128 rows; per V row 3 and 4. Measured, ms per step
-// on one thread, medians of 3-4 runs: dense 20.6 -> 19.7, s = 0.5 13.9 -> 13.2, s = 0.7
-// 11.1 -> 11.0. Each T0 prefetch holds one of the 16 L1 fill buffers that demand loads need,
-// so covering every line of every row exactly (a prefetch per 64 bytes plus the last byte)
-// was slower.
-constexpr int kL1Ahead = 4;          // rows
-constexpr int kPairLinesSparse = 4;  // K, per row pair
-constexpr int kPairLinesDense = 8;
-constexpr int kRowLinesSparse = 3;  // V, per row
-constexpr int kRowLinesDense = 4;
-
-template <int kRows, int kLines>
-SKV_INLINE void PrefetchRowL1(const RowBlock& rb, int r) {
-  const char* v = reinterpret_cast<const char*>(rb.values + r * rb.val_stride);
-#pragma GCC unroll 8
-  for (int i = 0; i < kLines; ++i) _mm_prefetch(v + 64 * i, _MM_HINT_T0);
-  if (kRows == kSparseRows) {
-    _mm_prefetch(reinterpret_cast<const char*>(rb.bitmaps + r * rb.bm_stride), _MM_HINT_T0);
-  }
-}
 // ---- reduction of K partial sums, four heads at a time ----
 // A row pair's fp16 accumulators (32 lanes per row and head) are folded three times in fp16,
 // each fold one shuffle pair and one add: [a | b] per head (16 lanes each), then two heads per
@@ -174,8 +148,8 @@ SKV_AVX512FP16 void Scores(const RowBlock& rb, int rows, const uint16_t* q, int 
       for (int h = 0; h < HT; ++h) a0[h] = a1[h] = _mm512_setzero_ph();
       const uint8_t* pa = rb.values + ra * rb.val_stride;
       const uint8_t* pb = rb.values + rb1 * rb.val_stride;
-      PrefetchRowL1<kRows, kRows == kSparseRows ? kPairLinesSparse : kPairLinesDense>(
-          rb, ra + kL1Ahead);
+      PrefetchRowL1<kRows == kSparseRows,
+                    kRows == kSparseRows ? kPairLinesSparse : kPairLinesDense>(rb, ra + kL1Ahead);
 #pragma GCC unroll 8
       for (int w = 0; w < words; ++w) {
         const uint32_t ma = Mask<kRows>(rb, ra, w);
@@ -334,8 +308,8 @@ SKV_AVX512FP16 void ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
   for (int r = 0; r < rows; ++r) {
     pf.Step(step);
     if (w0 == 0) {
-      PrefetchRowL1<kRows, kRows == kSparseRows ? kRowLinesSparse : kRowLinesDense>(rb,
-                                                                                    r + kL1Ahead);
+      PrefetchRowL1<kRows == kSparseRows, kRows == kSparseRows ? kRowLinesSparse : kRowLinesDense>(
+          rb, r + kL1Ahead);
     }
     const uint8_t* ptr = RowCursor<kRows>(rb, r, w0);
     __m512h x[NW];
