@@ -184,7 +184,7 @@ inline int Tile(int left, int max_tile) {
 }
 
 // Pulls kLines cache lines from row r's values (and, compressed, its bitmap line) from L2 into
-// L1, a few rows ahead of use. The block prefetcher (avx512_common.h) brings the next block
+// L1, a few rows ahead of use. The block Prefetcher above brings the next block
 // only into L2, and a compressed row's loads form a short dependent chain (bitmap word ->
 // popcount -> address of the next word's values), so L2 round trips showed in DRAM-resident
 // runs. Line counts are compile-time (a runtime-counted loop or a computed jump measured ~3-7%
