@@ -1,13 +1,19 @@
 // AVX2 decode attention. See avx2_attention.h for the contract.
 //
-// Each block of up to 64 tokens is expanded once to float rows in an L1-resident buffer
-// ([rows, dpad], dpad = head_dim rounded up to 8): per bitmap byte, a 256-entry table gives the
-// vpermps indices that move the byte's packed values to their columns (a mask zeroes the
-// others) and the value cursor advances by popcount. The group's query heads then share those
-// rows for scores (8-wide FMAs, horizontal sums 8 rows at a time) and for the value
-// accumulation. As in avx512_attention.cc, functions carry target attributes instead of the
-// file being compiled with -mavx2, so no AVX2 copy of a standard-library template can leak
-// into baseline code.
+// Blocks of up to 64 tokens, as in avx512_attention.cc: K scores, an online-softmax update, V
+// accumulation, with the next block's bytes prefetched into L2 meanwhile (prefetcher.h).
+// - K rows are read and expanded in registers, 8 columns at a time, two rows at once (2 x 4
+//   independent FMA chains); the partial sums of 8 rows are reduced together (Reduce8).
+//   Compressed fp16/bf16 columns: one pshufb of the packed bits per bitmap byte (a 4 KB table
+//   of shuffle controls that also zeroes dropped columns), then one conversion; fp32: a vpermps
+//   with a 256-entry index table and a keep mask. Only rows within a load's width of the
+//   section's end take the bounded (copying) load.
+// - V: dense rows are read in place; compressed rows are expanded once into an L1-resident
+//   fp32 buffer (a V row is read by every column slice, and re-expanding it per slice needs
+//   a cursor per slice). Slices of 16-32 columns keep up to 4 heads' accumulators in the 16
+//   ymm registers.
+// Functions carry target attributes instead of the file being compiled with -mavx2, so no AVX2
+// copy of a standard-library template can leak into baseline code.
 #include "kernels/cpu/avx2_attention.h"
 
 #include <algorithm>
@@ -16,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/prefetcher.h"
 #include "kernels/cpu/row_source.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -105,75 +112,15 @@ SKV_AVX2 SKV_INLINE __m256 Convert8(DType t, __m128i x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
 }
 
-// ExpandRows for per-token sections of 16-bit values: per 8 columns, one pshufb of the packed
-// bits (kShuffle) and one conversion.
-SKV_AVX2 void ExpandRows16(const SectionFormat* fmt, DType t, const uint8_t* data, int t0, int rows,
-                           int d, int dpad, const uint8_t* end, float* out) {
-  const size_t bm = BitmapBytes(d);
-  const size_t vs = static_cast<size_t>(fmt->k) * 2;
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* bits = data + (static_cast<size_t>(t0) + r) * bm;
-    const uint8_t* src = data + fmt->bitmap_bytes() + (static_cast<size_t>(t0) + r) * vs;
-    float* o = out + static_cast<size_t>(r) * dpad;
-    for (int j = 0; j < dpad; j += 8) {
-      const unsigned b = j < d ? bits[j >> 3] : 0u;
-      __m128i x;
-      if (end - src >= 16) {
-        x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-      } else {  // the section's last values: never read past its end
-        alignas(16) uint8_t tmp[16] = {};
-        std::memcpy(tmp, src, static_cast<size_t>(std::max<ptrdiff_t>(end - src, 0)));
-        x = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-      }
-      x = _mm_shuffle_epi8(x, _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle.ctl[b])));
-      _mm256_storeu_ps(o + j, Convert8(t, x));
-      src += 2 * __builtin_popcount(b);
-    }
-  }
-}
-
-// Expands rows [t0, t0 + rows) of a section (or dense rows) to out [rows, dpad] floats.
-// `end` bounds the values so that the last rows never read past the section.
-SKV_AVX2 void ExpandRows(const SectionFormat* fmt, DType t, const uint8_t* data, int t0, int rows,
-                         int d, int dpad, const uint8_t* end, float* out) {
+// Expands dense rows [t0, t0 + rows) of d columns to out [rows, dpad] floats (zero padded).
+SKV_AVX2 void ExpandDenseRows(DType t, const uint8_t* data, int t0, int rows, int d, int dpad,
+                              float* out) {
   const size_t es = DTypeSize(t);
-  if (fmt == nullptr || fmt->kind == SectionKind::kDense) {
-    for (int r = 0; r < rows; ++r) {
-      const uint8_t* src = data + (static_cast<size_t>(t0) + r) * d * es;
-      float* o = out + static_cast<size_t>(r) * dpad;
-      for (int j = 0; j < dpad; j += 8)
-        _mm256_storeu_ps(o + j, Load8(t, src + j * es, std::min(8, d - j)));
-    }
-    return;
-  }
-  if (es == 2) {
-    ExpandRows16(fmt, t, data, t0, rows, d, dpad, end, out);
-    return;
-  }
-  const size_t bm = BitmapBytes(d);
-  const size_t vs = static_cast<size_t>(fmt->k) * es;
   for (int r = 0; r < rows; ++r) {
-    const uint8_t* bits = data + (static_cast<size_t>(t0) + r) * bm;
-    const uint8_t* src = data + fmt->bitmap_bytes() + (static_cast<size_t>(t0) + r) * vs;
+    const uint8_t* src = data + (static_cast<size_t>(t0) + r) * d * es;
     float* o = out + static_cast<size_t>(r) * dpad;
-    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (int j = 0; j < dpad; j += 8) {
-      const unsigned b = j < d ? bits[j >> 3] : 0u;
-      const int cnt = __builtin_popcount(b);
-      // fp32 values (16-bit ones go to ExpandRows16). Only a section's last values can lie
-      // within 8 elements of its end: a pointer compare, and a division only there.
-      const __m256 v =
-          end - src >= static_cast<ptrdiff_t>(8 * es)
-              ? Load8Full(t, src)
-              : Load8(t, src, static_cast<int>((end - src) / static_cast<ptrdiff_t>(es)));
-      const __m256i idx =
-          _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kExpand.idx[b])));
-      const __m256i bset = _mm256_set1_epi32(static_cast<int>(b));
-      const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(bset, lanes), lanes);
-      _mm256_storeu_ps(o + j,
-                       _mm256_and_ps(_mm256_permutevar8x32_ps(v, idx), _mm256_castsi256_ps(keep)));
-      src += cnt * es;
-    }
+    for (int j = 0; j < dpad; j += 8)
+      _mm256_storeu_ps(o + j, Load8(t, src + j * es, std::min(8, d - j)));
   }
 }
 
@@ -208,7 +155,8 @@ SKV_AVX2 SKV_INLINE float HSum(__m256 v) {
 
 struct Work {
   int group = 0, d = 0, dpad = 0;
-  std::vector<float> q, acc, p, m, l, kb, vb, kf, vf;
+  std::vector<float> q, acc, p, m, l, red, vb, kf, vf;
+  Prefetcher pf;  // the next block's bytes
 
   void Reset(const DecodeAttentionParams& params) {
     group = params.group;
@@ -223,58 +171,269 @@ struct Work {
     p.assign(static_cast<size_t>(group) * kBlock, 0.0f);
     m.assign(group, -std::numeric_limits<float>::infinity());
     l.assign(group, 0.0f);
-    kb.assign(static_cast<size_t>(kBlock) * dpad, 0.0f);
-    vb.assign(kb.size(), 0.0f);
+    red.assign(4 * 8 * 8, 0.0f);
+    vb.assign(static_cast<size_t>(kBlock) * dpad, 0.0f);
   }
 };
 
-// Scores, softmax and value accumulation over `rows` expanded rows in w->kb / w->vb.
-SKV_AVX2 void RunRows(int rows, Work* w) {
-  const int dpad = w->dpad;
-  const float* kb = w->kb.data();
-  const float* vb = w->vb.data();
-  for (int h0 = 0; h0 < w->group; h0 += 4) {
-    const int ht = std::min(4, w->group - h0);
-    const float* q = w->q.data() + static_cast<size_t>(h0) * dpad;
-    for (int r = 0; r < rows; ++r) {
-      const float* k = kb + static_cast<size_t>(r) * dpad;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int j = 0; j < dpad; j += 8) {
-        const __m256 x = _mm256_loadu_ps(k + j);
-        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + j), a0);
-        if (ht > 1) a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + dpad + j), a1);
-        if (ht > 2) a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + 2 * dpad + j), a2);
-        if (ht > 3) a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + 3 * dpad + j), a3);
-      }
-      float* p = w->p.data() + static_cast<size_t>(h0) * kBlock + r;
-      p[0] = HSum(a0);
-      if (ht > 1) p[kBlock] = HSum(a1);
-      if (ht > 2) p[2 * kBlock] = HSum(a2);
-      if (ht > 3) p[3 * kBlock] = HSum(a3);
+// Rows [t0, t0 + rows) of one section (per-token when fmt is set) or of dense rows at data.
+struct Blk {
+  const SectionFormat* fmt;  // per-token format; null: dense rows
+  DType t;
+  const uint8_t* data;
+  const uint8_t* end;  // end of the section's values (compressed rows only)
+  int t0;
+  int rows;
+};
+
+// Group g (columns 8g .. 8g+7) of a dense row of d columns, as floats.
+template <DType T, bool kPartial>
+SKV_AVX2 SKV_INLINE __m256 DenseGroup(const uint8_t* row, int g, int d) {
+  constexpr size_t es = T == DType::kFloat32 ? 4 : 2;
+  const int j = 8 * g;
+  if (!kPartial || j + 8 <= d) return Load8Full(T, row + j * es);
+  return Load8(T, row + j * es, d - j);
+}
+
+// The next 8 columns of a compressed row: bitmap byte b, packed values at *src (advanced past
+// them). `end` keeps the section's last rows from reading past its values.
+template <DType T, bool kGuard>
+SKV_AVX2 SKV_INLINE __m256 SparseGroup(unsigned b, const uint8_t** src, const uint8_t* end) {
+  const uint8_t* s = *src;
+  if constexpr (T == DType::kFloat32) {
+    const __m256 v = !kGuard || end - s >= 32 ? _mm256_loadu_ps(reinterpret_cast<const float*>(s))
+                                              : Load8(T, s, static_cast<int>((end - s) / 4));
+    const __m256i idx =
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kExpand.idx[b])));
+    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i keep =
+        _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(b)), lanes), lanes);
+    *src = s + 4 * __builtin_popcount(b);
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(v, idx), _mm256_castsi256_ps(keep));
+  } else {
+    __m128i x;
+    if (!kGuard || end - s >= 16) {
+      x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    } else {
+      alignas(16) uint8_t tmp[16] = {};
+      std::memcpy(tmp, s, static_cast<size_t>(std::max<ptrdiff_t>(end - s, 0)));
+      x = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    x = _mm_shuffle_epi8(x, _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle.ctl[b])));
+    *src = s + 2 * __builtin_popcount(b);
+    return Convert8(T, x);
+  }
+}
+
+// Expands the block's compressed rows to out [rows, dpad] floats. G as in PairScores.
+template <DType T, int G>
+SKV_AVX2 void ExpandSparseRows(const Blk& b, int d, int dpad, float* out) {
+  constexpr size_t es = T == DType::kFloat32 ? 4 : 2;
+  const int groups = G > 0 ? G : dpad / 8;
+  const size_t bm = BitmapBytes(d);
+  const size_t stride = static_cast<size_t>(b.fmt->k) * es;
+  const uint8_t* bits = b.data + static_cast<size_t>(b.t0) * bm;
+  const uint8_t* vals = b.data + b.fmt->bitmap_bytes() + static_cast<size_t>(b.t0) * stride;
+  for (int r = 0; r < b.rows; ++r, bits += bm, vals += stride) {
+    float* o = out + static_cast<size_t>(r) * dpad;
+    const uint8_t* src = vals;
+    const bool guard = b.end - (vals + stride) < static_cast<ptrdiff_t>(es * 8);
+#pragma GCC unroll 32
+    for (int g = 0; g < groups; ++g) {
+      const unsigned m = G > 0 || 8 * g < d ? bits[g] : 0u;
+      _mm256_storeu_ps(o + 8 * g, guard ? SparseGroup<T, true>(m, &src, b.end)
+                                        : SparseGroup<T, false>(m, &src, b.end));
     }
   }
+}
+
+template <DType T>
+SKV_AVX2 void ExpandSparse(const Blk& b, int d, int dpad, float* out) {
+  switch (d) {
+    case 64:
+      return ExpandSparseRows<T, 8>(b, d, dpad, out);
+    case 128:
+      return ExpandSparseRows<T, 16>(b, d, dpad, out);
+    default:
+      return ExpandSparseRows<T, 0>(b, d, dpad, out);
+  }
+}
+
+// Eight vectors v[i] (8 floats each, 32 bytes apart) -> one vector whose lane i is the sum of
+// v[i]'s lanes.
+SKV_AVX2 SKV_INLINE __m256 Reduce8(const float* v) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24));
+  const __m256 t2 = _mm256_hadd_ps(_mm256_loadu_ps(v + 32), _mm256_loadu_ps(v + 40));
+  const __m256 t3 = _mm256_hadd_ps(_mm256_loadu_ps(v + 48), _mm256_loadu_ps(v + 56));
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // [sums of v0..v3, low half | high half]
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// One K row pair's partial sums for HT heads: a0[h], a1[h] (8 lanes each). G: 8-column groups
+// per row when head_dim == 8 * G (unrolled, no column checks), 0 for any head_dim. kGuard: the
+// rows lie within 16 bytes of the section's end, so compressed loads are bounded.
+template <DType T, bool kSparse, int HT, int G, bool kGuard>
+SKV_AVX2 SKV_INLINE void PairScores(const uint8_t* ba, const uint8_t* bb, const uint8_t* sa,
+                                    const uint8_t* sb, const uint8_t* end, int d, int dpad,
+                                    const float* q, __m256* a0, __m256* a1) {
+  const int groups = G > 0 ? G : dpad / 8;
+  const int dp = G > 0 ? 8 * G : dpad;
+#pragma GCC unroll 32
+  for (int g = 0; g < groups; ++g) {
+    __m256 x0, x1;
+    if constexpr (kSparse) {
+      const unsigned ma = G > 0 || 8 * g < d ? ba[g] : 0u;
+      const unsigned mb = G > 0 || 8 * g < d ? bb[g] : 0u;
+      x0 = SparseGroup<T, kGuard>(ma, &sa, end);
+      x1 = SparseGroup<T, kGuard>(mb, &sb, end);
+    } else {
+      x0 = DenseGroup<T, G == 0>(sa, g, d);
+      x1 = DenseGroup<T, G == 0>(sb, g, d);
+    }
+#pragma GCC unroll 4
+    for (int h = 0; h < HT; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + h * dp + 8 * g);
+      a0[h] = _mm256_fmadd_ps(x0, qv, a0[h]);
+      a1[h] = _mm256_fmadd_ps(x1, qv, a1[h]);
+    }
+  }
+}
+
+// Scores of HT query heads (q: [HT, dpad], scale applied) against the block's K rows, read and
+// expanded in registers (no row buffer): p[h * kBlock + r]. Rows go in pairs so that 2 * HT
+// independent FMA chains hide the FMA latency; partial sums are reduced 8 rows at a time.
+template <DType T, bool kSparse, int HT, int G>
+SKV_AVX2 void Scores(const Blk& b, int d, int dpad, const float* q, float* red, float* p,
+                     Prefetcher* pfp) {
+  constexpr size_t es = T == DType::kFloat32 ? 4 : 2;
+  const size_t bm = BitmapBytes(d);
+  const size_t stride = kSparse ? static_cast<size_t>(b.fmt->k) * es : static_cast<size_t>(d) * es;
+  const uint8_t* const bits = kSparse ? b.data + static_cast<size_t>(b.t0) * bm : nullptr;
+  const uint8_t* const vals =
+      (kSparse ? b.data + b.fmt->bitmap_bytes() : b.data) + static_cast<size_t>(b.t0) * stride;
+  Prefetcher pf = *pfp;
+  for (int r0 = 0; r0 < b.rows; r0 += 8) {
+    const int n = std::min(8, b.rows - r0);
+    for (int i = 0; i < n; i += 2) {
+      pf.Step(2 * Prefetcher::kUnitsPerRow);
+      const int ra = r0 + i;
+      const int rb = i + 1 < n ? ra + 1 : ra;  // an odd last row pairs with itself
+      __m256 a0[HT], a1[HT];
+      for (int h = 0; h < HT; ++h) a0[h] = a1[h] = _mm256_setzero_ps();
+      const uint8_t* sa = vals + ra * stride;
+      const uint8_t* sb = vals + rb * stride;
+      const uint8_t* ba = kSparse ? bits + ra * bm : nullptr;
+      const uint8_t* bb = kSparse ? bits + rb * bm : nullptr;
+      // A load (16 bytes, fp32: 32) from inside row rb ends before rb's values end + that.
+      if (kSparse && b.end - (sb + stride) < (T == DType::kFloat32 ? 32 : 16)) {
+        PairScores<T, kSparse, HT, G, true>(ba, bb, sa, sb, b.end, d, dpad, q, a0, a1);
+      } else {
+        PairScores<T, kSparse, HT, G, false>(ba, bb, sa, sb, b.end, d, dpad, q, a0, a1);
+      }
+      for (int h = 0; h < HT; ++h) {
+        _mm256_storeu_ps(red + (h * 8 + i) * 8, a0[h]);
+        _mm256_storeu_ps(red + (h * 8 + i + 1) * 8, a1[h]);
+      }
+    }
+    for (int h = 0; h < HT; ++h) {
+      for (int i = n; i < 8; ++i) _mm256_storeu_ps(red + (h * 8 + i) * 8, _mm256_setzero_ps());
+      const __m256 s = Reduce8(red + h * 64);
+      if (n == 8) {
+        _mm256_storeu_ps(p + h * kBlock + r0, s);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, s);
+        std::memcpy(p + h * kBlock + r0, tmp, sizeof(float) * n);
+      }
+    }
+  }
+  *pfp = pf;
+}
+
+template <DType T, bool kSparse, int HT>
+SKV_AVX2 void ScoresG(const Blk& b, int d, int dpad, const float* q, float* red, float* p,
+                      Prefetcher* pf) {
+  switch (d) {
+    case 64:
+      return Scores<T, kSparse, HT, 8>(b, d, dpad, q, red, p, pf);
+    case 128:
+      return Scores<T, kSparse, HT, 16>(b, d, dpad, q, red, p, pf);
+    default:
+      return Scores<T, kSparse, HT, 0>(b, d, dpad, q, red, p, pf);
+  }
+}
+
+template <DType T, bool kSparse>
+SKV_AVX2 void ScoresAll(const Blk& b, Work* w) {
+  for (int h0 = 0; h0 < w->group; h0 += 4) {
+    const int ht = std::min(4, w->group - h0);
+    const float* q = w->q.data() + static_cast<size_t>(h0) * w->dpad;
+    float* p = w->p.data() + static_cast<size_t>(h0) * kBlock;
+    switch (ht) {
+      case 4:
+        ScoresG<T, kSparse, 4>(b, w->d, w->dpad, q, w->red.data(), p, &w->pf);
+        break;
+      case 3:
+        ScoresG<T, kSparse, 3>(b, w->d, w->dpad, q, w->red.data(), p, &w->pf);
+        break;
+      case 2:
+        ScoresG<T, kSparse, 2>(b, w->d, w->dpad, q, w->red.data(), p, &w->pf);
+        break;
+      default:
+        ScoresG<T, kSparse, 1>(b, w->d, w->dpad, q, w->red.data(), p, &w->pf);
+        break;
+    }
+  }
+}
+
+SKV_AVX2 void RunScores(const Blk& b, Work* w) {
+  const bool sparse = b.fmt != nullptr;
+  switch (b.t) {
+    case DType::kFloat16:
+      return sparse ? ScoresAll<DType::kFloat16, true>(b, w)
+                    : ScoresAll<DType::kFloat16, false>(b, w);
+    case DType::kBFloat16:
+      return sparse ? ScoresAll<DType::kBFloat16, true>(b, w)
+                    : ScoresAll<DType::kBFloat16, false>(b, w);
+    case DType::kFloat32:
+      return sparse ? ScoresAll<DType::kFloat32, true>(b, w)
+                    : ScoresAll<DType::kFloat32, false>(b, w);
+  }
+}
+
+// Online-softmax update for the block's scores in w->p: running max and sum, accumulator
+// rescale; p becomes the weights exp(s - m).
+SKV_AVX2 void Softmax(int rows, Work* w) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int h = 0; h < w->group; ++h) {
     float* s = w->p.data() + static_cast<size_t>(h) * kBlock;
-    float block_max = -std::numeric_limits<float>::infinity();
-    bool nan = false;
-    for (int r = 0; r < rows; ++r) {
-      nan |= std::isnan(s[r]);
-      block_max = std::fmax(block_max, s[r]);
+    __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 nan = _mm256_setzero_ps();
+    for (int r = 0; r < rows; r += 8) {
+      const __m256 valid =
+          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rows - r), iota));
+      const __m256 x = _mm256_loadu_ps(s + r);
+      nan = _mm256_or_ps(nan, _mm256_and_ps(valid, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(mx, x, valid));
     }
-    if (nan) block_max = NAN;
+    const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float block_max = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    if (_mm256_movemask_ps(nan) != 0) block_max = NAN;
     const float m_old = w->m[h];
     const float m_new = std::isnan(block_max) ? NAN : std::fmax(m_old, block_max);
     const float alpha = std::isinf(m_old) ? 0.0f : std::exp(m_old - m_new);
-    float* acc = w->acc.data() + static_cast<size_t>(h) * dpad;
+    float* acc = w->acc.data() + static_cast<size_t>(h) * w->dpad;
     if (alpha != 1.0f) {
-      for (int j = 0; j < dpad; j += 8)
+      for (int j = 0; j < w->dpad; j += 8)
         _mm256_storeu_ps(acc + j, _mm256_mul_ps(_mm256_loadu_ps(acc + j), _mm256_set1_ps(alpha)));
     }
     __m256 sum = _mm256_setzero_ps();
     for (int r = 0; r < kBlock; r += 8) {
-      const __m256i ri =
-          _mm256_add_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rows), ri));
+      const __m256 valid =
+          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rows - r), iota));
       const __m256 e =
           _mm256_and_ps(valid, Exp(_mm256_sub_ps(_mm256_loadu_ps(s + r), _mm256_set1_ps(m_new))));
       _mm256_storeu_ps(s + r, e);
@@ -283,77 +442,191 @@ SKV_AVX2 void RunRows(int rows, Work* w) {
     w->l[h] = w->l[h] * alpha + HSum(sum);
     w->m[h] = m_new;
   }
-  // Values: column slices of 32 floats (4 ymm) x up to 3 heads stay in registers.
-  for (int h0 = 0; h0 < w->group; h0 += 3) {
-    const int ht = std::min(3, w->group - h0);
+}
+
+// acc[h, j0 .. j0 + 8 * NZ) += sum_r p[h, r] * v[r, j0 ..] for HT heads, V rows of type T at
+// base (row_bytes apart, whole 8-column groups): the HT * NZ accumulators stay in registers.
+// The first slice of a row reports the row's prefetch units (one Step per row: a Step per
+// slice cost as much as the slice's FMAs).
+template <DType T, int HT, int NZ>
+SKV_AVX2 void ValuesSlice(const uint8_t* base, size_t row_bytes, int rows, int dpad, int j0,
+                          const float* p, float* acc, Prefetcher* pfp) {
+  constexpr size_t es = T == DType::kFloat32 ? 4 : 2;
+  Prefetcher pf = *pfp;
+  __m256 a[HT][NZ];
+  for (int h = 0; h < HT; ++h)
+    for (int z = 0; z < NZ; ++z) a[h][z] = _mm256_loadu_ps(acc + h * dpad + j0 + 8 * z);
+  for (int r = 0; r < rows; ++r) {
+    if (j0 == 0) pf.Step(Prefetcher::kUnitsPerRow);
+    const uint8_t* v = base + r * row_bytes + j0 * es;
+    __m256 x[NZ];
+    for (int z = 0; z < NZ; ++z) x[z] = Load8Full(T, v + 8 * z * es);
+    for (int h = 0; h < HT; ++h) {
+      const __m256 pb = _mm256_broadcast_ss(p + h * kBlock + r);
+      for (int z = 0; z < NZ; ++z) a[h][z] = _mm256_fmadd_ps(pb, x[z], a[h][z]);
+    }
+  }
+  for (int h = 0; h < HT; ++h)
+    for (int z = 0; z < NZ; ++z) _mm256_storeu_ps(acc + h * dpad + j0 + 8 * z, a[h][z]);
+  *pfp = pf;
+}
+
+// Column slices of NZ groups (8 columns each), then single groups for the remainder.
+template <DType T, int HT, int NZ>
+SKV_AVX2 void ValuesTile(const uint8_t* base, size_t row_bytes, int rows, int dpad, const float* p,
+                         float* acc, Prefetcher* pf) {
+  int j0 = 0;
+  for (; j0 + 8 * NZ <= dpad; j0 += 8 * NZ)
+    ValuesSlice<T, HT, NZ>(base, row_bytes, rows, dpad, j0, p, acc, pf);
+  for (; j0 < dpad; j0 += 8) ValuesSlice<T, HT, 1>(base, row_bytes, rows, dpad, j0, p, acc, pf);
+}
+
+template <DType T>
+SKV_AVX2 void ValuesAll(const uint8_t* base, size_t row_bytes, int rows, Work* w) {
+  for (int h0 = 0; h0 < w->group; h0 += 4) {
+    const int ht = std::min(4, w->group - h0);
     const float* p = w->p.data() + static_cast<size_t>(h0) * kBlock;
-    for (int j0 = 0; j0 < dpad; j0 += 32) {
-      const int nz = std::min(4, (dpad - j0) / 8);
-      __m256 a[3][4];
-      for (int h = 0; h < ht; ++h)
-        for (int z = 0; z < nz; ++z)
-          a[h][z] =
-              _mm256_loadu_ps(w->acc.data() + static_cast<size_t>(h0 + h) * dpad + j0 + 8 * z);
-      for (int r = 0; r < rows; ++r) {
-        const float* v = vb + static_cast<size_t>(r) * dpad + j0;
-        for (int h = 0; h < ht; ++h) {
-          const __m256 pb = _mm256_set1_ps(p[h * kBlock + r]);
-          for (int z = 0; z < nz; ++z)
-            a[h][z] = _mm256_fmadd_ps(pb, _mm256_loadu_ps(v + 8 * z), a[h][z]);
-        }
-      }
-      for (int h = 0; h < ht; ++h)
-        for (int z = 0; z < nz; ++z)
-          _mm256_storeu_ps(w->acc.data() + static_cast<size_t>(h0 + h) * dpad + j0 + 8 * z,
-                           a[h][z]);
+    float* acc = w->acc.data() + static_cast<size_t>(h0) * w->dpad;
+    switch (ht) {
+      case 4:
+        ValuesTile<T, 4, 2>(base, row_bytes, rows, w->dpad, p, acc, &w->pf);
+        break;
+      case 3:
+        ValuesTile<T, 3, 3>(base, row_bytes, rows, w->dpad, p, acc, &w->pf);
+        break;
+      case 2:
+        ValuesTile<T, 2, 4>(base, row_bytes, rows, w->dpad, p, acc, &w->pf);
+        break;
+      default:
+        ValuesTile<T, 1, 4>(base, row_bytes, rows, w->dpad, p, acc, &w->pf);
+        break;
     }
   }
 }
+
+// Dense rows of whole 8-column groups are read in place; compressed rows (and dense rows of
+// other widths) are first expanded to fp32 rows in the L1-resident w->vb.
+SKV_AVX2 void RunValues(const Blk& b, Work* w) {
+  if (b.fmt == nullptr && w->d == w->dpad) {
+    const size_t row = static_cast<size_t>(w->d) * DTypeSize(b.t);
+    const uint8_t* base = b.data + b.t0 * row;
+    switch (b.t) {
+      case DType::kFloat16:
+        return ValuesAll<DType::kFloat16>(base, row, b.rows, w);
+      case DType::kBFloat16:
+        return ValuesAll<DType::kBFloat16>(base, row, b.rows, w);
+      case DType::kFloat32:
+        return ValuesAll<DType::kFloat32>(base, row, b.rows, w);
+    }
+  }
+  if (b.fmt == nullptr) {
+    ExpandDenseRows(b.t, b.data, b.t0, b.rows, w->d, w->dpad, w->vb.data());
+  } else if (b.t == DType::kFloat16) {
+    ExpandSparse<DType::kFloat16>(b, w->d, w->dpad, w->vb.data());
+  } else if (b.t == DType::kBFloat16) {
+    ExpandSparse<DType::kBFloat16>(b, w->d, w->dpad, w->vb.data());
+  } else {
+    ExpandSparse<DType::kFloat32>(b, w->d, w->dpad, w->vb.data());
+  }
+  ValuesAll<DType::kFloat32>(reinterpret_cast<const uint8_t*>(w->vb.data()),
+                             static_cast<size_t>(w->dpad) * sizeof(float), b.rows, w);
+}
+
+// Adds the bytes a block reads to the prefetcher.
+void AddRanges(const Blk& b, int d, Prefetcher* pf) {
+  const size_t es = DTypeSize(b.t);
+  if (b.fmt == nullptr) {
+    const size_t row = static_cast<size_t>(d) * es;
+    pf->Add(b.data + b.t0 * row, b.rows * row);
+    return;
+  }
+  const size_t bm = BitmapBytes(d);
+  const size_t vs = static_cast<size_t>(b.fmt->k) * es;
+  pf->Add(b.data + b.t0 * bm, b.rows * bm);
+  pf->Add(b.data + b.fmt->bitmap_bytes() + b.t0 * vs, b.rows * vs);
+}
+
+// Runs blocks one behind the one most recently emitted, so that the emitted block's bytes
+// are prefetched while the previous one computes (as in avx512_attention.cc).
+struct Pipeline {
+  Work* w;
+  bool have = false;
+  Blk k{}, v{};
+
+  SKV_AVX2 void Run() {
+    RunScores(k, w);
+    Softmax(k.rows, w);
+    RunValues(v, w);
+  }
+  SKV_AVX2 void Emit(const Blk& nk, const Blk& nv) {
+    if (have) {
+      w->pf.Clear();
+      AddRanges(nk, w->d, &w->pf);
+      AddRanges(nv, w->d, &w->pf);
+      w->pf.Pace(k.rows);
+      Run();
+    }
+    k = nk;
+    v = nv;
+    have = true;
+  }
+  SKV_AVX2 void Flush() {
+    if (have) {
+      w->pf.Clear();
+      Run();
+    }
+    have = false;
+  }
+};
 
 SKV_AVX2 void RunAll(const DecodeAttentionParams& p, Work* w) {
   const SectionFormat& kf = p.k_format;
   const SectionFormat& vf = p.v_format;
   const bool rows_ok = kf.kind != SectionKind::kPerChannel && vf.kind != SectionKind::kPerChannel;
+  const SectionFormat* kfp = kf.kind == SectionKind::kPerToken ? &kf : nullptr;
+  const SectionFormat* vfp = vf.kind == SectionKind::kPerToken ? &vf : nullptr;
+  Pipeline pipe{w};
   for (int c = 0; c < p.num_chunks; ++c) {
     const int tokens = kf.tokens;
+    const uint8_t* ck = p.chunks[c].k;
+    const uint8_t* cv = p.chunks[c].v;
     if (rows_ok) {
       for (int t0 = 0; t0 < tokens; t0 += kBlock) {
         const int rows = std::min(kBlock, tokens - t0);
-        ExpandRows(&kf, p.dtype, p.chunks[c].k, t0, rows, w->d, w->dpad, p.chunks[c].k + kf.bytes(),
-                   w->kb.data());
-        ExpandRows(&vf, p.dtype, p.chunks[c].v, t0, rows, w->d, w->dpad, p.chunks[c].v + vf.bytes(),
-                   w->vb.data());
-        RunRows(rows, w);
+        pipe.Emit({kfp, p.dtype, ck, ck + kf.bytes(), t0, rows},
+                  {vfp, p.dtype, cv, cv + vf.bytes(), t0, rows});
       }
       continue;
     }
-    // Per-channel sections: the portable float expansion, then the same row loop.
+    // Per-channel sections: the portable float expansion, then dense fp32 rows. The pipeline
+    // is flushed first and after, as the float buffers are reused per chunk.
+    pipe.Flush();
     const size_t n = static_cast<size_t>(tokens) * w->d;
     w->kf.resize(n);
     w->vf.resize(n);
-    ExpandSectionToFloat(kf, p.chunks[c].k, w->kf.data());
-    ExpandSectionToFloat(vf, p.chunks[c].v, w->vf.data());
+    ExpandSectionToFloat(kf, ck, w->kf.data());
+    ExpandSectionToFloat(vf, cv, w->vf.data());
+    const auto* kd = reinterpret_cast<const uint8_t*>(w->kf.data());
+    const auto* vd = reinterpret_cast<const uint8_t*>(w->vf.data());
     for (int t0 = 0; t0 < tokens; t0 += kBlock) {
       const int rows = std::min(kBlock, tokens - t0);
-      const auto* kd = reinterpret_cast<const uint8_t*>(w->kf.data());
-      const auto* vd = reinterpret_cast<const uint8_t*>(w->vf.data());
-      ExpandRows(nullptr, DType::kFloat32, kd, t0, rows, w->d, w->dpad, nullptr, w->kb.data());
-      ExpandRows(nullptr, DType::kFloat32, vd, t0, rows, w->d, w->dpad, nullptr, w->vb.data());
-      RunRows(rows, w);
+      pipe.Emit({nullptr, DType::kFloat32, kd, nullptr, t0, rows},
+                {nullptr, DType::kFloat32, vd, nullptr, t0, rows});
     }
+    pipe.Flush();
   }
   for (int s = 0; s < p.num_spans; ++s) {
     const DenseSpan& span = p.spans[s];
     const size_t row = static_cast<size_t>(w->d) * DTypeSize(p.dtype);
     for (int64_t t0 = 0; t0 < span.tokens; t0 += kBlock) {
       const int rows = static_cast<int>(std::min<int64_t>(kBlock, span.tokens - t0));
-      ExpandRows(nullptr, p.dtype, static_cast<const uint8_t*>(span.k) + t0 * row, 0, rows, w->d,
-                 w->dpad, nullptr, w->kb.data());
-      ExpandRows(nullptr, p.dtype, static_cast<const uint8_t*>(span.v) + t0 * row, 0, rows, w->d,
-                 w->dpad, nullptr, w->vb.data());
-      RunRows(rows, w);
+      // Offsets stay in 64 bits: a span may exceed 2^31 bytes.
+      pipe.Emit(
+          {nullptr, p.dtype, static_cast<const uint8_t*>(span.k) + t0 * row, nullptr, 0, rows},
+          {nullptr, p.dtype, static_cast<const uint8_t*>(span.v) + t0 * row, nullptr, 0, rows});
     }
   }
+  pipe.Flush();
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
-// The AVX2 variant of decode attention (AVX2, FMA, F16C, BMI2, POPCNT): compressed rows are
-// expanded 8 columns at a time with a 256-entry table of vpermps indices per bitmap byte,
-// fp16 converted with F16C, bf16 by a 16-bit shift; all query heads of the GQA group share
-// each expanded K/V row; the online softmax runs per block of up to 64 tokens.
+// The AVX2 variant of decode attention (AVX2, FMA, F16C, BMI2, POPCNT), fp32 arithmetic:
+// compressed rows are expanded 8 columns at a time by table-driven shuffles (one per bitmap
+// byte), fp16 converted with F16C, bf16 by a 16-bit shift; all query heads of the GQA group
+// share each expanded K/V row; the online softmax runs per block of up to 64 tokens, and the
+// next block is prefetched while one computes.
 //
 // Specialised: dense and per-token sections and dense spans in fp16, bf16 and fp32;
 // per-channel sections fall back to row_source.h's float expansion.

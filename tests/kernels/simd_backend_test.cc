@@ -108,6 +108,8 @@ std::vector<EdgeCase> EdgeCases() {
       {4, 100, 3, 33, 32, 17, T, T, 0.7, F16},          // D % 32 = 4, k = 30, chunk 33
       {3, 40, 2, 33, 32, 9, T, T, 0.5, BF16},           // D % 16 = 8
       {2, 12, 2, 65, 32, 3, T, T, 0.7, F32},            // D < 16, chunk 65 (two blocks)
+      {4, 128, 2, 64, 32, 5, T, T, 0.5, F32},           // fp32 rows, unrolled D = 128
+      {2, 64, 1, 33, 32, 3, T, D, 0.7, F32},            // fp32, dense V rows read in place
       {5, 136, 2, 130, 32, 70, T, T, 0.63, F16},        // group 5 = tiles 4 + 1, span > one block
       {6, 128, 2, 96, 32, 1, T, T, 0.7, F16},           // group 6 = 4 + 2
       {12, 64, 1, 64, 32, 2, T, T, 0.7, BF16},          // group 12 = 8 + 4
