@@ -225,24 +225,40 @@ SKV_AVX2 SKV_INLINE __m256 SparseGroup(unsigned b, const uint8_t** src, const ui
   }
 }
 
+// Whether loads from a compressed row whose values end at row_end may reach past the
+// section's end: a load starting inside the row (16 bytes of fp16/bf16, 32 of fp32) ends
+// before row_end plus its width. Only a section's last rows are that close.
+template <DType T>
+SKV_INLINE bool NearEnd(const uint8_t* row_end, const uint8_t* end) {
+  return end - row_end < (T == DType::kFloat32 ? 32 : 16);
+}
+
+// One compressed row (bitmap bytes bits, values at src) to dpad floats at o.
+template <DType T, int G, bool kGuard>
+SKV_AVX2 SKV_INLINE void ExpandSparseRow(const uint8_t* bits, const uint8_t* src,
+                                         const uint8_t* end, int d, int dpad, float* o) {
+  const int groups = G > 0 ? G : dpad / 8;
+#pragma GCC unroll 32
+  for (int g = 0; g < groups; ++g) {
+    const unsigned m = G > 0 || 8 * g < d ? bits[g] : 0u;
+    _mm256_storeu_ps(o + 8 * g, SparseGroup<T, kGuard>(m, &src, end));
+  }
+}
+
 // Expands the block's compressed rows to out [rows, dpad] floats. G as in PairScores.
 template <DType T, int G>
 SKV_AVX2 void ExpandSparseRows(const Blk& b, int d, int dpad, float* out) {
   constexpr size_t es = T == DType::kFloat32 ? 4 : 2;
-  const int groups = G > 0 ? G : dpad / 8;
   const size_t bm = BitmapBytes(d);
   const size_t stride = static_cast<size_t>(b.fmt->k) * es;
   const uint8_t* bits = b.data + static_cast<size_t>(b.t0) * bm;
   const uint8_t* vals = b.data + b.fmt->bitmap_bytes() + static_cast<size_t>(b.t0) * stride;
   for (int r = 0; r < b.rows; ++r, bits += bm, vals += stride) {
     float* o = out + static_cast<size_t>(r) * dpad;
-    const uint8_t* src = vals;
-    const bool guard = b.end - (vals + stride) < static_cast<ptrdiff_t>(es * 8);
-#pragma GCC unroll 32
-    for (int g = 0; g < groups; ++g) {
-      const unsigned m = G > 0 || 8 * g < d ? bits[g] : 0u;
-      _mm256_storeu_ps(o + 8 * g, guard ? SparseGroup<T, true>(m, &src, b.end)
-                                        : SparseGroup<T, false>(m, &src, b.end));
+    if (NearEnd<T>(vals + stride, b.end)) {
+      ExpandSparseRow<T, G, true>(bits, vals, b.end, d, dpad, o);
+    } else {
+      ExpandSparseRow<T, G, false>(bits, vals, b.end, d, dpad, o);
     }
   }
 }
@@ -326,8 +342,7 @@ SKV_AVX2 void Scores(const Blk& b, int d, int dpad, const float* q, float* red, 
       const uint8_t* sb = vals + rb * stride;
       const uint8_t* ba = kSparse ? bits + ra * bm : nullptr;
       const uint8_t* bb = kSparse ? bits + rb * bm : nullptr;
-      // A load (16 bytes, fp32: 32) from inside row rb ends before rb's values end + that.
-      if (kSparse && b.end - (sb + stride) < (T == DType::kFloat32 ? 32 : 16)) {
+      if (kSparse && NearEnd<T>(sb + stride, b.end)) {  // rb is the later row
         PairScores<T, kSparse, HT, G, true>(ba, bb, sa, sb, b.end, d, dpad, q, a0, a1);
       } else {
         PairScores<T, kSparse, HT, G, false>(ba, bb, sa, sb, b.end, d, dpad, q, a0, a1);
