@@ -33,6 +33,9 @@ class CompressedChunk {
   const kernels::SectionFormat& v_format() const { return v_format_; }
   // Payload bytes (bitmaps and values of every head).
   size_t bytes() const { return Bytes(k_format_, v_format_, kv_heads_); }
+  // Memory the chunk holds: its pool block (payload rounded up to the pool's alignment) and
+  // the object; what the byte budget counts.
+  size_t memory_bytes() const { return pool_->block_bytes() + sizeof(*this); }
   // Whether K / V of this chunk were ranked output-aware (else magnitude).
   bool k_output_aware() const { return k_output_aware_; }
   bool v_output_aware() const { return v_output_aware_; }

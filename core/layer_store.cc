@@ -1,6 +1,7 @@
 #include "core/layer_store.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 
 namespace sparsekv {
@@ -8,15 +9,34 @@ namespace sparsekv {
 LayerStore::LayerStore(const Layout& layout)
     : layout_(layout),
       chunks_(std::make_shared<const ChunkList>()),
-      q_energy_(static_cast<size_t>(layout.num_kv_heads) * layout.head_dim, 0.0f) {}
+      q_energy_(static_cast<size_t>(layout.num_kv_heads) * layout.head_dim, 0.0) {}
 
-void LayerStore::Append(kernels::DType src, const uint8_t* k, const uint8_t* v, int64_t tokens,
-                        size_t token_stride, size_t head_stride) {
+int64_t LayerStore::BlockBytes(const Layout& l) {
+  const int64_t rows = static_cast<int64_t>(l.num_kv_heads) * DenseBlock::kRows;
+  return rows * (2 * l.head_dim * static_cast<int64_t>(kernels::DTypeSize(l.dtype)) +
+                 static_cast<int64_t>(sizeof(float))) +
+         static_cast<int64_t>(sizeof(DenseBlock));
+}
+
+int64_t LayerStore::FixedBytes(const Layout& l) {
+  return static_cast<int64_t>(sizeof(LayerStore) + sizeof(ChunkList)) +
+         static_cast<int64_t>(l.num_kv_heads) * l.head_dim * static_cast<int64_t>(sizeof(double));
+}
+
+int64_t LayerStore::BlocksNeeded(int64_t tokens) const {
+  const int64_t room = tail_.empty() ? 0 : DenseBlock::kRows - tail_.back()->rows;
+  return tokens <= room ? 0 : (tokens - room + DenseBlock::kRows - 1) / DenseBlock::kRows;
+}
+
+int64_t LayerStore::Append(kernels::DType src, const uint8_t* k, const uint8_t* v,
+                           int64_t tokens, size_t token_stride, size_t head_stride) {
   const int heads = layout_.num_kv_heads;
   const int d = layout_.head_dim;
+  int64_t blocks = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     if (tail_.empty() || tail_.back()->rows == DenseBlock::kRows) {
       tail_.push_back(std::make_shared<DenseBlock>(heads, d, layout_.dtype));
+      ++blocks;
     }
     DenseBlock& b = *tail_.back();
     for (int h = 0; h < heads; ++h) {
@@ -28,6 +48,30 @@ void LayerStore::Append(kernels::DType src, const uint8_t* k, const uint8_t* v, 
     ++b.rows;
   }
   tail_tokens_ += tokens;
+  return blocks;
+}
+
+int64_t LayerStore::AppendStaged(const std::vector<BlockRows>& staged) {
+  const int heads = layout_.num_kv_heads;
+  const size_t row = static_cast<size_t>(layout_.head_dim) * kernels::DTypeSize(layout_.dtype);
+  int64_t blocks = 0;
+  for (const BlockRows& r : staged) {
+    for (int src = r.begin; src < r.end; ++src) {
+      if (tail_.empty() || tail_.back()->rows == DenseBlock::kRows) {
+        tail_.push_back(std::make_shared<DenseBlock>(heads, layout_.head_dim, layout_.dtype));
+        ++blocks;
+      }
+      DenseBlock& b = *tail_.back();
+      for (int h = 0; h < heads; ++h) {
+        std::memcpy(b.k_row(h, b.rows), r.block->k_row(h, src), row);
+        std::memcpy(b.v_row(h, b.rows), r.block->v_row(h, src), row);
+        b.mass(h)[b.rows] = r.block->mass(h)[src];
+      }
+      ++b.rows;
+      ++tail_tokens_;
+    }
+  }
+  return blocks;
 }
 
 LayerSnapshot LayerStore::Snapshot() const {
@@ -42,13 +86,17 @@ LayerSnapshot LayerStore::Snapshot() const {
   return s;
 }
 
-void LayerStore::AddQueryEnergy(const float* q) {
-  const int d = layout_.head_dim;
-  const int group = layout_.group_size();
-  for (int h = 0; h < layout_.num_q_heads; ++h) {
-    float* e = q_energy_.data() + static_cast<size_t>(h / group) * d;
-    for (int j = 0; j < d; ++j) e[j] += q[h * d + j] * q[h * d + j];
+void LayerStore::AccumulateQueryEnergy(const Layout& l, const float* q, double* sums) {
+  const int d = l.head_dim;
+  const int group = l.group_size();
+  for (int h = 0; h < l.num_q_heads; ++h) {
+    double* e = sums + static_cast<size_t>(h / group) * d;
+    for (int j = 0; j < d; ++j) e[j] += static_cast<double>(q[h * d + j]) * q[h * d + j];
   }
+}
+
+void LayerStore::AddQueryEnergy(const double* sums) {
+  for (size_t i = 0; i < q_energy_.size(); ++i) q_energy_[i] += sums[i];
   queries_seen_ = true;
 }
 
@@ -67,7 +115,11 @@ void LayerStore::AddMass(const LayerSnapshot& snapshot, int head, const float* m
 CompressionInput LayerStore::TakeOldest(int tokens) const {
   CompressionInput in;
   in.tokens = tokens;
-  in.q_energy = q_energy_;
+  // Clamped to the float range: scores use its root, which then stays finite.
+  in.q_energy.resize(q_energy_.size());
+  for (size_t i = 0; i < q_energy_.size(); ++i) {
+    in.q_energy[i] = static_cast<float>(std::min<double>(q_energy_[i], FLT_MAX));
+  }
   in.queries_seen = queries_seen_;
   const int heads = layout_.num_kv_heads;
   in.mass.resize(static_cast<size_t>(heads) * tokens);
@@ -86,14 +138,18 @@ CompressionInput LayerStore::TakeOldest(int tokens) const {
   return in;
 }
 
-void LayerStore::Publish(std::shared_ptr<const CompressedChunk> chunk) {
+int64_t LayerStore::Publish(std::shared_ptr<const CompressedChunk> chunk) {
   int left = chunk->tokens();
+  int64_t released = 0;
   while (left > 0) {
     DenseBlock& b = *tail_.front();
     const int n = std::min(b.rows - b.begin, left);
     b.begin += n;
     left -= n;
-    if (b.begin == DenseBlock::kRows) tail_.pop_front();
+    if (b.begin == DenseBlock::kRows) {
+      tail_.pop_front();
+      ++released;
+    }
   }
   const int64_t elems =
       static_cast<int64_t>(chunk->tokens()) * layout_.num_kv_heads * layout_.head_dim;
@@ -107,6 +163,7 @@ void LayerStore::Publish(std::shared_ptr<const CompressedChunk> chunk) {
   auto next = std::make_shared<ChunkList>(*chunks_);
   next->push_back(std::move(chunk));
   chunks_ = std::move(next);
+  return released;
 }
 
 int64_t LayerStore::compressed_elements() const {

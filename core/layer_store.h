@@ -49,19 +49,33 @@ class LayerStore {
  public:
   explicit LayerStore(const Layout& layout);
 
+  // Memory of one dense tail block (kRows rows of K and V of every KV head, their attention
+  // mass, the object), allocated whole when the first of its rows is appended.
+  static int64_t BlockBytes(const Layout& layout);
+  // Memory a layer holds whatever its tokens (the object and its scoring statistics).
+  static int64_t FixedBytes(const Layout& layout);
+  // Blocks that appending `tokens` rows now would allocate.
+  int64_t BlocksNeeded(int64_t tokens) const;
+
   int64_t tokens() const { return compressed_tokens_ + tail_tokens_; }
   int64_t compressed_tokens() const { return compressed_tokens_; }
   int64_t tail_tokens() const { return tail_tokens_; }
 
   // Appends `tokens` rows; row t of KV head h is at k + t * token_stride + h * head_stride
-  // (bytes) in `src` dtype, converted to the storage dtype.
-  void Append(kernels::DType src, const uint8_t* k, const uint8_t* v, int64_t tokens,
-              size_t token_stride, size_t head_stride);
+  // (bytes) in `src` dtype, converted to the storage dtype. Returns the blocks allocated.
+  int64_t Append(kernels::DType src, const uint8_t* k, const uint8_t* v, int64_t tokens,
+                 size_t token_stride, size_t head_stride);
+  // Appends the rows of `staged` (the tail of another LayerStore of the same layout, built
+  // outside the lock) with their attention mass. Returns the blocks allocated.
+  int64_t AppendStaged(const std::vector<BlockRows>& staged);
 
   LayerSnapshot Snapshot() const;
 
-  // Scoring statistics. q: [num_q_heads, head_dim] fp32.
-  void AddQueryEnergy(const float* q);
+  // Adds the squared channels of q ([num_q_heads, head_dim] fp32) to `sums` ([num_kv_heads,
+  // head_dim], summed over each KV head's query group).
+  static void AccumulateQueryEnergy(const Layout& layout, const float* q, double* sums);
+  // Scoring statistics: adds `sums` (as AccumulateQueryEnergy makes them) to the layer's.
+  void AddQueryEnergy(const double* sums);
   // Adds mass[t] (one entry per snapshot tail row, in order) to the rows of `snapshot` for
   // KV head `head`. Rows compressed meanwhile are skipped (their blocks are no longer read).
   void AddMass(const LayerSnapshot& snapshot, int head, const float* mass);
@@ -69,8 +83,9 @@ class LayerStore {
   // Copies out the oldest `tokens` tail rows. REQUIRES: tokens <= tail_tokens().
   CompressionInput TakeOldest(int tokens) const;
   // Replaces the oldest chunk->tokens() tail rows by `chunk`. REQUIRES: those rows are the
-  // ones a TakeOldest handed out and nothing else was published since.
-  void Publish(std::shared_ptr<const CompressedChunk> chunk);
+  // ones a TakeOldest handed out and nothing else was published since. Returns the tail
+  // blocks released (all of their rows compressed).
+  int64_t Publish(std::shared_ptr<const CompressedChunk> chunk);
 
   // Copies rows [begin, begin + count) as [count, num_kv_heads, head_dim] in the storage dtype
   // to the end of k_out / v_out (compressed rows decompressed, pruned elements 0).
@@ -104,7 +119,8 @@ class LayerStore {
   int64_t v_kept_ = 0;
   int64_t output_aware_k_ = 0;
   int64_t output_aware_v_ = 0;
-  std::vector<float> q_energy_;  // [num_kv_heads, head_dim]
+  // [num_kv_heads, head_dim]; double so that sums of large finite queries do not overflow.
+  std::vector<double> q_energy_;
   bool queries_seen_ = false;
 };
 

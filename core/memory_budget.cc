@@ -22,6 +22,12 @@ absl::Status MemoryBudget::Reserve(const std::string& tenant, int64_t bytes) {
   return absl::OkStatus();
 }
 
+void MemoryBudget::Charge(const std::string& tenant, int64_t bytes) {
+  MutexLock lock(&mu_);
+  used_ += bytes;
+  tenant_used_[tenant] += bytes;
+}
+
 void MemoryBudget::Release(const std::string& tenant, int64_t bytes) {
   MutexLock lock(&mu_);
   used_ -= bytes;

@@ -26,7 +26,11 @@ class MemoryBudget {
   // Accounts `bytes` to `tenant`. ResourceExhausted (nothing accounted) when either limit would
   // be exceeded; the message gives the request, the use and the limit.
   absl::Status Reserve(const std::string& tenant, int64_t bytes);
-  // Returns bytes accounted by an earlier Reserve.
+  // Accounts `bytes` without checking the limits: for memory that replaces memory already
+  // accounted (a compressed chunk published in place of the dense rows it was built from),
+  // so that background pruning never fails on a full budget.
+  void Charge(const std::string& tenant, int64_t bytes);
+  // Returns bytes accounted by an earlier Reserve or Charge.
   void Release(const std::string& tenant, int64_t bytes);
 
   int64_t used() const;

@@ -8,16 +8,33 @@
 #include "core/attend.h"
 #include "core/compressor.h"
 #include "core/status_macros.h"
+#include "kernels/finite_check.h"
 
 namespace sparsekv {
 
-Session::Session(SessionInfo info, SessionEnv env) : env_(std::move(env)), info_(std::move(info)) {
+Session::Session(SessionInfo info, SessionEnv env)
+    : env_(std::move(env)),
+      info_(std::move(info)),
+      block_bytes_(LayerStore::BlockBytes(info_.layout)) {
   layers_.reserve(info_.layout.num_layers);
   for (int l = 0; l < info_.layout.num_layers; ++l) layers_.emplace_back(info_.layout);
   last_access_ = info_.create_time;
+  bytes_ = FixedBytes(info_);
 }
 
 Session::~Session() { Close(); }
+
+int64_t Session::FixedBytes(const SessionInfo& info) {
+  int64_t labels = 0;
+  for (const auto& [key, value] : info.labels) {
+    labels += static_cast<int64_t>(key.size() + value.size()) + 64;  // + map node
+  }
+  return static_cast<int64_t>(sizeof(Session)) + info.layout.num_layers * LayerStore::FixedBytes(info.layout) +
+         static_cast<int64_t>(info.id.size() + info.tenant.size()) + labels +
+         static_cast<int64_t>(sizeof(float)) *
+             static_cast<int64_t>(info.policy.k.layer_sparsity.size() +
+                                  info.policy.v.layer_sparsity.size());
+}
 
 int64_t Session::Close() {
   MutexLock lock(&mu_);
@@ -27,12 +44,50 @@ int64_t Session::Close() {
   return bytes_;
 }
 
-void Session::ChargeLocked(int64_t delta) {
-  bytes_ += delta;
-  if (closed_) env_.budget->Release(info_.tenant, delta);
+absl::Status Session::Reserve(int64_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  MutexLock lock(&mu_);
+  const int64_t cap = env_.limits.max_session_bytes;
+  if (cap > 0 && bytes_ + pending_ + bytes > cap) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session \"", info_.id, "\" would hold ", bytes_ + pending_ + bytes, " bytes, over ", cap,
+        " (--max_session_bytes)"));
+  }
+  SPARSEKV_RETURN_IF_ERROR(env_.budget->Reserve(info_.tenant, bytes));
+  pending_ += bytes;
+  return absl::OkStatus();
 }
 
-void Session::Touch() { last_access_ = absl::Now(); }
+void Session::Unreserve(int64_t bytes) {
+  if (bytes == 0) return;
+  MutexLock lock(&mu_);
+  pending_ -= bytes;
+  env_.budget->Release(info_.tenant, bytes);
+}
+
+void Session::Settle(int64_t reserved, int64_t used) {
+  if (used <= reserved) {
+    Unreserve(reserved - used);
+    return;
+  }
+  // More than reserved: memory already allocated, accounted without a limit check.
+  MutexLock lock(&mu_);
+  pending_ += used - reserved;
+  env_.budget->Charge(info_.tenant, used - reserved);
+}
+
+void Session::CommitLocked(int64_t bytes) {
+  pending_ -= bytes;
+  bytes_ += bytes;
+  if (closed_) env_.budget->Release(info_.tenant, bytes);
+}
+
+void Session::Touch() {
+  MutexLock lock(&mu_);
+  TouchLocked();
+}
+
+void Session::TouchLocked() { last_access_ = absl::Now(); }
 
 float Session::Scale(float requested) const {
   return requested > 0.0f ? requested : 1.0f / std::sqrt(static_cast<float>(info_.layout.head_dim));
@@ -55,8 +110,23 @@ absl::Status Session::CheckKvShape(const TensorView& t, const char* name,
   return absl::OkStatus();
 }
 
-absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, const TensorView& v,
-                                        const TensorView& obs_q) {
+absl::Status Session::CheckValues(const TensorView& t, const char* name, DType storage) const {
+  if (!env_.limits.reject_nonfinite || t.empty()) return absl::OkStatus();
+  const int64_t bad = kernels::FindUnstorable(t.dtype, t.data,
+                                              static_cast<size_t>(t.num_elements()), storage);
+  if (bad < 0) return absl::OkStatus();
+  const float value = kernels::LoadAsFloat(t.dtype, t.data, static_cast<size_t>(bad));
+  if (std::isfinite(value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, "[flat index ", bad, "] = ", value, " overflows the session's ",
+                     kernels::DTypeName(storage), " storage"));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(name, "[flat index ", bad, "] is ", value, ": values must be finite"));
+}
+
+absl::Status Session::CheckAppend(int layer_begin, const TensorView& k, const TensorView& v,
+                                  const TensorView& obs_q) const {
   const Layout& l = info_.layout;
   if (k.shape.size() != 4) {
     return absl::InvalidArgumentError(
@@ -67,12 +137,15 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
   const int64_t tokens = k.shape[1];
   SPARSEKV_RETURN_IF_ERROR(CheckKvShape(k, "k", {layers, tokens, l.num_kv_heads, l.head_dim}));
   SPARSEKV_RETURN_IF_ERROR(CheckKvShape(v, "v", k.shape));
+  if (k.dtype != v.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat("k is ", kernels::DTypeName(k.dtype),
+                                                   " but v is ", kernels::DTypeName(v.dtype)));
+  }
   if (layer_begin < 0 || layer_begin + layers > l.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("layers [", layer_begin, ", ",
                                                    layer_begin + layers, ") outside the session's ",
                                                    l.num_layers, " layers"));
   }
-  int64_t obs_tokens = 0;
   if (!obs_q.empty()) {
     if (obs_q.shape.size() != 4 || obs_q.shape[0] != layers || obs_q.shape[2] != l.num_q_heads ||
         obs_q.shape[3] != l.head_dim) {
@@ -80,59 +153,163 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
           "obs_q has shape ", ShapeString(obs_q.shape), ", want [layers=", layers,
           ", obs_tokens, num_q_heads=", l.num_q_heads, ", head_dim=", l.head_dim, "]"));
     }
-    obs_tokens = obs_q.shape[1];
+    if (obs_q.shape[1] > env_.limits.max_obs_tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("obs_q has ", obs_q.shape[1], " tokens per layer, more than ",
+                       env_.limits.max_obs_tokens, " (--max_obs_tokens)"));
+    }
   }
-  const int64_t add = layers * tokens * l.token_bytes();
-  SPARSEKV_RETURN_IF_ERROR(env_.budget->Reserve(info_.tenant, add));
-  const size_t es = kernels::DTypeSize(k.dtype);
-  const size_t head_stride = static_cast<size_t>(l.head_dim) * es;
+  SPARSEKV_RETURN_IF_ERROR(CheckValues(k, "k", l.dtype));
+  SPARSEKV_RETURN_IF_ERROR(CheckValues(v, "v", l.dtype));
+  SPARSEKV_RETURN_IF_ERROR(CheckValues(obs_q, "obs_q", DType::kFloat32));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, const TensorView& v,
+                                        const TensorView& obs_q, const CancelCheck& cancel) {
+  SPARSEKV_RETURN_IF_ERROR(CheckAppend(layer_begin, k, v, obs_q));
+  const Layout& l = info_.layout;
+  const int64_t layers = k.shape[0];
+  const int64_t tokens = k.shape[1];
+  // The blocks the rows need, reserved before anything is applied (Settle squares the count
+  // with what the append used, which differs only if another append to the same layers ran
+  // in between).
+  int64_t reserved = 0;
+  {
+    MutexLock lock(&mu_);
+    for (int64_t i = 0; i < layers; ++i) {
+      reserved += layers_[layer_begin + i].BlocksNeeded(tokens) * block_bytes_;
+    }
+  }
+  SPARSEKV_RETURN_IF_ERROR(Reserve(reserved));
+  int64_t blocks = 0;
+  if (!obs_q.empty()) {
+    const absl::Status st = AppendObserved(layer_begin, k, v, obs_q, cancel, &blocks);
+    if (!st.ok()) {
+      Unreserve(reserved);
+      return st;
+    }
+  } else {
+    if (cancel) {
+      const absl::Status st = cancel();
+      if (!st.ok()) {
+        Unreserve(reserved);
+        return st;
+      }
+    }
+    const size_t head_stride = static_cast<size_t>(l.head_dim) * kernels::DTypeSize(k.dtype);
+    const size_t token_stride = head_stride * l.num_kv_heads;
+    const size_t layer_stride = token_stride * tokens;
+    for (int64_t i = 0; i < layers; ++i) {
+      const int layer = layer_begin + static_cast<int>(i);
+      MutexLock lock(&mu_);
+      const int64_t n = layers_[layer].Append(
+          k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
+          static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens, token_stride,
+          head_stride);
+      CommitLocked(n * block_bytes_);
+      blocks += n;
+      TouchLocked();
+      MaybeSchedule(layer);
+    }
+  }
+  Settle(reserved, blocks * block_bytes_);
+  return layers * tokens;
+}
+
+absl::Status Session::AppendObserved(int layer_begin, const TensorView& k, const TensorView& v,
+                                     const TensorView& obs_q, const CancelCheck& cancel,
+                                     int64_t* blocks) {
+  const Layout& l = info_.layout;
+  const int64_t layers = k.shape[0];
+  const int64_t tokens = k.shape[1];
+  const int64_t obs_tokens = obs_q.shape[1];
+  const size_t head_stride = static_cast<size_t>(l.head_dim) * kernels::DTypeSize(k.dtype);
   const size_t token_stride = head_stride * l.num_kv_heads;
   const size_t layer_stride = token_stride * tokens;
   const size_t q_elems = static_cast<size_t>(l.num_q_heads) * l.head_dim;
-  std::vector<float> q(q_elems), out(q_elems), lse(l.num_q_heads), mass;
   const float scale = Scale(0.0f);
+  // Per layer: the snapshot the queries saw (existing rows + staged new rows), the staged rows
+  // and the statistics they produced, applied together at the end.
+  struct Staged {
+    LayerSnapshot snap;
+    std::vector<BlockRows> rows;
+    std::vector<float> mass;
+    std::vector<double> energy;
+    bool seen = false;
+  };
+  std::vector<Staged> staged(layers);
+  std::vector<float> q(q_elems), out(q_elems), lse(l.num_q_heads);
   for (int64_t i = 0; i < layers; ++i) {
     const int layer = layer_begin + static_cast<int>(i);
-    LayerSnapshot snap;
+    Staged& st = staged[i];
     {
       MutexLock lock(&mu_);
-      layers_[layer].Append(k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
-                            static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens,
-                            token_stride, head_stride);
-      ChargeLocked(tokens * l.token_bytes());
-      Touch();
-      if (obs_tokens == 0) {
-        MaybeSchedule(layer);
-        continue;
-      }
-      snap = layers_[layer].Snapshot();
+      st.snap = layers_[layer].Snapshot();
     }
-    // Seed the scoring statistics before the new tokens become eligible for compression.
+    LayerStore stage(l);
+    stage.Append(k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
+                 static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens, token_stride,
+                 head_stride);
+    st.rows = stage.Snapshot().tail;
+    st.snap.tail.insert(st.snap.tail.end(), st.rows.begin(), st.rows.end());
+    st.snap.tokens += tokens;
+    st.snap.tail_tokens += tokens;
+    st.energy.assign(static_cast<size_t>(l.num_kv_heads) * l.head_dim, 0.0);
     // These steps only feed statistics: they run fp32 whatever the policy's decode_compute.
     for (int64_t t = 0; t < obs_tokens; ++t) {
+      if (cancel) SPARSEKV_RETURN_IF_ERROR(cancel());
       kernels::ConvertElements(
           obs_q.dtype,
           static_cast<const uint8_t*>(obs_q.data) +
               ((i * obs_tokens + t) * q_elems) * kernels::DTypeSize(obs_q.dtype),
           DType::kFloat32, q.data(), q_elems);
-      AttendLayer(l, snap, q.data(), *env_.backend, AttendOptions{scale}, out.data(), lse.data());
-      RecordScoring(layer, snap, q.data(), scale, lse.data());
+      AttendLayer(l, st.snap, q.data(), *env_.backend, AttendOptions{scale}, out.data(),
+                  lse.data());
+      st.seen |= AccumulateScoring(st.snap, q.data(), scale, lse.data(), &st.mass, &st.energy);
     }
+  }
+  if (cancel) SPARSEKV_RETURN_IF_ERROR(cancel());
+  for (int64_t i = 0; i < layers; ++i) {
+    const int layer = layer_begin + static_cast<int>(i);
     MutexLock lock(&mu_);
+    // Mass lands in the staged blocks too (they are the snapshot's last rows), and travels
+    // with their rows into the layer.
+    if (staged[i].seen) ApplyScoringLocked(layer, staged[i].snap, staged[i].mass, staged[i].energy);
+    const int64_t n = layers_[layer].AppendStaged(staged[i].rows);
+    CommitLocked(n * block_bytes_);
+    *blocks += n;
+    TouchLocked();
     MaybeSchedule(layer);
   }
-  return layers * tokens;
+  return absl::OkStatus();
 }
 
-void Session::RecordScoring(int layer, const LayerSnapshot& snap, const float* q, float scale,
-                            const float* lse) {
-  std::vector<float> mass;
-  const bool need_mass = NeedsMass();
-  if (need_mass) TailMass(info_.layout, snap, q, scale, lse, &mass);
-  MutexLock lock(&mu_);
+bool Session::AccumulateScoring(const LayerSnapshot& snap, const float* q, float scale,
+                                const float* lse, std::vector<float>* mass,
+                                std::vector<double>* energy) const {
+  const Layout& l = info_.layout;
+  for (int h = 0; h < l.num_q_heads; ++h) {
+    if (!std::isfinite(lse[h])) return false;
+  }
+  LayerStore::AccumulateQueryEnergy(l, q, energy->data());
+  if (!NeedsMass()) return true;
+  std::vector<float> step;
+  TailMass(l, snap, q, scale, lse, &step);
+  if (mass->empty()) {
+    *mass = std::move(step);
+  } else {
+    for (size_t i = 0; i < step.size(); ++i) (*mass)[i] += step[i];
+  }
+  return true;
+}
+
+void Session::ApplyScoringLocked(int layer, const LayerSnapshot& snap,
+                                 const std::vector<float>& mass,
+                                 const std::vector<double>& energy) {
   LayerStore& store = layers_[layer];
-  store.AddQueryEnergy(q);
-  if (!need_mass) return;
+  store.AddQueryEnergy(energy.data());
+  if (mass.empty()) return;
   for (int h = 0; h < info_.layout.num_kv_heads; ++h) {
     store.AddMass(snap, h, mass.data() + static_cast<size_t>(h) * snap.tail_tokens);
   }
@@ -156,19 +333,41 @@ absl::Status Session::CheckDecode(const DecodeInput& in) const {
     const std::vector<int64_t> want = {l.num_kv_heads, l.head_dim};
     SPARSEKV_RETURN_IF_ERROR(CheckKvShape(in.new_k, "new_k", want));
     SPARSEKV_RETURN_IF_ERROR(CheckKvShape(in.new_v, "new_v", want));
+    // One conversion serves both rows: their dtypes must agree (else V would be read with
+    // K's element size, past the end of its buffer).
+    if (in.new_k.dtype != in.new_v.dtype) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("new_k is ", kernels::DTypeName(in.new_k.dtype), " but new_v is ",
+                       kernels::DTypeName(in.new_v.dtype)));
+    }
   }
   if (!(in.scale >= 0.0f) || std::isinf(in.scale)) {
     return absl::InvalidArgumentError(
         absl::StrCat("scale must be finite and >= 0 (0 = 1/sqrt(head_dim)), got ", in.scale));
   }
+  SPARSEKV_RETURN_IF_ERROR(CheckValues(in.q, "q", DType::kFloat32));
+  SPARSEKV_RETURN_IF_ERROR(CheckValues(in.new_k, "new_k", l.dtype));
+  SPARSEKV_RETURN_IF_ERROR(CheckValues(in.new_v, "new_v", l.dtype));
   return absl::OkStatus();
+}
+
+int64_t Session::DecodeBytes(const DecodeInput& in) const {
+  if (in.new_k.empty()) return 0;
+  MutexLock lock(&mu_);
+  return layers_[in.layer].BlocksNeeded(1) * block_bytes_;
 }
 
 absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
   SPARSEKV_RETURN_IF_ERROR(CheckDecode(in));
+  const int64_t reserved = DecodeBytes(in);
+  SPARSEKV_RETURN_IF_ERROR(Reserve(reserved));
+  DecodeReserved(in, reserved, out);
+  return absl::OkStatus();
+}
+
+void Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out) {
   const Layout& l = info_.layout;
   const bool append = !in.new_k.empty();
-  if (append) SPARSEKV_RETURN_IF_ERROR(env_.budget->Reserve(info_.tenant, l.token_bytes()));
 
   std::vector<float> q(static_cast<size_t>(l.num_q_heads) * l.head_dim);
   kernels::ConvertElements(in.q.dtype, in.q.data, DType::kFloat32, q.data(), q.size());
@@ -177,21 +376,24 @@ absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
   const float scale = Scale(in.scale);
 
   LayerSnapshot snap;
+  int64_t used = 0;
   {
     MutexLock lock(&mu_);
     LayerStore& layer = layers_[in.layer];
     if (append) {
       const size_t head_stride =
           static_cast<size_t>(l.head_dim) * kernels::DTypeSize(in.new_k.dtype);
-      layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
-                   static_cast<const uint8_t*>(in.new_v.data), 1, 0, head_stride);
-      ChargeLocked(l.token_bytes());
+      used = block_bytes_ *
+             layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
+                          static_cast<const uint8_t*>(in.new_v.data), 1, 0, head_stride);
+      CommitLocked(used);
       MaybeSchedule(in.layer);
     }
     snap = layer.Snapshot();
     ++decode_steps_;
-    Touch();
+    TouchLocked();
   }
+  Settle(reserved, used);
   AttendOptions options;
   options.scale = scale;
   options.compute = info_.policy.decode_compute;
@@ -202,10 +404,14 @@ absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
   // may break near-ties differently (tests/eval/attention_quality.py, fp16 store, 70%: up to
   // 0.5% of keep/drop decisions differ, error vs dense within 1%). An fp32 lse would cost the
   // full fp32 step that kFloat16 saves.
-  RecordScoring(in.layer, snap, q.data(), scale, lse.data());
+  std::vector<float> mass;
+  std::vector<double> energy(static_cast<size_t>(l.num_kv_heads) * l.head_dim, 0.0);
+  if (AccumulateScoring(snap, q.data(), scale, lse.data(), &mass, &energy)) {
+    MutexLock lock(&mu_);
+    ApplyScoringLocked(in.layer, snap, mass, energy);
+  }
   if (in.want_lse) out->lse = std::move(lse);
   out->tokens_attended = snap.tokens;
-  return absl::OkStatus();
 }
 
 void Session::MaybeSchedule(int layer) {
@@ -250,19 +456,22 @@ void Session::CompressAndPublish(int layer, int tokens) {
   }
   std::shared_ptr<const CompressedChunk> chunk =
       CompressRows(info_.layout, info_.policy, layer, in, env_.pools.get());
-  const int64_t dense = static_cast<int64_t>(tokens) * info_.layout.token_bytes();
-  const int64_t packed = static_cast<int64_t>(chunk->bytes());
-  bool closed;
+  const int64_t chunk_bytes = static_cast<int64_t>(chunk->memory_bytes());
   {
     MutexLock lock(&mu_);
-    layers_[layer].Publish(std::move(chunk));
-    bytes_ += packed - dense;
-    closed = closed_;
+    const int64_t freed = layers_[layer].Publish(std::move(chunk)) * block_bytes_;
+    // The chunk replaces rows already counted, so it is charged without a limit check:
+    // pruning must not fail on a full budget. The net is negative once the blocks its rows
+    // came from are released (at most one block per layer is still partly in use).
+    bytes_ += chunk_bytes - freed;
+    if (!closed_) {
+      if (chunk_bytes > freed) {
+        env_.budget->Charge(info_.tenant, chunk_bytes - freed);
+      } else {
+        env_.budget->Release(info_.tenant, freed - chunk_bytes);
+      }
+    }
   }
-  // A chunk is never larger than its dense rows (the format falls back to dense), so this
-  // only ever returns bytes. After Close the budget holds none of them (Close released
-  // bytes_ as it was, with or without this difference).
-  if (!closed) env_.budget->Release(info_.tenant, dense - packed);
   env_.counters->chunks.fetch_add(1);
   env_.counters->tokens.fetch_add(tokens);
   env_.counters->nanos.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start));
@@ -360,6 +569,7 @@ SessionInfo Session::Info() const {
                     info_.layout.dtype == DType::kFloat16 && env_.backend->Fp16Arithmetic();
   st.decode_compute_in_force = fp16 ? DecodeCompute::kFloat16 : DecodeCompute::kFloat32;
   st.decode_steps = decode_steps_;
+  st.bytes_accounted = bytes_;
   return info;
 }
 

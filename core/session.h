@@ -8,6 +8,7 @@
 #define SPARSEKV_CORE_SESSION_H_
 
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -46,6 +47,7 @@ struct DecodeOutput {
 
 // Shared machinery sessions use; owned by the SessionStore, outliving every session.
 struct SessionEnv {
+  SessionLimits limits;
   std::shared_ptr<MemoryBudget> budget;
   std::shared_ptr<BoundedExecutor> pruner;       // background compression jobs
   std::shared_ptr<SlabPoolSet> pools;            // chunk memory
@@ -61,11 +63,21 @@ struct SessionEnv {
   std::shared_ptr<Counters> counters = std::make_shared<Counters>();
 };
 
+// Asked between the expensive parts of a request (each observation query's attention): a
+// non-OK status abandons the request before anything is applied (deadline passed, client
+// gone, server shutting down). May be empty.
+using CancelCheck = std::function<absl::Status()>;
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
   // `info` carries id, tenant, layout, policy, ttl, labels and times; stats are ignored.
-  // REQUIRES: layout and policy validated; owned by a shared_ptr (background jobs hold it).
+  // REQUIRES: layout and policy validated; owned by a shared_ptr (background jobs hold it);
+  // FixedBytes(info) already reserved in env.budget for info.tenant (the session owns them).
   Session(SessionInfo info, SessionEnv env);
+
+  // Memory a session holds from creation whatever its tokens: per-layer storage objects and
+  // scoring statistics, id, tenant and labels.
+  static int64_t FixedBytes(const SessionInfo& info);
   ~Session();  // returns the session's bytes to the budget
 
   Session(const Session&) = delete;
@@ -79,19 +91,41 @@ class Session : public std::enable_shared_from_this<Session> {
   // Appends tokens to layers [layer_begin, layer_begin + k.shape[0]).
   // k, v: [layers, tokens, num_kv_heads, head_dim]. obs_q, when not empty: [layers,
   // obs_tokens, num_q_heads, head_dim] observation-window queries that seed output-aware
-  // scoring (each attends over the whole layer after the append). InvalidArgument on a shape
-  // that does not fit the layout or a layer range outside it; ResourceExhausted over budget
-  // (nothing appended then). Returns the rows appended (layers * tokens).
+  // scoring (each attends over the whole layer after the append).
+  // All or nothing: InvalidArgument (CheckAppend), ResourceExhausted over a budget, or the
+  // status `cancel` returned, and nothing is appended; OK and every row is. Returns the rows
+  // appended (layers * tokens).
   absl::StatusOr<int64_t> Append(int layer_begin, const TensorView& k, const TensorView& v,
-                                 const TensorView& obs_q);
+                                 const TensorView& obs_q, const CancelCheck& cancel = {});
+  // The checks Append makes before touching anything: shapes against the layout, equal K/V
+  // dtypes, the layer range, obs_q size, finite values (SessionLimits::reject_nonfinite).
+  // InvalidArgument naming the tensor (and the index of a bad value).
+  absl::Status CheckAppend(int layer_begin, const TensorView& k, const TensorView& v,
+                           const TensorView& obs_q) const;
 
   // Checks `in` against the layout without touching the cache: InvalidArgument naming the
-  // bad field.
+  // bad field (shapes, new_k/new_v dtypes equal, finite values, scale).
   absl::Status CheckDecode(const DecodeInput& in) const;
 
+  // Bytes a decode step of `in` may add to the session (a new dense block for its token);
+  // what the caller reserves with Reserve before calling DecodeReserved.
+  int64_t DecodeBytes(const DecodeInput& in) const;
+  // Reserves `bytes` against the host, tenant and per-session budgets for a coming change.
+  // ResourceExhausted (nothing reserved) when any would be exceeded.
+  absl::Status Reserve(int64_t bytes);
+  // Returns a reservation that will not be used.
+  void Unreserve(int64_t bytes);
+  // After a change that reserved `reserved` and committed `used` (CommitLocked): returns the
+  // rest, or accounts the excess without a limit check (the memory exists already).
+  void Settle(int64_t reserved, int64_t used);
+
   // Appends in.new_k / in.new_v when present, then attends over the layer's whole cache.
-  // Errors as CheckDecode, plus ResourceExhausted when the new token is over budget.
+  // Errors as CheckDecode, plus ResourceExhausted when the new token is over a budget
+  // (nothing appended then).
   absl::Status Decode(const DecodeInput& in, DecodeOutput* out);
+  // Decode after the checks: REQUIRES CheckDecode(in) passed and `reserved` =
+  // DecodeBytes(in) reserved; never fails (Settle squares the reservation with the use).
+  void DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out);
 
   // Compresses every eligible token now (all but the newest dense_window of each layer;
   // per-channel: whole groups only) and returns once published. Returns the tokens
@@ -107,6 +141,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // Metadata and live stats.
   SessionInfo Info() const;
+  // Records an access now (the TTL counts from the last one).
+  void Touch();
   // Tokens cached in `layer` (REQUIRES: valid layer).
   int64_t tokens(int layer) const;
   int64_t bytes() const;
@@ -120,9 +156,16 @@ class Session : public std::enable_shared_from_this<Session> {
  private:
   absl::Status CheckKvShape(const TensorView& t, const char* name,
                             const std::vector<int64_t>& want) const;
-  void Touch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // bytes_ += delta for rows whose budget was reserved; returned at once after Close.
-  void ChargeLocked(int64_t delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TouchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves `bytes` of an earlier Reserve into the session's bytes; after Close they go back to
+  // the budget at once.
+  void CommitLocked(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Appends with observation queries: their statistics are computed on a staged copy of the
+  // new rows first (cancellable), then rows and statistics are applied together.
+  absl::Status AppendObserved(int layer_begin, const TensorView& k, const TensorView& v,
+                              const TensorView& obs_q, const CancelCheck& cancel,
+                              int64_t* blocks);
+  absl::Status CheckValues(const TensorView& t, const char* name, DType storage) const;
   // Schedules background compression of `layer` if it is eligible and idle.
   void MaybeSchedule(int layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Background job: compresses one chunk of `layer`, then reschedules itself while eligible.
@@ -130,9 +173,16 @@ class Session : public std::enable_shared_from_this<Session> {
   // Compresses the oldest `tokens` tail rows of `layer` and publishes the chunk.
   // REQUIRES: the caller set layers_[layer].busy and mu_ is not held.
   void CompressAndPublish(int layer, int tokens);
-  // Attention mass and query energy of `q` over `snap` for output-aware scoring.
-  void RecordScoring(int layer, const LayerSnapshot& snap, const float* q, float scale,
-                     const float* lse);
+  // Attention mass and query energy of `q` over `snap` for output-aware scoring, added to
+  // `mass` ([kv_heads, snap.tail_tokens], when NeedsMass) and `energy` ([kv_heads,
+  // head_dim]). A step whose log-sum-exp is not finite (extreme finite inputs) adds nothing.
+  // Returns whether it added.
+  bool AccumulateScoring(const LayerSnapshot& snap, const float* q, float scale,
+                         const float* lse, std::vector<float>* mass,
+                         std::vector<double>* energy) const;
+  // Applies what AccumulateScoring gathered. REQUIRES: mu_ held.
+  void ApplyScoringLocked(int layer, const LayerSnapshot& snap, const std::vector<float>& mass,
+                          const std::vector<double>& energy) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool NeedsMass() const;
   float Scale(float requested) const;
 
@@ -141,7 +191,9 @@ class Session : public std::enable_shared_from_this<Session> {
   mutable Mutex mu_;
   std::condition_variable idle_cv_;  // a layer's busy flag went false
   std::vector<LayerStore> layers_ ABSL_GUARDED_BY(mu_);
-  int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  const int64_t block_bytes_;  // LayerStore::BlockBytes(layout)
+  int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;    // held against the budget
+  int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;  // reserved, not yet committed
   bool closed_ ABSL_GUARDED_BY(mu_) = false;  // Close() ran: the budget holds nothing of ours
   int64_t decode_steps_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time last_access_ ABSL_GUARDED_BY(mu_);

@@ -1,5 +1,7 @@
 #include "core/session_store.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <utility>
@@ -10,10 +12,10 @@
 
 namespace sparsekv {
 
-absl::Status ValidateSessionId(const std::string& id) {
-  if (id.empty() || id.size() > 128) {
+absl::Status ValidateSessionId(const std::string& id, int max_bytes) {
+  if (id.empty() || id.size() > static_cast<size_t>(max_bytes)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("session_id must be 1..128 characters, got ", id.size()));
+        absl::StrCat("session_id must be 1..", max_bytes, " characters, got ", id.size()));
   }
   for (char c : id) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -25,12 +27,35 @@ absl::Status ValidateSessionId(const std::string& id) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateLabels(const std::map<std::string, std::string>& labels,
+                            const SessionLimits& lim) {
+  if (labels.size() > static_cast<size_t>(lim.max_labels)) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", lim.max_labels,
+                                                   " labels per session (--max_labels), got ",
+                                                   labels.size()));
+  }
+  for (const auto& [key, value] : labels) {
+    if (key.empty() || key.size() > static_cast<size_t>(lim.max_label_key_bytes)) {
+      return absl::InvalidArgumentError(absl::StrCat("label keys must be 1..",
+                                                     lim.max_label_key_bytes, " bytes, got ",
+                                                     key.size()));
+    }
+    if (value.size() > static_cast<size_t>(lim.max_label_value_bytes)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label \"", key, "\": values must be at most ", lim.max_label_value_bytes,
+                       " bytes, got ", value.size()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 SessionStore::SessionStore(SessionStoreOptions options)
     : options_(std::move(options)),
       backend_(options_.backend ? options_.backend : &kernels::CpuBackend()),
       budget_(
           std::make_shared<MemoryBudget>(options_.host_budget_bytes, options_.tenant_budget_bytes)),
       rng_(std::random_device{}()) {
+  env_.limits = options_.limits;
   env_.budget = budget_;
   env_.backend = backend_;
   env_.pools = std::make_shared<SlabPoolSet>();
@@ -65,6 +90,9 @@ SessionStore::~SessionStore() {
 }
 
 void SessionStore::JanitorLoop() {
+  // Dense tail blocks come from malloc: after large deletions hand the freed heap pages back
+  // to the system (slabs of compressed chunks unmap themselves).
+  int64_t high = budget_->used();
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_.native());
@@ -73,6 +101,12 @@ void SessionStore::JanitorLoop() {
       if (shutting_down_flag_) return;
     }
     EvictExpired(absl::Now());
+    const int64_t used = budget_->used();
+    if (used < high - (int64_t{16} << 20)) {
+      malloc_trim(0);
+      high = used;
+    }
+    high = std::max(high, used);
   }
 }
 
@@ -84,12 +118,15 @@ std::string SessionStore::NewId() {
 }
 
 absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
-  if (!params.id.empty()) SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(params.id));
+  const SessionLimits& lim = options_.limits;
+  if (!params.id.empty()) SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(params.id, lim.max_id_bytes));
   if (params.tenant.empty()) params.tenant = "default";
-  if (params.tenant.size() > 128) {
-    return absl::InvalidArgumentError("tenant must be at most 128 characters");
+  if (params.tenant.size() > static_cast<size_t>(lim.max_id_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat("tenant must be at most ", lim.max_id_bytes,
+                                                   " bytes, got ", params.tenant.size()));
   }
-  SPARSEKV_RETURN_IF_ERROR(ValidateLayout(params.layout));
+  SPARSEKV_RETURN_IF_ERROR(ValidateLabels(params.labels, lim));
+  SPARSEKV_RETURN_IF_ERROR(ValidateLayout(params.layout, lim));
   SPARSEKV_RETURN_IF_ERROR(ValidatePolicy(params.policy, params.layout));
   if (params.ttl < absl::ZeroDuration() || params.ttl > options_.max_ttl) {
     return absl::InvalidArgumentError(absl::StrCat("ttl must be at most ",
@@ -118,18 +155,26 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
   } else {
     info.id = std::move(params.id);
   }
+  // The session's fixed memory is reserved before it exists; the session owns it from here.
+  SPARSEKV_RETURN_IF_ERROR(budget_->Reserve(info.tenant, Session::FixedBytes(info)));
   auto session = std::make_shared<Session>(std::move(info), env_);
   sessions_.emplace(session->id(), session);
   return session->Info();
 }
 
 absl::StatusOr<std::shared_ptr<Session>> SessionStore::Get(const std::string& id) const {
-  MutexLock lock(&mu_);
-  auto it = sessions_.find(id);
-  if (it == sessions_.end()) {
-    return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
+  SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(id, options_.limits.max_id_bytes));
+  std::shared_ptr<Session> s;
+  {
+    MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) {
+      return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
+    }
+    s = it->second;
   }
-  return it->second;
+  s->Touch();
+  return s;
 }
 
 ListSessionsResult SessionStore::List(const std::string& tenant, int page_size,
@@ -154,6 +199,7 @@ ListSessionsResult SessionStore::List(const std::string& tenant, int page_size,
 }
 
 absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
+  SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(id, options_.limits.max_id_bytes));
   std::shared_ptr<Session> victim;
   {
     MutexLock lock(&mu_);
@@ -182,14 +228,19 @@ absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
     }
     sessions.push_back(*std::move(s));
   }
-  outputs->resize(items.size());
+  // Admission: every new token's bytes, all or none.
+  std::vector<int64_t> reserved(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
-    absl::Status st = sessions[i]->Decode(items[i], &(*outputs)[i]);
+    reserved[i] = sessions[i]->DecodeBytes(items[i]);
+    absl::Status st = sessions[i]->Reserve(reserved[i]);
     if (!st.ok()) {
+      for (size_t j = 0; j < i; ++j) sessions[j]->Unreserve(reserved[j]);
       if (items.size() == 1) return st;
       return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
     }
   }
+  outputs->resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) sessions[i]->DecodeReserved(items[i], reserved[i], &(*outputs)[i]);
   return absl::OkStatus();
 }
 

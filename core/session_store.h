@@ -26,6 +26,7 @@
 namespace sparsekv {
 
 struct SessionStoreOptions {
+  SessionLimits limits;
   int64_t host_budget_bytes = 0;    // all sessions together; 0 = unlimited
   int64_t tenant_budget_bytes = 0;  // each tenant; 0 = unlimited
   int max_sessions = 100000;
@@ -81,10 +82,12 @@ class SessionStore {
   SessionStore(const SessionStore&) = delete;
   SessionStore& operator=(const SessionStore&) = delete;
 
-  // InvalidArgument for a bad id, layout, policy or TTL; Unimplemented for policies not built
-  // yet; AlreadyExists for a taken id; ResourceExhausted at max_sessions.
+  // InvalidArgument for a bad id, tenant, labels, layout, policy or TTL; AlreadyExists for a
+  // taken id; ResourceExhausted at max_sessions or when the session's fixed bytes
+  // (Session::FixedBytes) do not fit the budget.
   absl::StatusOr<SessionInfo> Create(CreateSessionParams params);
-  // NotFound for an unknown id.
+  // InvalidArgument for a malformed id (never echoed), NotFound for an unknown one. Counts as
+  // an access: the session's TTL restarts.
   absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id) const;
   // Sessions of `tenant` (all when empty) with id > page_token, at most page_size (1..1000).
   ListSessionsResult List(const std::string& tenant, int page_size,
@@ -96,9 +99,9 @@ class SessionStore {
   // unknown id.
   absl::StatusOr<int64_t> Flush(const std::string& id);
 
-  // Runs every item of a decode step. All items are looked up and checked first; if any fails
-  // nothing is appended and that item's error is returned (message prefixed with its index).
-  // outputs is resized to items.size().
+  // Runs every item of a decode step. All items are looked up and checked, then the bytes of
+  // every new token are reserved; if any of that fails nothing is appended and that item's
+  // error is returned (message prefixed with its index). outputs is resized to items.size().
   absl::Status DecodeBatch(const std::vector<DecodeInput>& items,
                            std::vector<DecodeOutput>* outputs);
 
@@ -130,8 +133,12 @@ class SessionStore {
   std::thread janitor_;
 };
 
-// OK for 1..128 characters of [A-Za-z0-9._:-], else InvalidArgument.
-absl::Status ValidateSessionId(const std::string& id);
+// OK for 1..max_bytes characters of [A-Za-z0-9._:-], else InvalidArgument (the id itself is
+// not echoed: it may be huge).
+absl::Status ValidateSessionId(const std::string& id, int max_bytes = 128);
+// InvalidArgument when `labels` break the limits (count, key and value sizes).
+absl::Status ValidateLabels(const std::map<std::string, std::string>& labels,
+                            const SessionLimits& limits);
 
 }  // namespace sparsekv
 

@@ -1,34 +1,37 @@
 #include "core/types.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/status_macros.h"
 
 namespace sparsekv {
 
-absl::Status ValidateLayout(const Layout& l) {
-  if (l.num_layers < 1 || l.num_layers > kMaxLayers) {
+namespace {
+
+absl::Status CheckRange(const char* field, int value, int limit, int ceiling) {
+  const int max = std::min(limit, ceiling);
+  if (value < 1 || value > max) {
     return absl::InvalidArgumentError(
-        absl::StrCat("layout.num_layers must be in [1, ", kMaxLayers, "], got ", l.num_layers));
+        absl::StrCat("layout.", field, " must be in [1, ", max, "], got ", value));
   }
-  if (l.num_kv_heads < 1 || l.num_kv_heads > kMaxHeads) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layout.num_kv_heads must be in [1, ", kMaxHeads, "], got ", l.num_kv_heads));
-  }
-  if (l.num_q_heads < 1 || l.num_q_heads > kMaxHeads) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layout.num_q_heads must be in [1, ", kMaxHeads, "], got ", l.num_q_heads));
-  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateLayout(const Layout& l, const SessionLimits& limits) {
+  SPARSEKV_RETURN_IF_ERROR(CheckRange("num_layers", l.num_layers, limits.max_layers, kMaxLayers));
+  SPARSEKV_RETURN_IF_ERROR(
+      CheckRange("num_kv_heads", l.num_kv_heads, limits.max_kv_heads, kMaxHeads));
+  SPARSEKV_RETURN_IF_ERROR(CheckRange("num_q_heads", l.num_q_heads, limits.max_q_heads, kMaxHeads));
   if (l.num_q_heads % l.num_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("layout.num_q_heads (", l.num_q_heads,
                                                    ") must be a multiple of layout.num_kv_heads (",
                                                    l.num_kv_heads, ")"));
   }
-  if (l.head_dim < 1 || l.head_dim > kMaxHeadDim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layout.head_dim must be in [1, ", kMaxHeadDim, "], got ", l.head_dim));
-  }
-  return absl::OkStatus();
+  return CheckRange("head_dim", l.head_dim, limits.max_head_dim, kMaxHeadDim);
 }
 
 namespace {

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "core/limits.h"
 #include "kernels/attention.h"
 #include "kernels/dtype.h"
 
@@ -19,9 +20,6 @@ namespace sparsekv {
 using kernels::DecodeCompute;
 using kernels::DType;
 
-inline constexpr int kMaxHeadDim = 512;
-inline constexpr int kMaxLayers = 1024;
-inline constexpr int kMaxHeads = 1024;
 
 // Shape of a session's cache, fixed at creation.
 struct Layout {
@@ -73,7 +71,7 @@ struct Policy {
 };
 
 // InvalidArgument naming the first bad field, or OK.
-absl::Status ValidateLayout(const Layout& layout);
+absl::Status ValidateLayout(const Layout& layout, const SessionLimits& limits = {});
 // InvalidArgument for out-of-range values (decode_compute included), or per-layer sparsities
 // not one per layer.
 absl::Status ValidatePolicy(const Policy& policy, const Layout& layout);
@@ -103,6 +101,9 @@ struct SessionStats {
   int64_t bytes_dense = 0;
   int64_t bytes_compressed = 0;
   int64_t bytes_dense_equivalent = 0;
+  // Everything the session holds against the byte budget: payload, dense-block slack, pool
+  // rounding, scoring statistics and metadata.
+  int64_t bytes_accounted = 0;
   float achieved_sparsity_k = 0.0f;
   float achieved_sparsity_v = 0.0f;
   Scoring scoring_in_force_k = Scoring::kMagnitude;

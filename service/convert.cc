@@ -197,6 +197,7 @@ void ToProto(const SessionStats& s, v1::SessionStats* out) {
   out->set_chunks_output_aware_k(s.chunks_output_aware_k);
   out->set_chunks_output_aware_v(s.chunks_output_aware_v);
   out->set_decode_compute_in_force(ToProto(s.decode_compute_in_force));
+  out->set_bytes_accounted(static_cast<uint64_t>(s.bytes_accounted));
 }
 
 void ToProto(const SessionInfo& info, v1::Session* out) {

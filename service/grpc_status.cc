@@ -6,7 +6,12 @@ namespace sparsekv::service {
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  // The message travels in a trailer, and clients refuse metadata over a few KiB: a message
+  // that echoes client data (a tensor name, a label) never grows past this.
+  constexpr size_t kMaxMessage = 1024;
+  std::string message(status.message().substr(0, kMaxMessage));
+  if (status.message().size() > kMaxMessage) message += "...";
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::move(message));
 }
 
 const char* GrpcCodeName(grpc::StatusCode code) {

@@ -1,5 +1,6 @@
 #include "service/kv_cache_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <utility>
@@ -9,6 +10,7 @@
 #include "core/status_macros.h"
 #include "service/convert.h"
 #include "service/grpc_status.h"
+#include "service/wire.h"
 
 namespace sparsekv::service {
 namespace {
@@ -17,11 +19,28 @@ namespace {
 constexpr char kSnapshotIssue[] =
     "session snapshots (export/import) are not implemented yet (DESIGN.md section 4)";
 
+// Room left in a message for everything but tensor payload (field tags, shapes, ids).
+constexpr int64_t kMessageOverheadBytes = 4096;
+
 absl::Status CheckDeadline(const grpc::CallbackServerContext* ctx) {
   if (ctx->deadline() < std::chrono::system_clock::now()) {
-    return absl::DeadlineExceededError("deadline expired before the request was handled");
+    return absl::DeadlineExceededError("deadline expired before the request was applied");
   }
   return absl::OkStatus();
+}
+
+// What long request work asks between its parts: stop when the client is gone or its
+// deadline has passed (nothing of the request is applied then).
+CancelCheck CallCancelCheck(grpc::CallbackServerContext* ctx) {
+  return [ctx]() -> absl::Status {
+    if (ctx->IsCancelled()) return absl::CancelledError("the call was cancelled");
+    return CheckDeadline(ctx);
+  };
+}
+
+// "message 3 of the stream"
+std::string StreamMessage(int64_t index) {
+  return absl::StrCat("message ", index + 1, " of the stream");
 }
 
 // Finishes a streaming call at once with a status (for RPCs that are not built yet or
@@ -46,33 +65,44 @@ class FinishNow final : public Base {
   grpc::Status status_;
 };
 
-// AppendKV: applies each message as it arrives; the first error ends the call with that
-// status (messages already applied stay applied, as the response to a later retry shows in
-// tokens_per_layer).
-class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> {
+// AppendKV: applies each message as it arrives, each all or nothing. The first error (a
+// message that does not parse included) ends the call with a status naming the message and
+// how many were applied before it; those stay applied, as tokens_per_layer of a later call
+// shows.
+class AppendReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  AppendReactor(KvCacheServiceImpl* svc, v1::AppendKVResponse* resp)
-      : svc_(svc), resp_(resp), start_(absl::Now()) {
-    StartRead(&req_);
+  AppendReactor(KvCacheServiceImpl* svc, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp)
+      : svc_(svc), ctx_(ctx), resp_bytes_(resp), start_(absl::Now()) {
+    StartRead(&buf_);
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) {  // client finished sending (or the call broke; Finish is then ignored)
+    if (!ok) {  // client finished sending, or the call broke (then OnCancel ran or will run)
       FinishWith(Summarise());
       return;
     }
-    absl::StatusOr<int64_t> rows = svc_->RunAppend(req_, &session_id_);
+    absl::Status st = ParseMessage(buf_, &req_, StreamMessage(resp_.messages()));
+    absl::StatusOr<int64_t> rows =
+        st.ok() ? svc_->RunAppend(req_, &session_id_, CallCancelCheck(ctx_)) : st;
     if (!rows.ok()) {
-      FinishWith(rows.status());
+      const absl::Status& e = rows.status();
+      FinishWith(absl::Status(
+          e.code(), absl::StrCat("AppendKV ", StreamMessage(resp_.messages()), ": ", e.message(),
+                                 " (", resp_.messages(), " earlier messages applied, ",
+                                 resp_.tokens_appended(), " token rows)")));
       return;
     }
-    resp_->set_messages(resp_->messages() + 1);
-    resp_->set_tokens_appended(resp_->tokens_appended() + *rows);
-    StartRead(&req_);
+    resp_.set_messages(resp_.messages() + 1);
+    resp_.set_tokens_appended(resp_.tokens_appended() + *rows);
+    StartRead(&buf_);
   }
 
+  void OnCancel() override { cancelled_ = true; }
+
   void OnDone() override {
-    svc_->metrics()->RecordRpc("AppendKV", status_.error_code(), absl::Now() - start_);
+    svc_->metrics()->RecordRpc(
+        "AppendKV", cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
+        absl::Now() - start_);
     delete this;
   }
 
@@ -82,7 +112,8 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
       return absl::InvalidArgumentError("AppendKV stream carried no messages");
     }
     SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, svc_->store()->Get(session_id_));
-    for (int64_t t : s->Info().stats.tokens_per_layer) resp_->add_tokens_per_layer(t);
+    for (int64_t t : s->Info().stats.tokens_per_layer) resp_.add_tokens_per_layer(t);
+    SerializeMessage(resp_, resp_bytes_);
     return absl::OkStatus();
   }
 
@@ -92,21 +123,24 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
   }
 
   KvCacheServiceImpl* svc_;
-  v1::AppendKVResponse* resp_;
+  grpc::CallbackServerContext* ctx_;
+  grpc::ByteBuffer* resp_bytes_;
   absl::Time start_;
+  grpc::ByteBuffer buf_;
   v1::AppendKVRequest req_;
+  v1::AppendKVResponse resp_;
   std::string session_id_;
   grpc::Status status_;
+  std::atomic<bool> cancelled_{false};
 };
 
-// DecodeStream: read a request, answer it, then read the next. A failed request gets an
-// error response and the stream goes on; shutdown or a broken call ends it.
+// DecodeStream: read a request, answer it, then read the next. A request that fails
+// validation gets an error response and the stream goes on; a message that does not parse
+// (no request id can be answered), shutdown or a broken call ends it.
 class DecodeStreamReactor final
-    : public grpc::ServerBidiReactor<v1::DecodeRequest, v1::DecodeResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit DecodeStreamReactor(KvCacheServiceImpl* svc) : svc_(svc), start_(absl::Now()) {
-    StartRead(&req_);
-  }
+  explicit DecodeStreamReactor(KvCacheServiceImpl* svc) : svc_(svc) { StartRead(&in_); }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
@@ -114,18 +148,29 @@ class DecodeStreamReactor final
       return;
     }
     const absl::Time t0 = absl::Now();
+    absl::Status st = ParseMessage(in_, &req_, StreamMessage(answered_));
+    if (!st.ok()) {
+      svc_->metrics()->RecordRpc("DecodeStream", ToGrpcStatus(st).error_code(), absl::Now() - t0);
+      Finish(ToGrpcStatus(absl::Status(
+          st.code(), absl::StrCat("DecodeStream: ", st.message(), " (", answered_,
+                                  " earlier requests answered)"))));
+      return;
+    }
     resp_.Clear();
-    absl::Status st = svc_->CheckServing();
+    st = svc_->CheckServing();
     if (st.ok()) st = svc_->RunDecode(req_, &resp_);
     resp_.set_request_id(req_.request_id());
     if (!st.ok()) {
       resp_.clear_results();
-      resp_.set_error_code(static_cast<int>(st.code()));
-      resp_.set_error_message(std::string(st.message()));
+      const grpc::Status g = ToGrpcStatus(st);
+      resp_.set_error_code(static_cast<int>(g.error_code()));
+      resp_.set_error_message(g.error_message());
     }
     // Each message is accounted like a unary call, so rates and latencies compare.
     svc_->metrics()->RecordRpc("DecodeStream", ToGrpcStatus(st).error_code(), absl::Now() - t0);
-    StartWrite(&resp_);
+    ++answered_;
+    SerializeMessage(resp_, &out_);
+    StartWrite(&out_);
   }
 
   void OnWriteDone(bool ok) override {
@@ -133,32 +178,34 @@ class DecodeStreamReactor final
       Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "write failed"));
       return;
     }
-    StartRead(&req_);
+    StartRead(&in_);
   }
 
   void OnDone() override { delete this; }
 
  private:
   KvCacheServiceImpl* svc_;
-  absl::Time start_;
+  grpc::ByteBuffer in_, out_;
   v1::DecodeRequest req_;
   v1::DecodeResponse resp_;
+  int64_t answered_ = 0;
 };
 
-// ReadKV: one message per layer and token range of at most read_chunk_bytes of K+V.
-class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKVResponse> {
+// ReadKV: one message per layer and token range, each under the message size limit.
+class ReadKvReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  ReadKvReactor(KvCacheServiceImpl* svc, std::shared_ptr<Session> session, int layer_begin,
-                int layer_end, int64_t token_begin, int64_t token_count)
+  // REQUIRES: the range was checked against the session (every layer holds token_end).
+  ReadKvReactor(KvCacheServiceImpl* svc, grpc::CallbackServerContext* ctx,
+                std::shared_ptr<Session> session, int layer_begin, int layer_end,
+                int64_t token_begin, int64_t token_count, int64_t rows_per_msg)
       : svc_(svc),
         session_(std::move(session)),
         start_(absl::Now()),
         layer_(layer_begin),
         layer_end_(layer_end),
         token_begin_(token_begin),
-        token_count_(token_count) {
-    const int64_t row = session_->layout().token_bytes();
-    rows_per_msg_ = std::max<int64_t>(1, svc_->limits().read_chunk_bytes / row);
+        token_count_(token_count),
+        rows_per_msg_(rows_per_msg) {
     next_token_ = token_begin_;
     WriteNext();
   }
@@ -171,8 +218,12 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKVResponse> 
     WriteNext();
   }
 
+  void OnCancel() override { cancelled_ = true; }
+
   void OnDone() override {
-    svc_->metrics()->RecordRpc("ReadKV", status_.error_code(), absl::Now() - start_);
+    svc_->metrics()->RecordRpc("ReadKV",
+                               cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
+                               absl::Now() - start_);
     delete this;
   }
 
@@ -202,7 +253,8 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKVResponse> 
           t->add_shape(l.head_dim);
         }
         next_token_ += rows;
-        StartWrite(&msg_);
+        SerializeMessage(msg_, &out_);
+        StartWrite(&out_);
         return;
       }
       ++layer_;
@@ -223,10 +275,12 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKVResponse> 
   const int layer_end_;
   const int64_t token_begin_;
   const int64_t token_count_;
+  const int64_t rows_per_msg_;
   int64_t next_token_ = 0;
-  int64_t rows_per_msg_ = 1;
   v1::ReadKVResponse msg_;
+  grpc::ByteBuffer out_;
   grpc::Status status_;
+  std::atomic<bool> cancelled_{false};
 };
 
 }  // namespace
@@ -256,95 +310,114 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::FinishUnary(grpc::CallbackServerCo
   return reactor;
 }
 
-grpc::ServerUnaryReactor* KvCacheServiceImpl::CreateSession(grpc::CallbackServerContext* ctx,
-                                                            const v1::CreateSessionRequest* req,
-                                                            v1::Session* resp) {
+template <typename Request, typename Response, typename Body>
+grpc::ServerUnaryReactor* KvCacheServiceImpl::Unary(grpc::CallbackServerContext* ctx,
+                                                    const char* method, const Bytes* req,
+                                                    Bytes* resp, Body body) {
   const absl::Time start = absl::Now();
-  absl::Status st = [&]() -> absl::Status {
-    SPARSEKV_RETURN_IF_ERROR(CheckServing());
-    SPARSEKV_RETURN_IF_ERROR(CheckDeadline(ctx));
-    SPARSEKV_ASSIGN_OR_RETURN(CreateSessionParams params, FromProto(*req));
-    SPARSEKV_ASSIGN_OR_RETURN(SessionInfo info, store_->Create(std::move(params)));
-    ToProto(info, resp);
-    return absl::OkStatus();
-  }();
-  return FinishUnary(ctx, "CreateSession", start, st);
+  Request request;
+  Response response;
+  absl::Status st = ParseMessage(*req, &request, "");
+  if (st.ok()) st = CheckServing();
+  if (st.ok()) st = body(request, &response);
+  if (st.ok()) SerializeMessage(response, resp);
+  return FinishUnary(ctx, method, start, st);
+}
+
+grpc::ServerUnaryReactor* KvCacheServiceImpl::CreateSession(grpc::CallbackServerContext* ctx,
+                                                            const Bytes* req, Bytes* resp) {
+  return Unary<v1::CreateSessionRequest, v1::Session>(
+      ctx, "CreateSession", req, resp,
+      [&](const v1::CreateSessionRequest& r, v1::Session* out) -> absl::Status {
+        SPARSEKV_RETURN_IF_ERROR(CheckDeadline(ctx));
+        SPARSEKV_ASSIGN_OR_RETURN(CreateSessionParams params, FromProto(r));
+        SPARSEKV_ASSIGN_OR_RETURN(SessionInfo info, store_->Create(std::move(params)));
+        ToProto(info, out);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::GetSession(grpc::CallbackServerContext* ctx,
-                                                         const v1::GetSessionRequest* req,
-                                                         v1::Session* resp) {
-  const absl::Time start = absl::Now();
-  absl::Status st = [&]() -> absl::Status {
-    SPARSEKV_RETURN_IF_ERROR(CheckServing());
-    SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, store_->Get(req->session_id()));
-    ToProto(s->Info(), resp);
-    return absl::OkStatus();
-  }();
-  return FinishUnary(ctx, "GetSession", start, st);
+                                                         const Bytes* req, Bytes* resp) {
+  return Unary<v1::GetSessionRequest, v1::Session>(
+      ctx, "GetSession", req, resp,
+      [&](const v1::GetSessionRequest& r, v1::Session* out) -> absl::Status {
+        SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, store_->Get(r.session_id()));
+        ToProto(s->Info(), out);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::ListSessions(grpc::CallbackServerContext* ctx,
-                                                           const v1::ListSessionsRequest* req,
-                                                           v1::ListSessionsResponse* resp) {
-  const absl::Time start = absl::Now();
-  absl::Status st = [&]() -> absl::Status {
-    SPARSEKV_RETURN_IF_ERROR(CheckServing());
-    const int page_size =
-        req->page_size() == 0 ? 100 : static_cast<int>(std::min<uint32_t>(req->page_size(), 1000));
-    ListSessionsResult r = store_->List(req->tenant(), page_size, req->page_token());
-    for (const SessionInfo& info : r.sessions) ToProto(info, resp->add_sessions());
-    resp->set_next_page_token(r.next_page_token);
-    return absl::OkStatus();
-  }();
-  return FinishUnary(ctx, "ListSessions", start, st);
+                                                           const Bytes* req, Bytes* resp) {
+  return Unary<v1::ListSessionsRequest, v1::ListSessionsResponse>(
+      ctx, "ListSessions", req, resp,
+      [&](const v1::ListSessionsRequest& r, v1::ListSessionsResponse* out) -> absl::Status {
+        const int page_size =
+            r.page_size() == 0 ? 100 : static_cast<int>(std::min<uint32_t>(r.page_size(), 1000));
+        ListSessionsResult page = store_->List(r.tenant(), page_size, r.page_token());
+        // A page ends early where the next session would push the response over the message
+        // limit; the token then resumes after the last one sent.
+        const size_t room =
+            static_cast<size_t>(limits_.max_message_bytes - kMessageOverheadBytes);
+        for (size_t i = 0; i < page.sessions.size(); ++i) {
+          v1::Session one;
+          ToProto(page.sessions[i], &one);
+          if (out->ByteSizeLong() + one.ByteSizeLong() + 16 > room) {
+            if (i == 0) {
+              return absl::ResourceExhaustedError(
+                  absl::StrCat("session \"", page.sessions[i].id,
+                               "\" does not fit in one message (--max_message_bytes)"));
+            }
+            out->set_next_page_token(page.sessions[i - 1].id);
+            return absl::OkStatus();
+          }
+          *out->add_sessions() = std::move(one);
+        }
+        out->set_next_page_token(page.next_page_token);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::DeleteSession(grpc::CallbackServerContext* ctx,
-                                                            const v1::DeleteSessionRequest* req,
-                                                            v1::DeleteSessionResponse* resp) {
-  const absl::Time start = absl::Now();
-  absl::Status st = [&]() -> absl::Status {
-    SPARSEKV_RETURN_IF_ERROR(CheckServing());
-    SPARSEKV_ASSIGN_OR_RETURN(int64_t freed, store_->Delete(req->session_id()));
-    resp->set_bytes_freed(freed);
-    return absl::OkStatus();
-  }();
-  return FinishUnary(ctx, "DeleteSession", start, st);
+                                                            const Bytes* req, Bytes* resp) {
+  return Unary<v1::DeleteSessionRequest, v1::DeleteSessionResponse>(
+      ctx, "DeleteSession", req, resp,
+      [&](const v1::DeleteSessionRequest& r, v1::DeleteSessionResponse* out) -> absl::Status {
+        SPARSEKV_ASSIGN_OR_RETURN(int64_t freed, store_->Delete(r.session_id()));
+        out->set_bytes_freed(freed);
+        return absl::OkStatus();
+      });
 }
 
 absl::StatusOr<int64_t> KvCacheServiceImpl::RunAppend(const v1::AppendKVRequest& req,
-                                                      std::string* session_id) {
+                                                      std::string* session_id,
+                                                      const CancelCheck& cancel) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
   if (req.session_id().empty()) {
     return absl::InvalidArgumentError("AppendKVRequest.session_id is required");
   }
   if (!session_id->empty() && *session_id != req.session_id()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("all messages of an AppendKV stream must name "
-                     "the same session: got \"",
-                     req.session_id(), "\" after \"", *session_id, "\""));
+        "all messages of an AppendKV stream must name the same session");
   }
-  *session_id = req.session_id();
   SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, store_->Get(req.session_id()));
+  *session_id = req.session_id();
   SPARSEKV_ASSIGN_OR_RETURN(TensorView k, ViewTensor(req.k(), "k"));
   SPARSEKV_ASSIGN_OR_RETURN(TensorView v, ViewTensor(req.v(), "v"));
   SPARSEKV_ASSIGN_OR_RETURN(TensorView obs_q, ViewOptionalTensor(req.obs_q(), "obs_q"));
-  if (k.dtype != v.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat("k is ", kernels::DTypeName(k.dtype),
-                                                   " but v is ", kernels::DTypeName(v.dtype)));
-  }
   SPARSEKV_ASSIGN_OR_RETURN(
       int64_t rows,
-      s->Append(static_cast<int>(std::min<uint32_t>(req.layer_begin(), 0x7fffffff)), k, v, obs_q));
+      s->Append(static_cast<int>(std::min<uint32_t>(req.layer_begin(), 0x7fffffff)), k, v, obs_q,
+                cancel));
   metrics_->AddAppendedRows(rows);
   metrics_->AddReceivedBytes(static_cast<int64_t>(req.k().data().size() + req.v().data().size()));
   return rows;
 }
 
-grpc::ServerReadReactor<v1::AppendKVRequest>* KvCacheServiceImpl::AppendKV(
-    grpc::CallbackServerContext* ctx, v1::AppendKVResponse* resp) {
-  return new AppendReactor(this, resp);
+grpc::ServerReadReactor<grpc::ByteBuffer>* KvCacheServiceImpl::AppendKV(
+    grpc::CallbackServerContext* ctx, Bytes* resp) {
+  return new AppendReactor(this, ctx, resp);
 }
 
 absl::Status KvCacheServiceImpl::RunDecode(const v1::DecodeRequest& req, v1::DecodeResponse* resp) {
@@ -385,39 +458,40 @@ absl::Status KvCacheServiceImpl::RunDecode(const v1::DecodeRequest& req, v1::Dec
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::Decode(grpc::CallbackServerContext* ctx,
-                                                     const v1::DecodeRequest* req,
-                                                     v1::DecodeResponse* resp) {
-  const absl::Time start = absl::Now();
-  absl::Status st = [&]() -> absl::Status {
-    SPARSEKV_RETURN_IF_ERROR(CheckServing());
-    SPARSEKV_RETURN_IF_ERROR(CheckDeadline(ctx));
-    return RunDecode(*req, resp);
-  }();
-  return FinishUnary(ctx, "Decode", start, st);
+                                                     const Bytes* req, Bytes* resp) {
+  return Unary<v1::DecodeRequest, v1::DecodeResponse>(
+      ctx, "Decode", req, resp,
+      [&](const v1::DecodeRequest& r, v1::DecodeResponse* out) -> absl::Status {
+        SPARSEKV_RETURN_IF_ERROR(CheckDeadline(ctx));
+        return RunDecode(r, out);
+      });
 }
 
-grpc::ServerBidiReactor<v1::DecodeRequest, v1::DecodeResponse>* KvCacheServiceImpl::DecodeStream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvCacheServiceImpl::DecodeStream(
     grpc::CallbackServerContext* ctx) {
   return new DecodeStreamReactor(this);
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::Flush(grpc::CallbackServerContext* ctx,
-                                                    const v1::FlushRequest* req,
-                                                    v1::FlushResponse* resp) {
+                                                    const Bytes* req, Bytes* resp) {
   const absl::Time start = absl::Now();
+  v1::FlushRequest request;
   absl::StatusOr<std::shared_ptr<Session>> session =
       [&]() -> absl::StatusOr<std::shared_ptr<Session>> {
+    SPARSEKV_RETURN_IF_ERROR(ParseMessage(*req, &request, ""));
     SPARSEKV_RETURN_IF_ERROR(CheckServing());
     SPARSEKV_RETURN_IF_ERROR(CheckDeadline(ctx));
-    return store_->Get(req->session_id());
+    return store_->Get(request.session_id());
   }();
   if (!session.ok()) return FinishUnary(ctx, "Flush", start, session.status());
   // Flush compresses synchronously and may wait for a running background job: run it off the
   // gRPC callback threads, which must never block.
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const bool queued = blocking_->TrySchedule([this, reactor, resp, start, s = *session] {
-    resp->set_tokens_compressed(s->Flush());
-    ToProto(s->Info().stats, resp->mutable_stats());
+    v1::FlushResponse out;
+    out.set_tokens_compressed(s->Flush());
+    ToProto(s->Info().stats, out.mutable_stats());
+    SerializeMessage(out, resp);
     metrics_->RecordRpc("Flush", grpc::StatusCode::OK, absl::Now() - start);
     reactor->Finish(grpc::Status::OK);
   });
@@ -430,70 +504,94 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Flush(grpc::CallbackServerContext*
   return reactor;
 }
 
-grpc::ServerWriteReactor<v1::ReadKVResponse>* KvCacheServiceImpl::ReadKV(
-    grpc::CallbackServerContext* ctx, const v1::ReadKVRequest* req) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ReadKV(
+    grpc::CallbackServerContext* ctx, const Bytes* req) {
   const absl::Time start = absl::Now();
-  absl::Status st = CheckServing();
+  v1::ReadKVRequest r;
   std::shared_ptr<Session> session;
-  if (st.ok()) {
-    absl::StatusOr<std::shared_ptr<Session>> s = store_->Get(req->session_id());
-    if (s.ok()) {
-      session = *std::move(s);
-    } else {
-      st = s.status();
-    }
-  }
-  int layer_end = 0;
-  if (st.ok()) {
+  int64_t rows_per_msg = 0;
+  absl::Status st = [&]() -> absl::Status {
+    SPARSEKV_RETURN_IF_ERROR(ParseMessage(*req, &r, ""));
+    SPARSEKV_RETURN_IF_ERROR(CheckServing());
+    SPARSEKV_ASSIGN_OR_RETURN(session, store_->Get(r.session_id()));
     const int layers = session->layout().num_layers;
-    const uint64_t begin = req->layer_begin();
-    const uint64_t end = req->layer_count() == 0 ? layers : begin + req->layer_count();
+    const uint64_t begin = r.layer_begin();
+    const uint64_t end = r.layer_count() == 0 ? layers : begin + r.layer_count();
     if (begin >= static_cast<uint64_t>(layers) || end > static_cast<uint64_t>(layers)) {
-      st = absl::InvalidArgumentError(absl::StrCat("layers [", begin, ", ", end,
-                                                   ") outside the session's ", layers, " layers"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layers [", begin, ", ", end, ") outside the session's ", layers, " layers"));
     }
-    layer_end = static_cast<int>(end);
-    if (req->token_begin() > (uint64_t{1} << 40) || req->token_count() > (uint64_t{1} << 40)) {
-      st = absl::InvalidArgumentError("token_begin/token_count out of range");
+    if (r.token_begin() > (uint64_t{1} << 40) || r.token_count() > (uint64_t{1} << 40)) {
+      return absl::InvalidArgumentError("token_begin/token_count out of range");
     }
+    // The range must lie inside every layer it names: reading past the end is an error, not
+    // an empty answer.
+    const uint64_t token_end = r.token_begin() + r.token_count();
+    for (uint64_t l = begin; l < end; ++l) {
+      const uint64_t have = static_cast<uint64_t>(session->tokens(static_cast<int>(l)));
+      if (r.token_begin() > have || token_end > have) {
+        return absl::OutOfRangeError(absl::StrCat(
+            "tokens [", r.token_begin(), ", ", r.token_count() ? token_end : have,
+            ") outside layer ", l, "'s ", have, " tokens"));
+      }
+    }
+    // Messages stay under the smaller of the read chunk and the message limit.
+    const int64_t row = session->layout().token_bytes();
+    const int64_t room =
+        std::min(limits_.read_chunk_bytes, limits_.max_message_bytes - kMessageOverheadBytes);
+    if (row > room) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "one token row of this session (", row, " bytes of K and V) does not fit in a ",
+          limits_.max_message_bytes, "-byte message (--max_message_bytes)"));
+    }
+    rows_per_msg = room / row;
+    return absl::OkStatus();
+  }();
+  if (!st.ok()) {
+    return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics_, "ReadKV", start,
+                                                                      st);
   }
-  if (!st.ok())
-    return new FinishNow<grpc::ServerWriteReactor<v1::ReadKVResponse>>(metrics_, "ReadKV", start,
-                                                                       st);
-  return new ReadKvReactor(this, std::move(session), static_cast<int>(req->layer_begin()),
-                           layer_end, static_cast<int64_t>(req->token_begin()),
-                           static_cast<int64_t>(req->token_count()));
+  const int layer_end = static_cast<int>(
+      r.layer_count() == 0 ? session->layout().num_layers : r.layer_begin() + r.layer_count());
+  return new ReadKvReactor(this, ctx, std::move(session), static_cast<int>(r.layer_begin()),
+                           layer_end, static_cast<int64_t>(r.token_begin()),
+                           static_cast<int64_t>(r.token_count()), rows_per_msg);
 }
 
-grpc::ServerWriteReactor<v1::SessionChunk>* KvCacheServiceImpl::ExportSession(
-    grpc::CallbackServerContext* ctx, const v1::ExportSessionRequest* req) {
-  return new FinishNow<grpc::ServerWriteReactor<v1::SessionChunk>>(
+grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ExportSession(
+    grpc::CallbackServerContext* ctx, const Bytes* req) {
+  return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(
       metrics_, "ExportSession", absl::Now(),
       absl::UnimplementedError(absl::StrCat("ExportSession: ", kSnapshotIssue)));
 }
 
-grpc::ServerReadReactor<v1::SessionChunk>* KvCacheServiceImpl::ImportSession(
-    grpc::CallbackServerContext* ctx, v1::Session* resp) {
-  return new FinishNow<grpc::ServerReadReactor<v1::SessionChunk>>(
+grpc::ServerReadReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ImportSession(
+    grpc::CallbackServerContext* ctx, Bytes* resp) {
+  return new FinishNow<grpc::ServerReadReactor<grpc::ByteBuffer>>(
       metrics_, "ImportSession", absl::Now(),
       absl::UnimplementedError(absl::StrCat("ImportSession: ", kSnapshotIssue)));
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::GetServerInfo(grpc::CallbackServerContext* ctx,
-                                                            const v1::GetServerInfoRequest* req,
-                                                            v1::ServerInfo* resp) {
+                                                            const Bytes* req, Bytes* resp) {
   const absl::Time start = absl::Now();
-  resp->set_version(build_.version);
-  resp->set_git_commit(build_.git_commit);
-  resp->set_kernel_backend(build_.kernel_backend);
-  resp->set_kernel_variant(build_.kernel_variant);
-  resp->set_max_message_bytes(limits_.max_message_bytes);
-  resp->set_host_budget_bytes(store_->budget().limit());
-  const StoreStats s = store_->Stats();
-  resp->set_host_bytes_used(s.bytes_used);
-  resp->set_sessions(s.sessions);
-  for (const char* m : {"ExportSession", "ImportSession"}) resp->add_unimplemented_rpcs(m);
-  return FinishUnary(ctx, "GetServerInfo", start, absl::OkStatus());
+  v1::GetServerInfoRequest request;
+  absl::Status st = ParseMessage(*req, &request, "");
+  if (st.ok()) {
+    v1::ServerInfo out;
+    out.set_version(build_.version);
+    out.set_git_commit(build_.git_commit);
+    out.set_kernel_backend(build_.kernel_backend);
+    out.set_kernel_variant(build_.kernel_variant);
+    out.set_max_message_bytes(limits_.max_message_bytes);
+    out.set_host_budget_bytes(store_->budget().limit());
+    const StoreStats s = store_->Stats();
+    out.set_host_bytes_used(s.bytes_used);
+    out.set_sessions(s.sessions);
+    for (const char* m : {"ExportSession", "ImportSession"}) out.add_unimplemented_rpcs(m);
+    SerializeMessage(out, resp);
+  }
+  return FinishUnary(ctx, "GetServerInfo", start, st);
 }
 
 }  // namespace sparsekv::service

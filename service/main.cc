@@ -18,11 +18,30 @@ ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus /metrics listen address HOST:PORT; port 0 = any; empty = off");
 ABSL_FLAG(int, max_message_bytes, 64 << 20,
           "Largest gRPC message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED");
-ABSL_FLAG(int64_t, host_budget_bytes, 0,
-          "Byte budget for all cached K/V in host memory; 0 = unlimited. Appends over it get "
-          "RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, host_budget_bytes, -1,
+          "Byte budget for all sessions in host memory (K/V, dense-block slack, scoring "
+          "statistics, metadata); -1 = half of the memory available to the process (the "
+          "smaller of physical memory and the cgroup limit); 0 = unlimited. Requests over it "
+          "get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, tenant_budget_bytes, 0, "Byte budget per tenant; 0 = unlimited");
 ABSL_FLAG(int, max_sessions, 100000, "Most live sessions; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_session_bytes, 0,
+          "Most bytes one session may hold against the budget; 0 = only the host and tenant "
+          "budgets apply");
+ABSL_FLAG(int, max_layers, sparsekv::kMaxLayers, "Largest layout.num_layers accepted");
+ABSL_FLAG(int, max_heads, sparsekv::kMaxHeads,
+          "Largest layout.num_kv_heads and layout.num_q_heads accepted");
+ABSL_FLAG(int, max_head_dim, sparsekv::kMaxHeadDim, "Largest layout.head_dim accepted");
+ABSL_FLAG(int, max_id_bytes, 128, "Longest session id and tenant name, in bytes");
+ABSL_FLAG(int, max_labels, 32, "Most labels per session");
+ABSL_FLAG(int, max_label_key_bytes, 64, "Longest label key, in bytes");
+ABSL_FLAG(int, max_label_value_bytes, 256, "Longest label value, in bytes");
+ABSL_FLAG(int, max_obs_tokens, 256,
+          "Most observation queries (AppendKV obs_q tokens) per message and layer");
+ABSL_FLAG(bool, reject_nonfinite, true,
+          "Reject NaN/Inf in K, V and queries, and K/V values that overflow the storage dtype, "
+          "with INVALID_ARGUMENT; false stores them as they round (decode steps over them are "
+          "then non-finite)");
 ABSL_FLAG(absl::Duration, default_ttl, absl::Hours(1),
           "Idle time after which a session that asked for no TTL is evicted");
 ABSL_FLAG(absl::Duration, max_ttl, absl::Hours(24), "Largest TTL a session may ask for");
@@ -59,6 +78,20 @@ int main(int argc, char** argv) {
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.store.host_budget_bytes = absl::GetFlag(FLAGS_host_budget_bytes);
+  if (options.store.host_budget_bytes < 0) {
+    options.store.host_budget_bytes = sparsekv::service::AvailableMemoryBytes() / 2;
+  }
+  sparsekv::SessionLimits& limits = options.store.limits;
+  limits.max_session_bytes = absl::GetFlag(FLAGS_max_session_bytes);
+  limits.max_layers = absl::GetFlag(FLAGS_max_layers);
+  limits.max_kv_heads = limits.max_q_heads = absl::GetFlag(FLAGS_max_heads);
+  limits.max_head_dim = absl::GetFlag(FLAGS_max_head_dim);
+  limits.max_id_bytes = absl::GetFlag(FLAGS_max_id_bytes);
+  limits.max_labels = absl::GetFlag(FLAGS_max_labels);
+  limits.max_label_key_bytes = absl::GetFlag(FLAGS_max_label_key_bytes);
+  limits.max_label_value_bytes = absl::GetFlag(FLAGS_max_label_value_bytes);
+  limits.max_obs_tokens = absl::GetFlag(FLAGS_max_obs_tokens);
+  limits.reject_nonfinite = absl::GetFlag(FLAGS_reject_nonfinite);
   options.store.tenant_budget_bytes = absl::GetFlag(FLAGS_tenant_budget_bytes);
   options.store.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.store.default_ttl = absl::GetFlag(FLAGS_default_ttl);
@@ -79,6 +112,9 @@ int main(int argc, char** argv) {
                build.version.c_str(), build.git_commit.c_str(), build.kernel_backend.c_str(),
                build.kernel_variant.c_str(), (*server)->grpc_port(), (*server)->metrics_port());
   std::fprintf(stderr, "sparsekv-server: %s\n", sparsekv::kernels::CpuFeaturesSummary().c_str());
+  std::fprintf(stderr, "sparsekv-server: host budget %lld bytes%s\n",
+               static_cast<long long>(options.store.host_budget_bytes),
+               options.store.host_budget_bytes == 0 ? " (unlimited)" : "");
   const std::string ready = absl::GetFlag(FLAGS_ready_file);
   if (!ready.empty()) {
     // Write then rename so that a reader never sees a half-written file.

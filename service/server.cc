@@ -3,7 +3,11 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <exception>
 #include <utility>
 
@@ -22,6 +26,17 @@ namespace sparsekv::service {
 BuildInfo CurrentBuildInfo() {
   const kernels::Backend& b = kernels::CpuBackend();
   return BuildInfo{SPARSEKV_VERSION, SPARSEKV_GIT_COMMIT, b.name(), b.variant()};
+}
+
+int64_t AvailableMemoryBytes() {
+  int64_t bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream f(path);
+    long long limit = 0;
+    if (f >> limit && limit > 0) bytes = std::min<int64_t>(bytes, limit);  // "max" fails >>
+  }
+  return bytes;
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
@@ -54,7 +69,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   if (!options.metrics_listen.empty()) {
     // prometheus-cpp (civetweb) throws when the port is taken: stop it at this boundary.
     try {
-      s->exposer_ = std::make_unique<prometheus::Exposer>(options.metrics_listen);
+      // civetweb's defaults let a client that sends half a request hold one of two threads for
+      // 30 s, so two such connections stop every scrape: more threads, a short read timeout.
+      s->exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+          "listening_ports", options.metrics_listen, "num_threads", "8", "request_timeout_ms",
+          "2000"});
     } catch (const std::exception& e) {
       s->grpc_server_->Shutdown();
       return absl::UnavailableError(

@@ -26,6 +26,10 @@ struct ServerOptions {
   SessionStoreOptions store;
 };
 
+// Memory this process may use: the smaller of physical memory and the cgroup (v2 or v1)
+// limit, in bytes.
+int64_t AvailableMemoryBytes();
+
 class Server {
  public:
   // Binds both ports and starts serving. InvalidArgument for a malformed address,

@@ -136,9 +136,15 @@ TEST(PruningTest, BackgroundPrunerCompressesWholeChunksOnly) {
   EXPECT_EQ(info.stats.chunks, 6);
   EXPECT_EQ(info.stats.pruning_backlog_tokens, 0);
   EXPECT_EQ(info.stats.bytes_dense, 2 * 52 * layout.token_bytes());
-  EXPECT_EQ(f.env.budget->used(), info.stats.bytes_dense + info.stats.bytes_compressed);
   // Format bytes: per token per head 4 B bitmap + KeepCount(0.7, 32) = 10 values x 2 B.
   EXPECT_EQ(info.stats.bytes_compressed, 2 * 96 * 2 * 2 * (4 + 10 * 2));
+  // The budget holds what the session accounts: its fixed bytes, the 2 dense blocks per layer
+  // still holding tail rows 96..147, and 6 chunks of 3072 bytes (a multiple of the pools'
+  // 64-byte rounding) plus their objects.
+  EXPECT_EQ(f.env.budget->used(), info.stats.bytes_accounted);
+  EXPECT_EQ(info.stats.bytes_accounted,
+            Session::FixedBytes(info) + 4 * LayerStore::BlockBytes(layout) +
+                6 * (3072 + static_cast<int64_t>(sizeof(CompressedChunk))));
   ExpectDecodeMatchesReadBack(f, RandomTensor({4, 32}, &rng));
 }
 

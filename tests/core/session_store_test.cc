@@ -126,11 +126,18 @@ TEST(SessionStoreTest, DeleteReturnsBytesToBudget) {
   ASSERT_TRUE(store.Create(Params("a")).ok());
   std::mt19937 rng(2);
   auto k = testing::RandomTensor({2, 10, 2, 16}, &rng);
-  ASSERT_TRUE((*store.Get("a"))->Append(0, k.view, k.view, TensorView{}).ok());
-  EXPECT_EQ(store.Stats().bytes_used, 2 * 10 * 2 * 2 * 16 * 2);
+  std::shared_ptr<Session> s = *store.Get("a");
+  const int64_t fixed = store.Stats().bytes_used;
+  EXPECT_EQ(fixed, Session::FixedBytes(s->Info()));
+  ASSERT_TRUE(s->Append(0, k.view, k.view, TensorView{}).ok());
+  // One 32-row block per layer holds the 10 tokens.
+  const int64_t held = fixed + 2 * LayerStore::BlockBytes(s->layout());
+  EXPECT_EQ(store.Stats().bytes_used, held);
+  EXPECT_EQ(s->Info().stats.bytes_accounted, held);
+  EXPECT_GT(held, 2 * 10 * 2 * 2 * 16 * 2);  // more than the payload
   auto freed = store.Delete("a");
   ASSERT_TRUE(freed.ok());
-  EXPECT_EQ(*freed, 2 * 10 * 2 * 2 * 16 * 2);
+  EXPECT_EQ(*freed, held);
   EXPECT_EQ(store.Stats().bytes_used, 0);
 }
 

@@ -124,15 +124,19 @@ TEST(SessionTest, BadShapesAreNamed) {
 
 TEST(SessionTest, OverBudgetAppendChangesNothing) {
   const Layout layout{1, 1, 1, 8, DType::kFloat16};
-  Fixture f(layout, /*budget=*/layout.token_bytes() * 10);
+  const int64_t fixed = Session::FixedBytes(SessionInfo{"s", "t", layout});
+  // Room for the fixed bytes and one dense block (32 rows).
+  Fixture f(layout, /*budget=*/fixed + LayerStore::BlockBytes(layout));
   std::mt19937 rng(11);
-  OwnedTensor k = RandomTensor({1, 8, 1, 8}, &rng);
+  OwnedTensor k = RandomTensor({1, 30, 1, 8}, &rng);
   ASSERT_TRUE(f.session->Append(0, k.view, k.view, TensorView{}).ok());
-  OwnedTensor k2 = RandomTensor({1, 3, 1, 8}, &rng);
+  OwnedTensor k2 = RandomTensor({1, 3, 1, 8}, &rng);  // needs a second block
   absl::Status st = f.session->Append(0, k2.view, k2.view, TensorView{}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(f.session->tokens(0), 8);
-  EXPECT_EQ(f.env.budget->used(), 8 * layout.token_bytes());
+  EXPECT_EQ(f.session->tokens(0), 30);
+  EXPECT_EQ(f.env.budget->used(), fixed + LayerStore::BlockBytes(layout));
+  OwnedTensor k3 = RandomTensor({1, 2, 1, 8}, &rng);  // fits in the first block
+  EXPECT_TRUE(f.session->Append(0, k3.view, k3.view, TensorView{}).ok());
   f.session.reset();
   EXPECT_EQ(f.env.budget->used(), 0);  // released on destruction
 }

@@ -82,6 +82,8 @@ struct Fixture {
     info.layout = layout;
     info.policy = policy;
     info.create_time = absl::Now();
+    // What SessionStore::Create reserves before a session exists (the session owns it).
+    env.budget->Charge(info.tenant, Session::FixedBytes(info));
     session = std::make_shared<Session>(info, env);
   }
   ~Fixture() {

@@ -418,10 +418,10 @@ class LimitsTest(ErrorAsserts):
         cls.server.cleanup()
         assert alive, "server died during LimitsTest"
 
-    def session(self, sid, d=64, kv=2, hq=8):
+    def session(self, sid, d=64, kv=2, hq=8, chunk_tokens=0):
         self.stub.CreateSession(pb2.CreateSessionRequest(session_id=sid, layout=pb2.Layout(
-            num_layers=1, num_kv_heads=kv, num_q_heads=hq, head_dim=d, dtype=DT.FLOAT16)),
-            timeout=10)
+            num_layers=1, num_kv_heads=kv, num_q_heads=hq, head_dim=d, dtype=DT.FLOAT16),
+            policy=pb2.Policy(chunk_tokens=chunk_tokens)), timeout=10)
 
     def upload(self, sid, tokens, seed):
         # sent as float16: message size ~= stored size = tokens * 2 heads * 64 * 2 B * 2 (K, V)
@@ -460,13 +460,27 @@ class LimitsTest(ErrorAsserts):
         self.stub.DeleteSession(pb2.DeleteSessionRequest(session_id="lim-good-1"), timeout=10)
 
     def test_decode_new_token_over_budget(self):
-        # Fill the budget to within 64 bytes (1953 tokens * 512 B = 999,936 B); a decode step
-        # whose new token (512 B) does not fit is refused whole; one without a token still runs.
-        self.session("bud-full")
-        self.upload("bud-full", 1000, seed=11)()
-        self.upload("bud-full", 953, seed=12)()
+        # The budget counts dense tail blocks of 32 token rows, allocated whole. Fill it with
+        # whole blocks until another block does not fit: a decode step whose new token needs
+        # that block is refused whole; one without a token still runs.
+        used0 = self.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10).host_bytes_used
+        # Chunks of 8192 tokens: the background pruner (which also repacks dense sessions'
+        # blocks into chunks) stays away and the accounting holds still.
+        self.session("bud-full", chunk_tokens=8192)
+        self.upload("bud-full", 32, seed=10)()
+        acc = lambda: self.stub.GetSession(pb2.GetSessionRequest(session_id="bud-full"),
+                                           timeout=10).stats.bytes_accounted
+        after_one = acc()
         info = self.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10)
-        self.assertEqual(info.host_bytes_used, 1953 * 512)
+        self.assertEqual(info.host_bytes_used, used0 + after_one)
+        self.upload("bud-full", 32, seed=11)()
+        block = acc() - after_one
+        self.assertGreater(block, 32 * 512)  # payload plus the block's mass and object
+        more = (HOST_BUDGET_BYTES - info.host_bytes_used - block) // block  # blocks that fit
+        self.upload("bud-full", 32 * more, seed=12)()
+        tokens = 64 + 32 * more
+        info = self.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10)
+        self.assertGreater(info.host_bytes_used + block, HOST_BUDGET_BYTES)
         q = t(np.ones((8, 64)))
         nk = t(np.ones((2, 64)))
         self.expect(lambda: self.stub.Decode(pb2.DecodeRequest(items=[pb2.DecodeItem(
@@ -474,7 +488,10 @@ class LimitsTest(ErrorAsserts):
             grpc.StatusCode.RESOURCE_EXHAUSTED, r"budget")
         r = self.stub.Decode(pb2.DecodeRequest(items=[pb2.DecodeItem(
             session_id="bud-full", layer=0, q=q)]), timeout=10)
-        self.assertEqual(r.results[0].tokens_attended, 1953)
+        self.assertEqual(r.results[0].tokens_attended, tokens)
+        self.assertEqual(
+            self.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10).host_bytes_used,
+            info.host_bytes_used)
         self.stub.DeleteSession(pb2.DeleteSessionRequest(session_id="bud-full"), timeout=10)
 
     def test_over_budget(self):
