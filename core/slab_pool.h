@@ -72,7 +72,7 @@ class SlabPool {
 class SlabPoolSet {
  public:
   // Empty slabs kept for reuse across all pools, at most; the rest return to the system.
-  explicit SlabPoolSet(int64_t max_idle_bytes = int64_t{32} << 20)
+  explicit SlabPoolSet(int64_t max_idle_bytes = int64_t{8} << 20)
       : max_idle_bytes_(max_idle_bytes) {}
 
   // The pool for `block_bytes`; the pointer stays valid as long as this set.

@@ -171,3 +171,110 @@ TEST(SessionStoreTest, DeleteReleasesBytesWhileTheSessionIsStillHeld) {
 
 }  // namespace
 }  // namespace sparsekv
+
+namespace sparsekv {
+namespace {
+
+TEST(SessionStoreLimitsTest, FixedBytesOfAHugeLayoutAreChargedAtCreate) {
+  SessionStoreOptions o = NoJanitor();
+  o.host_budget_bytes = 4 << 20;
+  SessionStore store(o);
+  CreateSessionParams p = Params("huge");
+  p.layout = Layout{256, 1024, 1024, 512, DType::kFloat16};  // ~1 GiB of scoring statistics
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(store.Stats().bytes_used, 0);
+  EXPECT_EQ(store.Stats().sessions, 0);
+  ASSERT_TRUE(store.Create(Params("small")).ok());
+  EXPECT_EQ(store.Stats().bytes_used, Session::FixedBytes((*store.Get("small"))->Info()));
+}
+
+TEST(SessionStoreLimitsTest, IdsLabelsAndTenantsAreBounded) {
+  SessionStoreOptions o = NoJanitor();
+  SessionStore store(o);
+  const std::string long_id(100000, 'a');
+  absl::Status st = store.Create(Params(long_id)).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(st.message().size(), 200u);  // the id is not echoed
+  st = store.Get(long_id).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(st.message().size(), 200u);
+  EXPECT_EQ(store.Delete(long_id).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Create(Params("t", std::string(129, 't'))).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  CreateSessionParams p = Params("labels");
+  for (int i = 0; i < 33; ++i) p.labels["k" + std::to_string(i)] = "v";
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  p.labels.clear();
+  p.labels["big"] = std::string(257, 'x');
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  p.labels.clear();
+  p.labels[std::string(65, 'k')] = "v";
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  p.labels.clear();
+  p.labels["ok"] = std::string(256, 'x');
+  EXPECT_TRUE(store.Create(p).ok());
+  EXPECT_EQ(store.Stats().sessions, 1);
+}
+
+TEST(SessionStoreLimitsTest, LayoutMaximaComeFromTheLimits) {
+  SessionStoreOptions o = NoJanitor();
+  o.limits.max_layers = 4;
+  o.limits.max_head_dim = 64;
+  SessionStore store(o);
+  CreateSessionParams p = Params("a");
+  p.layout.num_layers = 5;
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  p.layout.num_layers = 4;
+  p.layout.head_dim = 128;
+  EXPECT_EQ(store.Create(p).status().code(), absl::StatusCode::kInvalidArgument);
+  p.layout.head_dim = 64;
+  EXPECT_TRUE(store.Create(p).ok());
+}
+
+TEST(SessionStoreLimitsTest, ABatchWhoseSecondTokenIsOverBudgetAppendsNothing) {
+  SessionStoreOptions o = NoJanitor();
+  SessionStore probe(o);
+  ASSERT_TRUE(probe.Create(Params("x")).ok());
+  const int64_t fixed = probe.Stats().bytes_used;
+  const int64_t block = LayerStore::BlockBytes(Params().layout);
+  // Two sessions and room for exactly one dense block.
+  o.host_budget_bytes = 2 * fixed + block;
+  SessionStore store(o);
+  ASSERT_TRUE(store.Create(Params("a")).ok());
+  ASSERT_TRUE(store.Create(Params("b")).ok());
+  std::mt19937 rng(5);
+  auto q = testing::RandomTensor({4, 16}, &rng);
+  auto nk = testing::RandomTensor({2, 16}, &rng);
+  std::vector<DecodeInput> items(2);
+  for (int i = 0; i < 2; ++i) {
+    items[i].session_id = i == 0 ? "a" : "b";
+    items[i].q = q.view;
+    items[i].new_k = nk.view;
+    items[i].new_v = nk.view;
+  }
+  std::vector<DecodeOutput> out;
+  absl::Status st = store.DecodeBatch(items, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(st.message().find("items[1]"), std::string::npos) << st;
+  EXPECT_EQ((*store.Get("a"))->tokens(0), 0);  // the first item was not applied
+  EXPECT_EQ((*store.Get("b"))->tokens(0), 0);
+  EXPECT_EQ(store.Stats().bytes_used, 2 * fixed);
+  items.pop_back();  // alone, the first fits
+  ASSERT_TRUE(store.DecodeBatch(items, &out).ok());
+  EXPECT_EQ((*store.Get("a"))->tokens(0), 1);
+  EXPECT_EQ(store.Stats().bytes_used, 2 * fixed + block);
+}
+
+TEST(SessionStoreLimitsTest, ReadsCountAsAccessForTheTtl) {
+  SessionStore store(NoJanitor());
+  CreateSessionParams p = Params("ttl");
+  p.ttl = absl::Seconds(2);
+  ASSERT_TRUE(store.Create(p).ok());
+  absl::SleepFor(absl::Milliseconds(1500));
+  ASSERT_TRUE(store.Get("ttl").ok());  // GetSession, ReadKV, Flush all look it up
+  EXPECT_EQ(store.EvictExpired(absl::Now() + absl::Milliseconds(1000)), 0);
+  EXPECT_EQ(store.EvictExpired(absl::Now() + absl::Seconds(3)), 1);
+}
+
+}  // namespace
+}  // namespace sparsekv

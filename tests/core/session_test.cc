@@ -286,3 +286,148 @@ TEST(SessionTest, Float16ComputeStaysCloseToFloat32AndStatsSayWhichRan) {
 
 }  // namespace
 }  // namespace sparsekv
+
+namespace sparsekv::testing {
+namespace {
+
+TEST(SessionHostileTest, DecodeRejectsNewKAndNewVOfDifferentDtypes) {
+  // float32 K with float16 V of the same shape used to convert V with K's element size and
+  // read past the end of V's buffer.
+  const Layout layout{1, 64, 64, 64, DType::kFloat16};
+  Fixture f(layout);
+  std::mt19937 rng(21);
+  OwnedTensor q = RandomTensor({64, 64}, &rng);
+  OwnedTensor nk = RandomTensor({64, 64}, &rng);
+  std::vector<uint16_t> v16(64 * 64);
+  kernels::ConvertElements(DType::kFloat32, nk.values.data(), DType::kFloat16, v16.data(),
+                           v16.size());
+  DecodeInput in;
+  in.q = q.view;
+  in.new_k = nk.view;
+  in.new_v = TensorView{DType::kFloat16, {64, 64}, v16.data()};
+  DecodeOutput out;
+  absl::Status st = f.session->Decode(in, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("new_k is float32 but new_v is float16"), std::string::npos) << st;
+  EXPECT_EQ(f.session->tokens(0), 0);
+}
+
+TEST(SessionHostileTest, NonFiniteValuesAreRejectedNamingTensorAndIndex) {
+  const Layout layout{2, 2, 4, 16, DType::kFloat16};
+  Fixture f(layout);
+  std::mt19937 rng(22);
+  OwnedTensor k = RandomTensor({2, 5, 2, 16}, &rng);
+  OwnedTensor v = RandomTensor({2, 5, 2, 16}, &rng);
+  ASSERT_TRUE(f.session->Append(0, k.view, v.view, TensorView{}).ok());
+  const int64_t used = f.env.budget->used();
+
+  OwnedTensor bad = RandomTensor({2, 5, 2, 16}, &rng);
+  bad.values[77] = std::nanf("");
+  absl::Status st = f.session->Append(0, k.view, bad.view, TensorView{}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("v[flat index 77]"), std::string::npos) << st;
+  bad.values[77] = 1.0f;
+  bad.values[3] = 70000.0f;  // finite in fp32, Inf once stored as fp16
+  st = f.session->Append(0, bad.view, v.view, TensorView{}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("k[flat index 3] = 70000 overflows"), std::string::npos) << st;
+  OwnedTensor obs = RandomTensor({2, 3, 4, 16}, &rng);
+  obs.values[50] = -INFINITY;
+  st = f.session->Append(0, k.view, v.view, obs.view).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("obs_q[flat index 50]"), std::string::npos) << st;
+
+  OwnedTensor q = RandomTensor({4, 16}, &rng);
+  q.values[9] = std::nanf("");
+  DecodeInput in;
+  in.q = q.view;
+  DecodeOutput out;
+  st = f.session->Decode(in, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("q[flat index 9]"), std::string::npos) << st;
+  q.values[9] = 0.5f;
+  OwnedTensor nk = RandomTensor({2, 16}, &rng);
+  nk.values[31] = INFINITY;
+  in.new_k = nk.view;
+  in.new_v = nk.view;
+  EXPECT_EQ(f.session->Decode(in, &out).code(), absl::StatusCode::kInvalidArgument);
+  // Nothing changed: the layer's later steps are finite and the statistics unbiased.
+  EXPECT_EQ(f.session->tokens(0), 5);
+  EXPECT_EQ(f.session->tokens(1), 5);
+  EXPECT_EQ(f.env.budget->used(), used);
+  in.new_k = in.new_v = TensorView{};
+  ASSERT_TRUE(f.session->Decode(in, &out).ok());
+  for (float x : out.out) EXPECT_TRUE(std::isfinite(x));
+}
+
+TEST(SessionHostileTest, NonFiniteValuesAreStoredWhenThePolicyAllows) {
+  const Layout layout{1, 1, 1, 8, DType::kFloat32};
+  Fixture f(layout);
+  f.env.limits.reject_nonfinite = false;
+  SessionInfo info;
+  info.id = "s2";
+  info.tenant = "t";
+  info.layout = layout;
+  f.env.budget->Charge("t", Session::FixedBytes(info));
+  auto s = std::make_shared<Session>(info, f.env);
+  std::mt19937 rng(23);
+  OwnedTensor k = RandomTensor({1, 2, 1, 8}, &rng);
+  k.values[4] = std::nanf("");
+  EXPECT_TRUE(s->Append(0, k.view, k.view, TensorView{}).ok());
+  EXPECT_EQ(s->tokens(0), 2);
+}
+
+TEST(SessionHostileTest, ObservedAppendCancelledMidwayAppliesNothing) {
+  const Layout layout{2, 2, 4, 16, DType::kFloat16};
+  Fixture f(layout);
+  std::mt19937 rng(24);
+  OwnedTensor k = RandomTensor({2, 40, 2, 16}, &rng);
+  OwnedTensor obs = RandomTensor({2, 8, 4, 16}, &rng);
+  const int64_t used = f.env.budget->used();
+  int calls = 0;
+  // Lets the first few observation queries run, then reports an expired deadline.
+  CancelCheck cancel = [&calls]() -> absl::Status {
+    return ++calls > 5 ? absl::DeadlineExceededError("deadline") : absl::OkStatus();
+  };
+  absl::Status st = f.session->Append(0, k.view, k.view, obs.view, cancel).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(calls, 6);
+  EXPECT_EQ(f.session->tokens(0), 0);
+  EXPECT_EQ(f.session->tokens(1), 0);
+  EXPECT_EQ(f.env.budget->used(), used);
+  EXPECT_EQ(f.session->Info().stats.scoring_in_force_k, Scoring::kMagnitude);  // no stats
+  // Uncancelled, the same message applies whole, statistics included.
+  ASSERT_TRUE(f.session->Append(0, k.view, k.view, obs.view, {}).ok());
+  EXPECT_EQ(f.session->tokens(1), 40);
+  EXPECT_EQ(f.env.budget->used(), used + 2 * 2 * LayerStore::BlockBytes(layout));
+}
+
+TEST(SessionHostileTest, ObsTokensPerMessageAreBounded) {
+  const Layout layout{1, 1, 1, 8, DType::kFloat16};
+  Fixture f(layout);
+  std::mt19937 rng(25);
+  OwnedTensor k = RandomTensor({1, 2, 1, 8}, &rng);
+  OwnedTensor obs = RandomTensor({1, 257, 1, 8}, &rng);
+  absl::Status st = f.session->Append(0, k.view, k.view, obs.view).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("--max_obs_tokens"), std::string::npos) << st;
+}
+
+TEST(SessionHostileTest, OneTokenChargesOneWholeBlockAndTheNext31ChargeNothing) {
+  const Layout layout{1, 2, 2, 16, DType::kBFloat16};
+  Fixture f(layout);
+  std::mt19937 rng(26);
+  const int64_t fixed = f.env.budget->used();
+  OwnedTensor one = RandomTensor({1, 1, 2, 16}, &rng);
+  ASSERT_TRUE(f.session->Append(0, one.view, one.view, TensorView{}).ok());
+  EXPECT_EQ(f.env.budget->used(), fixed + LayerStore::BlockBytes(layout));
+  OwnedTensor more = RandomTensor({1, 31, 2, 16}, &rng);
+  ASSERT_TRUE(f.session->Append(0, more.view, more.view, TensorView{}).ok());
+  EXPECT_EQ(f.env.budget->used(), fixed + LayerStore::BlockBytes(layout));
+  ASSERT_TRUE(f.session->Append(0, one.view, one.view, TensorView{}).ok());
+  EXPECT_EQ(f.env.budget->used(), fixed + 2 * LayerStore::BlockBytes(layout));
+  EXPECT_EQ(f.session->Info().stats.bytes_accounted, f.env.budget->used());
+}
+
+}  // namespace
+}  // namespace sparsekv::testing
