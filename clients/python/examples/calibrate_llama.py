@@ -189,7 +189,7 @@ def main():
         args.model = os.path.join(L.MODELS, args.model)  # a name under ../shared/models
     if not os.path.isdir(args.model):
         print("SKIP: model not found: %s" % args.model)
-        return 0
+        return 77  # ctest's SKIP_RETURN_CODE
     model = L.load(args.model)
     if args.stories:
         all_ids = L.tinystories_ids()

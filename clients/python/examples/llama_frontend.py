@@ -253,7 +253,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not os.path.isdir(args.model):
         print("SKIP: model %s not found" % args.model)
-        return 0
+        return 77  # ctest's SKIP_RETURN_CODE
     model = L.load(args.model)
     with server_target(args.server, args.server_bin) as target:
         with Client(target) as c:
