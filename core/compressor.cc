@@ -7,36 +7,12 @@
 namespace sparsekv {
 namespace {
 
-kernels::SectionKind Kind(PruneDirection d) {
-  return d == PruneDirection::kPerChannel ? kernels::SectionKind::kPerChannel
-                                          : kernels::SectionKind::kPerToken;
-}
-
-kernels::SectionFormat Format(const Layout& layout, const TensorPolicy& p, int group, int tokens,
-                              int layer) {
-  const float sparsity = p.SparsityFor(layer);
-  kernels::SectionKind kind = Kind(p.direction);
-  // A remainder chunk from Flush shorter than a group can only be pruned per token.
-  if (kind == kernels::SectionKind::kPerChannel && tokens % group != 0) {
-    kind = kernels::SectionKind::kDense;
-  }
-  const kernels::SectionFormat f =
-      kernels::MakeSectionFormat(kind, kind == kernels::SectionKind::kDense ? 0.0 : sparsity,
-                                 layout.head_dim, tokens, group, layout.dtype);
-  // At low sparsity the bitmap can outweigh the pruned values: then dense is smaller and
-  // loses nothing.
-  const kernels::SectionFormat dense = kernels::MakeSectionFormat(
-      kernels::SectionKind::kDense, 0.0, layout.head_dim, tokens, group, layout.dtype);
-  return f.bytes() < dense.bytes() ? f : dense;
-}
-
 // Weights for one section; returns whether output-aware weights are in force.
-bool Weights(const TensorPolicy& p, int layer, bool is_k, const CompressionInput& in, int head,
-             int d, std::vector<float>* token_w, std::vector<float>* channel_w) {
+bool Weights(const TensorPlan& p, bool is_k, const CompressionInput& in, int head, int d,
+             std::vector<float>* token_w, std::vector<float>* channel_w) {
   token_w->clear();
   channel_w->clear();
-  if (p.scoring != Scoring::kOutputAware || p.SparsityFor(layer) <= 0.0f || !in.queries_seen)
-    return false;
+  if (!p.output_aware || !in.queries_seen) return false;
   if (p.direction == PruneDirection::kPerToken) {
     if (!is_k) return true;  // V per-token output-aware equals magnitude, by design
     channel_w->resize(d);
@@ -53,27 +29,20 @@ bool Weights(const TensorPolicy& p, int layer, bool is_k, const CompressionInput
 
 }  // namespace
 
-kernels::SectionFormat KFormat(const Layout& layout, const Policy& policy, int layer, int tokens) {
-  return Format(layout, policy.k, policy.group_tokens, tokens, layer);
-}
-
-kernels::SectionFormat VFormat(const Layout& layout, const Policy& policy, int layer, int tokens) {
-  return Format(layout, policy.v, policy.group_tokens, tokens, layer);
-}
-
-std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const Policy& policy,
+std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const PolicyPlan& plan,
                                                     int layer, const CompressionInput& in,
                                                     SlabPoolSet* pools) {
-  const kernels::SectionFormat kf = KFormat(layout, policy, layer, in.tokens);
-  const kernels::SectionFormat vf = VFormat(layout, policy, layer, in.tokens);
+  const kernels::SectionFormat kf = plan.KFormat(layer, in.tokens);
+  const kernels::SectionFormat vf = plan.VFormat(layer, in.tokens);
+  const LayerPlan& lp = plan.layer(layer);
   const int heads = layout.num_kv_heads;
   const int d = layout.head_dim;
   SlabPool* pool = pools->Get(CompressedChunk::Bytes(kf, vf, heads));
   // Output-awareness is decided per chunk from head 0's statistics (all heads see the same
   // queries, so they agree on whether any exist).
   std::vector<float> tw, cw;
-  bool k_aware = Weights(policy.k, layer, true, in, 0, d, &tw, &cw);
-  bool v_aware = Weights(policy.v, layer, false, in, 0, d, &tw, &cw);
+  bool k_aware = Weights(lp.k, true, in, 0, d, &tw, &cw);
+  bool v_aware = Weights(lp.v, false, in, 0, d, &tw, &cw);
   auto chunk = std::make_shared<CompressedChunk>(kf, vf, heads, pool, k_aware, v_aware);
 
   const size_t row = static_cast<size_t>(d) * kernels::DTypeSize(layout.dtype);
@@ -86,10 +55,10 @@ std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const 
         std::memcpy(vbuf.data() + off, r.block->v_row(h, i), row);
       }
     }
-    const bool ka = Weights(policy.k, layer, true, in, h, d, &tw, &cw) && k_aware;
+    const bool ka = Weights(lp.k, true, in, h, d, &tw, &cw) && k_aware;
     kernels::CompressSection(kf, kbuf.data(), ka && !tw.empty() ? tw.data() : nullptr,
                              ka && !cw.empty() ? cw.data() : nullptr, chunk->mutable_k(h));
-    const bool va = Weights(policy.v, layer, false, in, h, d, &tw, &cw) && v_aware;
+    const bool va = Weights(lp.v, false, in, h, d, &tw, &cw) && v_aware;
     kernels::CompressSection(vf, vbuf.data(), va && !tw.empty() ? tw.data() : nullptr,
                              va && !cw.empty() ? cw.data() : nullptr, chunk->mutable_v(h));
   }

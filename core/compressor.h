@@ -10,13 +10,10 @@
 
 #include "core/chunk.h"
 #include "core/layer_store.h"
+#include "core/policy_plan.h"
 #include "core/types.h"
 
 namespace sparsekv {
-
-// Section formats of a chunk of `tokens` tokens of `layer` under `policy`.
-kernels::SectionFormat KFormat(const Layout& layout, const Policy& policy, int layer, int tokens);
-kernels::SectionFormat VFormat(const Layout& layout, const Policy& policy, int layer, int tokens);
 
 // Compresses `in` into a chunk allocated from `pools`.
 //
@@ -25,7 +22,7 @@ kernels::SectionFormat VFormat(const Layout& layout, const Policy& policy, int l
 // output-aware is plain magnitude (w_t is constant within a row). Where the statistic is
 // missing (no query seen, or no mass on any token of the chunk) the chunk falls back to
 // magnitude and says so through CompressedChunk::k_output_aware()/v_output_aware().
-std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const Policy& policy,
+std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const PolicyPlan& plan,
                                                     int layer, const CompressionInput& in,
                                                     SlabPoolSet* pools);
 

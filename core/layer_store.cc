@@ -4,6 +4,9 @@
 #include <cfloat>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
 namespace sparsekv {
 
 LayerStore::LayerStore(const Layout& layout)
@@ -151,6 +154,12 @@ int64_t LayerStore::Publish(std::shared_ptr<const CompressedChunk> chunk) {
       ++released;
     }
   }
+  tail_tokens_ -= chunk->tokens();
+  AddChunk(std::move(chunk));
+  return released;
+}
+
+void LayerStore::AddChunk(std::shared_ptr<const CompressedChunk> chunk) {
   const int64_t elems =
       static_cast<int64_t>(chunk->tokens()) * layout_.num_kv_heads * layout_.head_dim;
   k_kept_ += static_cast<int64_t>(elems * chunk->k_format().kept_fraction() + 0.5);
@@ -158,12 +167,131 @@ int64_t LayerStore::Publish(std::shared_ptr<const CompressedChunk> chunk) {
   output_aware_k_ += chunk->k_output_aware();
   output_aware_v_ += chunk->v_output_aware();
   compressed_tokens_ += chunk->tokens();
-  tail_tokens_ -= chunk->tokens();
   compressed_bytes_ += static_cast<int64_t>(chunk->bytes());
   auto next = std::make_shared<ChunkList>(*chunks_);
   next->push_back(std::move(chunk));
   chunks_ = std::move(next);
-  return released;
+}
+
+absl::Status ValidateSectionFormat(const kernels::SectionFormat& f, const Layout& layout,
+                                   const char* what) {
+  const int kind = static_cast<int>(f.kind);
+  if (kind < 0 || kind > 2) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": unknown section kind ", kind));
+  }
+  if (f.head_dim != layout.head_dim || f.dtype != layout.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": head_dim ", f.head_dim, " / dtype ", static_cast<int>(f.dtype),
+        " do not match the layout's ", layout.head_dim, " / ", static_cast<int>(layout.dtype)));
+  }
+  if (f.tokens < 1 || f.tokens > 8192 || (f.group != 32 && f.group != 64)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": tokens ", f.tokens, " or group ",
+                                                   f.group, " out of range"));
+  }
+  if (f.kind == kernels::SectionKind::kPerChannel && f.tokens % f.group != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": per-channel tokens ", f.tokens, " not a multiple of ", f.group));
+  }
+  if (f.kind != kernels::SectionKind::kDense && (f.k < 1 || f.k > f.n())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": keeps ", f.k, " of ", f.n(), " elements per vector"));
+  }
+  return absl::OkStatus();
+}
+
+LayerImage LayerStore::Export() const {
+  LayerImage image;
+  const int heads = layout_.num_kv_heads;
+  for (const auto& c : *chunks_) {
+    LayerImage::Chunk ic;
+    ic.k_format = c->k_format();
+    ic.v_format = c->v_format();
+    ic.k_output_aware = c->k_output_aware();
+    ic.v_output_aware = c->v_output_aware();
+    ic.data.assign(reinterpret_cast<const char*>(c->k(0)), c->bytes());
+    image.chunks.push_back(std::move(ic));
+  }
+  image.tail_tokens = tail_tokens_;
+  Read(compressed_tokens_, tail_tokens_, &image.tail_k, &image.tail_v);
+  image.tail_mass.resize(static_cast<size_t>(heads) * tail_tokens_);
+  int64_t t = 0;
+  for (const auto& b : tail_) {
+    for (int r = b->begin; r < b->rows; ++r, ++t) {
+      for (int h = 0; h < heads; ++h) {
+        image.tail_mass[static_cast<size_t>(h) * tail_tokens_ + t] = b->mass(h)[r];
+      }
+    }
+  }
+  image.q_energy = q_energy_;
+  image.queries_seen = queries_seen_;
+  return image;
+}
+
+absl::StatusOr<int64_t> LayerStore::Restore(const LayerImage& image, SlabPoolSet* pools) {
+  const int heads = layout_.num_kv_heads;
+  const size_t row = static_cast<size_t>(layout_.head_dim) * kernels::DTypeSize(layout_.dtype);
+  // Everything is checked before anything is built.
+  for (size_t i = 0; i < image.chunks.size(); ++i) {
+    const LayerImage::Chunk& c = image.chunks[i];
+    const std::string what = absl::StrCat("chunk ", i);
+    SPARSEKV_RETURN_IF_ERROR(ValidateSectionFormat(c.k_format, layout_, (what + " K").c_str()));
+    SPARSEKV_RETURN_IF_ERROR(ValidateSectionFormat(c.v_format, layout_, (what + " V").c_str()));
+    if (c.k_format.tokens != c.v_format.tokens) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": K and V token counts differ"));
+    }
+    if (c.data.size() != CompressedChunk::Bytes(c.k_format, c.v_format, heads)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " has ", c.data.size(), " bytes, its formats need ",
+          CompressedChunk::Bytes(c.k_format, c.v_format, heads)));
+    }
+    const auto* p = reinterpret_cast<const uint8_t*>(c.data.data());
+    for (int h = 0; h < heads; ++h) {
+      const uint8_t* k = p + h * (c.k_format.bytes() + c.v_format.bytes());
+      if (!kernels::SectionBitmapsValid(c.k_format, k) ||
+          !kernels::SectionBitmapsValid(c.v_format, k + c.k_format.bytes())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, ", KV head ", h, ": a bitmap does not keep exactly k elements"));
+      }
+    }
+  }
+  const size_t tail_bytes = static_cast<size_t>(image.tail_tokens) * heads * row;
+  if (image.tail_tokens < 0 || image.tail_k.size() != tail_bytes ||
+      image.tail_v.size() != tail_bytes ||
+      image.tail_mass.size() != static_cast<size_t>(heads) * image.tail_tokens) {
+    return absl::InvalidArgumentError("dense tail sizes do not match its token count");
+  }
+  if (image.q_energy.size() != q_energy_.size()) {
+    return absl::InvalidArgumentError("query statistics have the wrong size");
+  }
+  for (const LayerImage::Chunk& c : image.chunks) {
+    auto chunk = std::make_shared<CompressedChunk>(
+        c.k_format, c.v_format, heads,
+        pools->Get(CompressedChunk::Bytes(c.k_format, c.v_format, heads)), c.k_output_aware,
+        c.v_output_aware);
+    std::memcpy(chunk->mutable_k(0), c.data.data(), c.data.size());
+    AddChunk(std::move(chunk));
+  }
+  const size_t token_stride = static_cast<size_t>(heads) * row;
+  const int64_t blocks = Append(layout_.dtype, reinterpret_cast<const uint8_t*>(image.tail_k.data()),
+                                reinterpret_cast<const uint8_t*>(image.tail_v.data()),
+                                image.tail_tokens, token_stride, row);
+  int64_t t = 0;
+  for (const auto& b : tail_) {
+    for (int r = b->begin; r < b->rows; ++r, ++t) {
+      for (int h = 0; h < heads; ++h) {
+        b->mass(h)[r] = image.tail_mass[static_cast<size_t>(h) * image.tail_tokens + t];
+      }
+    }
+  }
+  q_energy_ = image.q_energy;
+  queries_seen_ = image.queries_seen;
+  return blocks;
+}
+
+int64_t LayerStore::chunk_memory_bytes() const {
+  int64_t total = 0;
+  for (const auto& c : *chunks_) total += static_cast<int64_t>(c->memory_bytes());
+  return total;
 }
 
 int64_t LayerStore::compressed_elements() const {

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/chunk.h"
 #include "core/types.h"
 
@@ -44,6 +46,32 @@ struct CompressionInput {
   std::vector<float> q_energy;  // [kv_heads, head_dim] sum of squared query channels
   bool queries_seen = false;
 };
+
+// A layer's contents in a form that can leave the process and come back (what a snapshot
+// carries): compressed chunks byte for byte, the dense tail rows, and the scoring statistics.
+struct LayerImage {
+  struct Chunk {
+    kernels::SectionFormat k_format;
+    kernels::SectionFormat v_format;
+    bool k_output_aware = false;
+    bool v_output_aware = false;
+    std::string data;  // CompressedChunk::Bytes(k_format, v_format, kv_heads): per KV head, K
+                       // section then V section
+  };
+  std::vector<Chunk> chunks;  // token order
+  int64_t tail_tokens = 0;
+  std::string tail_k;           // [tail_tokens, kv_heads, head_dim] in the storage dtype
+  std::string tail_v;           // likewise
+  std::vector<float> tail_mass;  // [kv_heads, tail_tokens] attention mass received so far
+  std::vector<double> q_energy;  // [kv_heads, head_dim]
+  bool queries_seen = false;
+};
+
+// InvalidArgument unless `f` is a section format a chunk of `layout` can have: a known kind,
+// the layout's head_dim and dtype, 1..8192 tokens, group 32 or 64 dividing per-channel tokens,
+// 1 <= k <= n.
+absl::Status ValidateSectionFormat(const kernels::SectionFormat& f, const Layout& layout,
+                                   const char* what);
 
 class LayerStore {
  public:
@@ -87,6 +115,16 @@ class LayerStore {
   // blocks released (all of their rows compressed).
   int64_t Publish(std::shared_ptr<const CompressedChunk> chunk);
 
+  // The layer as an image (chunks copied byte for byte).
+  LayerImage Export() const;
+  // Fills an empty layer from `image`, chunks from `pools`. InvalidArgument naming the part
+  // (and nothing changed) when a format does not fit the layout or a size disagrees with its
+  // shape. Returns the dense blocks allocated (for the budget); the chunks' memory is
+  // restored_chunk_bytes(). REQUIRES: tokens() == 0.
+  absl::StatusOr<int64_t> Restore(const LayerImage& image, SlabPoolSet* pools);
+  // Memory of every chunk of the layer (CompressedChunk::memory_bytes summed).
+  int64_t chunk_memory_bytes() const;
+
   // Copies rows [begin, begin + count) as [count, num_kv_heads, head_dim] in the storage dtype
   // to the end of k_out / v_out (compressed rows decompressed, pruned elements 0).
   // REQUIRES: begin + count <= tokens().
@@ -102,6 +140,8 @@ class LayerStore {
   int64_t output_aware_chunks_k() const { return output_aware_k_; }
   int64_t output_aware_chunks_v() const { return output_aware_v_; }
   int64_t chunks() const { return static_cast<int64_t>(chunks_->size()); }
+  // The chunk list as published now (for tests and snapshots).
+  const ChunkList& chunk_list() const { return *chunks_; }
   bool queries_seen() const { return queries_seen_; }
 
   // Set by Session: a background job is queued / a compression (job or Flush) is running.
@@ -109,6 +149,9 @@ class LayerStore {
   bool compressing = false;
 
  private:
+  // Counts `chunk` in and appends it to the list. REQUIRES: its rows are no longer in the tail.
+  void AddChunk(std::shared_ptr<const CompressedChunk> chunk);
+
   const Layout layout_;
   std::shared_ptr<const ChunkList> chunks_;
   std::deque<std::shared_ptr<DenseBlock>> tail_;

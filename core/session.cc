@@ -15,6 +15,7 @@ namespace sparsekv {
 Session::Session(SessionInfo info, SessionEnv env)
     : env_(std::move(env)),
       info_(std::move(info)),
+      plan_(info_.layout, info_.policy),
       block_bytes_(LayerStore::BlockBytes(info_.layout)) {
   layers_.reserve(info_.layout.num_layers);
   for (int l = 0; l < info_.layout.num_layers; ++l) layers_.emplace_back(info_.layout);
@@ -91,14 +92,6 @@ void Session::TouchLocked() { last_access_ = absl::Now(); }
 
 float Session::Scale(float requested) const {
   return requested > 0.0f ? requested : 1.0f / std::sqrt(static_cast<float>(info_.layout.head_dim));
-}
-
-bool Session::NeedsMass() const {
-  auto needs = [](const TensorPolicy& p) {
-    return p.AnySparse() && p.scoring == Scoring::kOutputAware &&
-           p.direction == PruneDirection::kPerChannel;
-  };
-  return needs(info_.policy.k) || needs(info_.policy.v);
 }
 
 absl::Status Session::CheckKvShape(const TensorView& t, const char* name,
@@ -293,7 +286,7 @@ bool Session::AccumulateScoring(const LayerSnapshot& snap, const float* q, float
     if (!std::isfinite(lse[h])) return false;
   }
   LayerStore::AccumulateQueryEnergy(l, q, energy->data());
-  if (!NeedsMass()) return true;
+  if (!plan_.needs_mass()) return true;
   std::vector<float> step;
   TailMass(l, snap, q, scale, lse, &step);
   if (mass->empty()) {
@@ -416,8 +409,7 @@ void Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutp
 
 void Session::MaybeSchedule(int layer) {
   LayerStore& s = layers_[layer];
-  const Policy& p = info_.policy;
-  if (s.job_queued || s.compressing || s.tail_tokens() < p.dense_window + p.chunk_tokens) return;
+  if (s.job_queued || s.compressing || !plan_.Eligible(s.tail_tokens())) return;
   s.job_queued = true;
   std::weak_ptr<Session> weak = weak_from_this();
   if (!env_.pruner->TrySchedule([weak, layer] {
@@ -431,15 +423,14 @@ void Session::MaybeSchedule(int layer) {
 }
 
 void Session::CompressJob(int layer) {
-  const Policy& p = info_.policy;
   {
     MutexLock lock(&mu_);
     LayerStore& s = layers_[layer];
     s.job_queued = false;
-    if (s.compressing || s.tail_tokens() < p.dense_window + p.chunk_tokens) return;
+    if (s.compressing || !plan_.Eligible(s.tail_tokens())) return;
     s.compressing = true;
   }
-  CompressAndPublish(layer, p.chunk_tokens);
+  CompressAndPublish(layer, plan_.chunk_tokens());
   MutexLock lock(&mu_);
   layers_[layer].compressing = false;
   idle_cv_.notify_all();
@@ -455,7 +446,7 @@ void Session::CompressAndPublish(int layer, int tokens) {
     in = layers_[layer].TakeOldest(tokens);
   }
   std::shared_ptr<const CompressedChunk> chunk =
-      CompressRows(info_.layout, info_.policy, layer, in, env_.pools.get());
+      CompressRows(info_.layout, plan_, layer, in, env_.pools.get());
   const int64_t chunk_bytes = static_cast<int64_t>(chunk->memory_bytes());
   {
     MutexLock lock(&mu_);
@@ -478,26 +469,17 @@ void Session::CompressAndPublish(int layer, int tokens) {
 }
 
 int64_t Session::Flush() {
-  const Policy& p = info_.policy;
   int64_t total = 0;
   for (int layer = 0; layer < info_.layout.num_layers; ++layer) {
-    const bool per_channel =
-        (p.k.SparsityFor(layer) > 0 && p.k.direction == PruneDirection::kPerChannel) ||
-        (p.v.SparsityFor(layer) > 0 && p.v.direction == PruneDirection::kPerChannel);
-    int64_t eligible;
+    std::vector<int> chunks;
     {
       std::unique_lock<std::mutex> lock(mu_.native());
       idle_cv_.wait(lock, [&] { return !layers_[layer].compressing; });
       layers_[layer].compressing = true;
-      eligible = std::max<int64_t>(0, layers_[layer].tail_tokens() - p.dense_window);
+      chunks = plan_.FlushChunks(layer, layers_[layer].tail_tokens());
     }
-    // Whole chunks first, then one remainder chunk (per-channel: whole groups only).
-    while (eligible > 0) {
-      int n = static_cast<int>(std::min<int64_t>(eligible, p.chunk_tokens));
-      if (n < p.chunk_tokens && per_channel) n -= n % p.group_tokens;
-      if (n == 0) break;
+    for (int n : chunks) {
       CompressAndPublish(layer, n);
-      eligible -= n;
       total += n;
     }
     MutexLock lock(&mu_);
@@ -531,7 +513,6 @@ SessionInfo Session::Info() const {
   SessionInfo info = info_;
   info.last_access_time = last_access_;
   SessionStats& st = info.stats;
-  const Policy& p = info_.policy;
   int64_t elements = 0, k_kept = 0, v_kept = 0, aware_k = 0, aware_v = 0;
   bool queries_seen = false;
   for (const LayerStore& s : layers_) {
@@ -546,9 +527,9 @@ SessionInfo Session::Info() const {
     aware_k += s.output_aware_chunks_k();
     aware_v += s.output_aware_chunks_v();
     queries_seen |= s.queries_seen();
-    const int64_t eligible = s.tail_tokens() - p.dense_window;
-    if (eligible >= p.chunk_tokens)
-      st.pruning_backlog_tokens += eligible / p.chunk_tokens * p.chunk_tokens;
+    const int64_t eligible = s.tail_tokens() - plan_.dense_window();
+    if (plan_.Eligible(s.tail_tokens()))
+      st.pruning_backlog_tokens += eligible / plan_.chunk_tokens() * plan_.chunk_tokens();
   }
   st.bytes_dense_equivalent = st.tokens_total * info_.layout.token_bytes();
   if (elements > 0) {
@@ -557,15 +538,13 @@ SessionInfo Session::Info() const {
   }
   st.chunks_output_aware_k = aware_k;
   st.chunks_output_aware_v = aware_v;
-  auto in_force = [&](const TensorPolicy& tp) {
-    return tp.scoring == Scoring::kOutputAware && tp.AnySparse() && queries_seen
-               ? Scoring::kOutputAware
-               : Scoring::kMagnitude;
+  auto in_force = [&](bool output_aware) {
+    return output_aware && queries_seen ? Scoring::kOutputAware : Scoring::kMagnitude;
   };
-  st.scoring_in_force_k = in_force(p.k);
-  st.scoring_in_force_v = in_force(p.v);
+  st.scoring_in_force_k = in_force(plan_.k_output_aware());
+  st.scoring_in_force_v = in_force(plan_.v_output_aware());
   // What the kernels will do with the policy's request (attention.h: others run fp32).
-  const bool fp16 = p.decode_compute == DecodeCompute::kFloat16 &&
+  const bool fp16 = info_.policy.decode_compute == DecodeCompute::kFloat16 &&
                     info_.layout.dtype == DType::kFloat16 && env_.backend->Fp16Arithmetic();
   st.decode_compute_in_force = fp16 ? DecodeCompute::kFloat16 : DecodeCompute::kFloat32;
   st.decode_steps = decode_steps_;

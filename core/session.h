@@ -21,6 +21,7 @@
 #include "core/layer_store.h"
 #include "core/memory_budget.h"
 #include "core/mutex.h"
+#include "core/policy_plan.h"
 #include "core/slab_pool.h"
 #include "core/types.h"
 #include "kernels/backend.h"
@@ -87,6 +88,7 @@ class Session : public std::enable_shared_from_this<Session> {
   const std::string& tenant() const { return info_.tenant; }
   const Layout& layout() const { return info_.layout; }
   const Policy& policy() const { return info_.policy; }
+  const PolicyPlan& plan() const { return plan_; }
 
   // Appends tokens to layers [layer_begin, layer_begin + k.shape[0]).
   // k, v: [layers, tokens, num_kv_heads, head_dim]. obs_q, when not empty: [layers,
@@ -183,11 +185,11 @@ class Session : public std::enable_shared_from_this<Session> {
   // Applies what AccumulateScoring gathered. REQUIRES: mu_ held.
   void ApplyScoringLocked(int layer, const LayerSnapshot& snap, const std::vector<float>& mass,
                           const std::vector<double>& energy) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  bool NeedsMass() const;
   float Scale(float requested) const;
 
   const SessionEnv env_;
   SessionInfo info_;  // immutable after construction (stats unused)
+  const PolicyPlan plan_;
   mutable Mutex mu_;
   std::condition_variable idle_cv_;  // a layer's busy flag went false
   std::vector<LayerStore> layers_ ABSL_GUARDED_BY(mu_);

@@ -95,6 +95,12 @@ inline SectionFormat MakeSectionFormat(SectionKind kind, double sparsity, int he
 void CompressSection(const SectionFormat& fmt, const void* x, const float* token_weight,
                      const float* channel_weight, uint8_t* out);
 
+// Whether every bitmap of `section` (fmt.bytes() bytes, from outside the process: a snapshot)
+// sets exactly fmt.k bits, none at or past n. Kernels walk the packed values by the bitmap
+// bits, so a bitmap with more bits would read past its vector. Dense sections are always
+// valid. REQUIRES: fmt valid.
+bool SectionBitmapsValid(const SectionFormat& fmt, const uint8_t* section);
+
 // Inverse of CompressSection: writes [fmt.tokens, head_dim] rows of fmt.dtype to x, with
 // pruned elements as +0.
 void DecompressSection(const SectionFormat& fmt, const uint8_t* in, void* x);

@@ -170,3 +170,27 @@ void DecompressSection(const SectionFormat& fmt, const uint8_t* in, void* x) {
 }
 
 }  // namespace sparsekv::kernels
+
+namespace sparsekv::kernels {
+
+bool SectionBitmapsValid(const SectionFormat& fmt, const uint8_t* section) {
+  if (fmt.kind == SectionKind::kDense) return true;
+  const int n = fmt.n();
+  const size_t bytes = BitmapBytes(n);
+  for (int v = 0; v < fmt.vectors(); ++v) {
+    const uint8_t* b = section + static_cast<size_t>(v) * bytes;
+    int bits = 0;
+    for (size_t i = 0; i < bytes; ++i) {
+      uint8_t byte = b[i];
+      // Bits at or past n (in the last byte or in padding bytes) must be clear.
+      const int first = static_cast<int>(i) * 8;
+      if (first + 8 > n) byte &= first >= n ? 0 : static_cast<uint8_t>((1u << (n - first)) - 1);
+      if (byte != b[i]) return false;
+      bits += __builtin_popcount(byte);
+    }
+    if (bits != fmt.k) return false;
+  }
+  return true;
+}
+
+}  // namespace sparsekv::kernels

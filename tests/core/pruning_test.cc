@@ -266,7 +266,7 @@ TEST(PruningTest, DecodeRacingThePrunerAlwaysSeesAWholeState) {
   std::vector<uint16_t> kh(k.values.size()), vh(v.values.size());
   kernels::ConvertElements(DType::kFloat32, k.values.data(), DType::kFloat16, kh.data(), kh.size());
   kernels::ConvertElements(DType::kFloat32, v.values.data(), DType::kFloat16, vh.data(), vh.size());
-  const kernels::SectionFormat fmt = KFormat(layout, policy, /*layer=*/0, chunk);
+  const kernels::SectionFormat fmt = PolicyPlan(layout, policy).KFormat(/*layer=*/0, chunk);
   std::vector<uint16_t> kp = kh, vp = vh;  // fully pruned versions of the chunked rows
   std::vector<uint8_t> packed(fmt.bytes());
   for (int c = 0; c < chunks; ++c) {

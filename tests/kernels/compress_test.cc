@@ -131,5 +131,32 @@ std::vector<Case> Cases() {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CompressTest, ::testing::ValuesIn(Cases()));
 
+TEST(SectionBitmapsValidTest, AcceptsWhatCompressionWritesAndRejectsDamage) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (SectionKind kind : {SectionKind::kPerToken, SectionKind::kPerChannel}) {
+    // head_dim 40: per-token bitmaps of 8 bytes whose bits 40..63 must stay clear.
+    const SectionFormat f = MakeSectionFormat(kind, 0.6, 40, 64, 32, DType::kFloat32);
+    std::vector<float> x(64 * 40);
+    for (float& v : x) v = dist(rng);
+    std::vector<uint8_t> sec(f.bytes());
+    CompressSection(f, x.data(), nullptr, nullptr, sec.data());
+    EXPECT_TRUE(SectionBitmapsValid(f, sec.data()));
+    std::vector<uint8_t> bad = sec;
+    bad[3] ^= 0x10;  // one element more or fewer in vector 0
+    EXPECT_FALSE(SectionBitmapsValid(f, bad.data()));
+    if (kind == SectionKind::kPerToken) {
+      bad = sec;
+      bad[6] |= 0x01;  // bit 48: past n = 40
+      bad[0] ^= bad[0] & static_cast<uint8_t>(-bad[0]);  // clear one kept bit: count stays k
+      EXPECT_FALSE(SectionBitmapsValid(f, bad.data()));
+    }
+  }
+  const SectionFormat dense = MakeSectionFormat(SectionKind::kPerToken, 0.0, 40, 8, 32,
+                                                DType::kFloat16);
+  std::vector<uint8_t> any(dense.bytes(), 0xff);
+  EXPECT_TRUE(SectionBitmapsValid(dense, any.data()));
+}
+
 }  // namespace
 }  // namespace sparsekv::kernels
