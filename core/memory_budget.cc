@@ -31,6 +31,7 @@ void MemoryBudget::Charge(const std::string& tenant, int64_t bytes) {
 void MemoryBudget::Release(const std::string& tenant, int64_t bytes) {
   MutexLock lock(&mu_);
   used_ -= bytes;
+  released_total_ += bytes;
   auto it = tenant_used_.find(tenant);
   if (it != tenant_used_.end()) {
     it->second -= bytes;
@@ -41,6 +42,11 @@ void MemoryBudget::Release(const std::string& tenant, int64_t bytes) {
 int64_t MemoryBudget::used() const {
   MutexLock lock(&mu_);
   return used_;
+}
+
+int64_t MemoryBudget::released_total() const {
+  MutexLock lock(&mu_);
+  return released_total_;
 }
 
 int64_t MemoryBudget::tenant_used(const std::string& tenant) const {

@@ -34,6 +34,9 @@ class MemoryBudget {
   void Release(const std::string& tenant, int64_t bytes);
 
   int64_t used() const;
+  // Bytes released since construction (memory returning to the allocator: the janitor trims
+  // the heap after enough of it).
+  int64_t released_total() const;
   int64_t tenant_used(const std::string& tenant) const;
   int64_t limit() const { return limit_; }
   int64_t tenant_limit() const { return tenant_limit_; }
@@ -43,6 +46,7 @@ class MemoryBudget {
   const int64_t tenant_limit_;
   mutable Mutex mu_;
   int64_t used_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t released_total_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<std::string, int64_t> tenant_used_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/attend.h"
 #include "core/compressor.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 #include "kernels/finite_check.h"
 
 namespace sparsekv {

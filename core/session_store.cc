@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 
 namespace sparsekv {
 
@@ -90,9 +90,11 @@ SessionStore::~SessionStore() {
 }
 
 void SessionStore::JanitorLoop() {
-  // Dense tail blocks come from malloc: after large deletions hand the freed heap pages back
-  // to the system (slabs of compressed chunks unmap themselves).
-  int64_t high = budget_->used();
+  // Dense tail blocks (and gRPC's message buffers) come from malloc: once enough memory was
+  // released, hand the freed heap pages back to the system (slabs of compressed chunks unmap
+  // themselves). Counted from releases, not sampled use, so a fill and delete between two
+  // ticks still trims.
+  int64_t trimmed_at = budget_->released_total();
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_.native());
@@ -101,12 +103,11 @@ void SessionStore::JanitorLoop() {
       if (shutting_down_flag_) return;
     }
     EvictExpired(absl::Now());
-    const int64_t used = budget_->used();
-    if (used < high - (int64_t{16} << 20)) {
+    const int64_t released = budget_->released_total();
+    if (released - trimmed_at > (int64_t{16} << 20)) {
       malloc_trim(0);
-      high = used;
+      trimmed_at = released;
     }
-    high = std::max(high, used);
   }
 }
 

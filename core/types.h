@@ -18,7 +18,6 @@
 namespace sparsekv {
 
 using kernels::DecodeCompute;
-using kernels::DType;
 
 
 // Shape of a session's cache, fixed at creation.

@@ -21,6 +21,9 @@ class Backend {
   virtual const char* name() const = 0;
   // The code path, for logs and metrics ("portable", "avx2", "avx512", ...).
   virtual std::string variant() const = 0;
+  // What the device offers, for the server's start-up log (CPU: the detected instruction set
+  // extensions).
+  virtual std::string features() const { return {}; }
   // Attention over p's chunks and spans as an online-softmax state: *state is reset to
   // (p.group, p.head_dim) and filled. p.out and p.lse are not touched.
   virtual void DecodeAttentionPartial(const DecodeAttentionParams& p,

@@ -3,7 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 
 namespace sparsekv::service {
 
@@ -55,11 +55,11 @@ absl::StatusOr<TensorView> ViewTensor(const v1::Tensor& t, const char* field) {
     n *= static_cast<uint64_t>(d);
   }
   v.shape.assign(t.shape().begin(), t.shape().end());
-  const uint64_t want = n * kernels::DTypeSize(v.dtype);
+  const uint64_t want = n * DTypeSize(v.dtype);
   if (t.data().size() != want) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ".data has ", t.data().size(), " bytes, but shape ",
-                     ShapeString(v.shape), " of ", kernels::DTypeName(v.dtype), " needs ", want));
+                     ShapeString(v.shape), " of ", DTypeName(v.dtype), " needs ", want));
   }
   v.data = t.data().data();
   return v;
@@ -228,8 +228,8 @@ void FloatsToTensor(const std::vector<float>& values, std::vector<int64_t> shape
   out->set_dtype(ToProto(dtype));
   for (int64_t d : shape) out->add_shape(d);
   std::string* data = out->mutable_data();
-  data->resize(values.size() * kernels::DTypeSize(dtype));
-  kernels::ConvertElements(DType::kFloat32, values.data(), dtype, data->data(), values.size());
+  data->resize(values.size() * DTypeSize(dtype));
+  ConvertScalar(DType::kFloat32, values.data(), dtype, data->data(), values.size());
 }
 
 }  // namespace sparsekv::service

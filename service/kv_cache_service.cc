@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 #include "service/convert.h"
 #include "service/grpc_status.h"
 #include "service/wire.h"

@@ -10,7 +10,6 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
-#include "kernels/cpu/cpu_features.h"
 #include "service/server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address HOST:PORT; port 0 = any");
@@ -62,7 +61,10 @@ int main(int argc, char** argv) {
   // Multi-MiB AppendKV messages come from the heap, not from a fresh mmap per message (page
   // faults on every received byte otherwise); 32 MiB is glibc's ceiling for this setting.
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
-  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  // Freed heap tops shrink past 32 MiB: the heaps of gRPC threads (64 MiB each) are only ever
+  // trimmed from the top this way (malloc_trim returns pages below the top), so a higher value
+  // would keep what large deletions free (tests/e2e/rss_test.py).
+  mallopt(M_TRIM_THRESHOLD, 32 << 20);
   absl::SetProgramUsageMessage("sparsekv-server: KV-cache compression service (gRPC)");
   absl::ParseCommandLine(argc, argv);
 
@@ -111,7 +113,7 @@ int main(int argc, char** argv) {
                "port %d\n",
                build.version.c_str(), build.git_commit.c_str(), build.kernel_backend.c_str(),
                build.kernel_variant.c_str(), (*server)->grpc_port(), (*server)->metrics_port());
-  std::fprintf(stderr, "sparsekv-server: %s\n", sparsekv::kernels::CpuFeaturesSummary().c_str());
+  std::fprintf(stderr, "sparsekv-server: %s\n", (*server)->store().backend().features().c_str());
   std::fprintf(stderr, "sparsekv-server: host budget %lld bytes%s\n",
                static_cast<long long>(options.store.host_budget_bytes),
                options.store.host_budget_bytes == 0 ? " (unlimited)" : "");

@@ -12,7 +12,6 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/backend.h"
 
 #ifndef SPARSEKV_VERSION
 #define SPARSEKV_VERSION "0.0.0"
@@ -23,8 +22,7 @@
 
 namespace sparsekv::service {
 
-BuildInfo CurrentBuildInfo() {
-  const kernels::Backend& b = kernels::CpuBackend();
+BuildInfo CurrentBuildInfo(const kernels::Backend& b) {
   return BuildInfo{SPARSEKV_VERSION, SPARSEKV_GIT_COMMIT, b.name(), b.variant()};
 }
 
@@ -45,8 +43,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
         absl::StrCat("max_message_bytes must be >= 1024, got ", options.max_message_bytes));
   }
   std::unique_ptr<Server> s(new Server());
-  s->build_ = CurrentBuildInfo();
   s->store_ = std::make_unique<SessionStore>(options.store);
+  s->build_ = CurrentBuildInfo(s->store_->backend());
   s->metrics_ = std::make_unique<Metrics>(s->store_.get(), s->build_);
   ServiceLimits limits;
   limits.max_message_bytes = options.max_message_bytes;

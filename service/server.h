@@ -61,7 +61,8 @@ class Server {
 };
 
 // Version, git commit and the CPU kernel variant of this build.
-BuildInfo CurrentBuildInfo();
+// Version, commit and the kernels `backend` runs.
+BuildInfo CurrentBuildInfo(const kernels::Backend& backend);
 
 }  // namespace sparsekv::service
 

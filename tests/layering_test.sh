@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Guards the layering clients -> proto <- service -> core -> kernels by grepping #includes.
+# Guards the layering clients -> proto <- service -> core -> kernels (and common/, the leaf
+# every layer may use) by grepping #includes.
 # Usage: layering_test.sh REPO_ROOT. Exits 1 listing every violation.
 set -u
 root=${1:?usage: layering_test.sh REPO_ROOT}
@@ -23,8 +24,11 @@ check core 'grpcpp/|grpc/|google/protobuf/|prometheus/|cuda|.*\.pb\.h|service/|c
 check kernels 'grpcpp/|grpc/|google/protobuf/|prometheus/|.*\.pb\.h|core/|service/|clients/' \
   "kernels/ knows nothing of gRPC, protobuf or sessions" "${src[@]}"
 check kernels 'absl/' "files nvcc compiles must not include Abseil" -name '*.cu' -o -name '*.cuh'
-check clients 'core/|service/|kernels/backend|grpcpp/server' \
-  "clients/ talk to the server only through proto/" "${src[@]}"
-check service 'clients/' "service/ does not depend on clients/" "${src[@]}"
+check common 'grpcpp/|grpc/|google/protobuf/|prometheus/|cuda|core/|service/|clients/|kernels/' \
+  "common/ is the leaf: standard library (and Abseil status) only" "${src[@]}"
+check clients 'core/|service/|kernels/|grpcpp/server' \
+  "clients/ talk to the server only through proto/ (dtype helpers come from common/)" "${src[@]}"
+check service 'clients/|kernels/' \
+  "service/ reaches compute only through core/; dtype helpers come from common/" "${src[@]}"
 if [ $fail -ne 0 ]; then exit 1; fi
 echo "layering ok: core, kernels, clients and service include only what their layer allows"

@@ -22,13 +22,13 @@
 #include "absl/synchronization/mutex.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
-#include "clients/cli/status_macros.h"
+#include "common/status_macros.h"
 #include "clients/cli/table.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/grpcpp.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace sparsekv::cli {
 namespace {
@@ -293,11 +293,11 @@ class Bench {
   std::string RandomBytes(size_t n, uint64_t seed) const {
     std::mt19937 rng(static_cast<uint32_t>(seed));
     std::normal_distribution<float> normal;
-    const kernels::DType kd = o_.dtype == v1::DTYPE_FLOAT32    ? kernels::DType::kFloat32
-                              : o_.dtype == v1::DTYPE_BFLOAT16 ? kernels::DType::kBFloat16
-                                                               : kernels::DType::kFloat16;
+    const DType kd = o_.dtype == v1::DTYPE_FLOAT32    ? DType::kFloat32
+                              : o_.dtype == v1::DTYPE_BFLOAT16 ? DType::kBFloat16
+                                                               : DType::kFloat16;
     std::string out(n * elem_, '\0');
-    for (size_t i = 0; i < n; ++i) kernels::StoreFromFloat(kd, out.data(), i, normal(rng));
+    for (size_t i = 0; i < n; ++i) StoreFromFloat(kd, out.data(), i, normal(rng));
     return out;
   }
 
@@ -343,7 +343,7 @@ absl::StatusOr<std::vector<std::string>> Setup(Bench& b, float sparsity, BenchRe
     }
   });
   const int64_t t1 = NowNs();
-  for (const absl::Status& s : errors) SKV_RETURN_IF_ERROR(s);
+  for (const absl::Status& s : errors) SPARSEKV_RETURN_IF_ERROR(s);
   if (o.context > 0) {
     RunWorkers(n, [&](uint32_t w) {
       for (uint32_t i = w; i < o.sessions && errors[w].ok(); i += n) {
@@ -352,7 +352,7 @@ absl::StatusOr<std::vector<std::string>> Setup(Bench& b, float sparsity, BenchRe
     });
   }
   const int64_t t2 = NowNs();
-  for (const absl::Status& s : errors) SKV_RETURN_IF_ERROR(s);
+  for (const absl::Status& s : errors) SPARSEKV_RETURN_IF_ERROR(s);
   report->phases.push_back(Merged("create", create, 1e-9 * static_cast<double>(t1 - t0)));
   if (o.context > 0) {
     report->phases.push_back(Merged("append", append, 1e-9 * static_cast<double>(t2 - t1)));
@@ -363,7 +363,7 @@ absl::StatusOr<std::vector<std::string>> Setup(Bench& b, float sparsity, BenchRe
         errors[w] = b.Flush(w, ids[i], &flush[w]);
       }
     });
-    for (const absl::Status& s : errors) SKV_RETURN_IF_ERROR(s);
+    for (const absl::Status& s : errors) SPARSEKV_RETURN_IF_ERROR(s);
     report->phases.push_back(Merged("flush", flush, 1e-9 * static_cast<double>(NowNs() - t2)));
   }
   return ids;
@@ -512,7 +512,7 @@ absl::Status RunPrefill(Bench& b, BenchReport* report, std::ostream& progress_ou
 
 absl::Status RunDecode(Bench& b, bool stream, BenchReport* report, std::ostream& progress_out) {
   const BenchOptions& o = b.options();
-  SKV_ASSIGN_OR_RETURN(std::vector<std::string> ids, Setup(b, o.sparsity, report));
+  SPARSEKV_ASSIGN_OR_RETURN(std::vector<std::string> ids, Setup(b, o.sparsity, report));
   RunMain(
       b, stream ? "decode_stream" : "decode", o.concurrency,
       [&](uint32_t w, Budget& budget, BenchPhase* phase) {
@@ -530,7 +530,7 @@ absl::Status RunDecode(Bench& b, bool stream, BenchReport* report, std::ostream&
 // uploading pruned sessions and deleting them.
 absl::Status RunMixed(Bench& b, BenchReport* report, std::ostream& progress_out) {
   const BenchOptions& o = b.options();
-  SKV_ASSIGN_OR_RETURN(std::vector<std::string> ids, Setup(b, o.sparsity, report));
+  SPARSEKV_ASSIGN_OR_RETURN(std::vector<std::string> ids, Setup(b, o.sparsity, report));
   BenchPhase background;
   std::atomic<bool> decode_done{false};
   const uint32_t bg = o.concurrency;  // the last worker uploads
@@ -713,7 +713,7 @@ absl::StatusOr<BenchReport> RunBench(const BenchOptions& options, std::ostream& 
   BenchReport report;
   report.options = options;
   Bench b(options);
-  SKV_RETURN_IF_ERROR(b.Connect());
+  SPARSEKV_RETURN_IF_ERROR(b.Connect());
   absl::StatusOr<v1::ServerInfo> info = b.client(0).GetServerInfo();
   if (info.ok()) report.kernel_variant = info->kernel_variant();
   absl::Status st;
@@ -736,7 +736,7 @@ absl::StatusOr<BenchReport> RunBench(const BenchOptions& options, std::ostream& 
     del.seconds = 1e-9 * static_cast<double>(NowNs() - t0);
     report.phases.push_back(del);
   }
-  SKV_RETURN_IF_ERROR(st);
+  SPARSEKV_RETURN_IF_ERROR(st);
   return report;
 }
 
@@ -860,10 +860,10 @@ std::string BenchReportJson(const BenchReport& r) {
 }
 
 absl::Status CmdBench(const Invocation& inv, std::ostream& out, std::ostream& err) {
-  SKV_ASSIGN_OR_RETURN(BenchOptions o, BenchOptionsFromFlags(inv));
+  SPARSEKV_ASSIGN_OR_RETURN(BenchOptions o, BenchOptionsFromFlags(inv));
   const bool json = absl::GetFlag(FLAGS_json);
   o.progress = !json && isatty(STDERR_FILENO) == 1;
-  SKV_ASSIGN_OR_RETURN(BenchReport r, RunBench(o, err));
+  SPARSEKV_ASSIGN_OR_RETURN(BenchReport r, RunBench(o, err));
   out << (json ? BenchReportJson(r) + "\n" : BenchReportText(r));
   return absl::OkStatus();
 }

@@ -21,11 +21,11 @@
 #include "clients/cli/demo.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
-#include "clients/cli/status_macros.h"
+#include "common/status_macros.h"
 #include "clients/cli/table.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace sparsekv::cli {
 namespace {
@@ -305,16 +305,16 @@ absl::Status CmdCreate(Context& ctx) {
   v1::Policy* p = req.mutable_policy();
   p->mutable_k()->set_sparsity(absl::GetFlag(FLAGS_k_sparsity));
   p->mutable_v()->set_sparsity(absl::GetFlag(FLAGS_v_sparsity));
-  SKV_RETURN_IF_ERROR(ParseLayerSparsity("k_layer_sparsity", absl::GetFlag(FLAGS_k_layer_sparsity),
+  SPARSEKV_RETURN_IF_ERROR(ParseLayerSparsity("k_layer_sparsity", absl::GetFlag(FLAGS_k_layer_sparsity),
                                          p->mutable_k()));
-  SKV_RETURN_IF_ERROR(ParseLayerSparsity("v_layer_sparsity", absl::GetFlag(FLAGS_v_layer_sparsity),
+  SPARSEKV_RETURN_IF_ERROR(ParseLayerSparsity("v_layer_sparsity", absl::GetFlag(FLAGS_v_layer_sparsity),
                                          p->mutable_v()));
-  SKV_ASSIGN_OR_RETURN(v1::PruneDirection kd,
+  SPARSEKV_ASSIGN_OR_RETURN(v1::PruneDirection kd,
                        ParseDirection("k_direction", absl::GetFlag(FLAGS_k_direction)));
-  SKV_ASSIGN_OR_RETURN(v1::PruneDirection vd,
+  SPARSEKV_ASSIGN_OR_RETURN(v1::PruneDirection vd,
                        ParseDirection("v_direction", absl::GetFlag(FLAGS_v_direction)));
-  SKV_ASSIGN_OR_RETURN(v1::Scoring ks, ParseScoring("k_scoring", absl::GetFlag(FLAGS_k_scoring)));
-  SKV_ASSIGN_OR_RETURN(v1::Scoring vs, ParseScoring("v_scoring", absl::GetFlag(FLAGS_v_scoring)));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Scoring ks, ParseScoring("k_scoring", absl::GetFlag(FLAGS_k_scoring)));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Scoring vs, ParseScoring("v_scoring", absl::GetFlag(FLAGS_v_scoring)));
   p->mutable_k()->set_direction(kd);
   p->mutable_v()->set_direction(vd);
   p->mutable_k()->set_scoring(ks);
@@ -347,14 +347,14 @@ absl::Status CmdCreate(Context& ctx) {
     (*req.mutable_labels())[key] = label.substr(eq + 1);
   }
 
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::Session s, ctx.client->CreateSession(req));
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, ctx.client->CreateSession(req));
   return PrintSession(ctx, s);
 }
 
 absl::Status CmdList(Context& ctx) {
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(
       std::vector<v1::Session> sessions,
       ctx.client->ListAllSessions(absl::GetFlag(FLAGS_tenant), absl::GetFlag(FLAGS_page_size)));
   if (ctx.json) {
@@ -378,14 +378,14 @@ absl::Status CmdList(Context& ctx) {
 }
 
 absl::Status CmdGet(Context& ctx) {
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::Session s, ctx.client->GetSession(ctx.id()));
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, ctx.client->GetSession(ctx.id()));
   return PrintSession(ctx, s);
 }
 
 absl::Status CmdDelete(Context& ctx) {
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::DeleteSessionResponse r, ctx.client->DeleteSession(ctx.id()));
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::DeleteSessionResponse r, ctx.client->DeleteSession(ctx.id()));
   if (ctx.json) {
     JsonWriter w;
     w.BeginObject().Key("session_id").String(ctx.id()).Key("deleted").Bool(true);
@@ -398,8 +398,8 @@ absl::Status CmdDelete(Context& ctx) {
 }
 
 absl::Status CmdAppend(Context& ctx) {
-  SKV_ASSIGN_OR_RETURN(NpyArray k, ReadNpyArg("k", absl::GetFlag(FLAGS_k)));
-  SKV_ASSIGN_OR_RETURN(NpyArray v, ReadNpyArg("v", absl::GetFlag(FLAGS_v)));
+  SPARSEKV_ASSIGN_OR_RETURN(NpyArray k, ReadNpyArg("k", absl::GetFlag(FLAGS_k)));
+  SPARSEKV_ASSIGN_OR_RETURN(NpyArray v, ReadNpyArg("v", absl::GetFlag(FLAGS_v)));
   if (k.shape != v.shape) {
     return UsageError(absl::StrCat("--k and --v shapes differ: ", ShapeString(k.shape), " vs ",
                                    ShapeString(v.shape)));
@@ -427,9 +427,9 @@ absl::Status CmdAppend(Context& ctx) {
       PlanAppendPieces(layers, tokens, row_bytes, message_bytes);
   const uint32_t layer_begin = absl::GetFlag(FLAGS_layer_begin);
 
-  SKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
   size_t next = 0;
-  SKV_ASSIGN_OR_RETURN(v1::AppendKVResponse r, ctx.client->AppendKV([&](v1::AppendKVRequest* req) {
+  SPARSEKV_ASSIGN_OR_RETURN(v1::AppendKVResponse r, ctx.client->AppendKV([&](v1::AppendKVRequest* req) {
     if (next == pieces.size()) return false;
     const AppendPiece& piece = pieces[next++];
     req->set_session_id(ctx.id());
@@ -461,7 +461,7 @@ absl::Status CmdAttend(Context& ctx) {
   if (!ctx.inv.Has("layer") || absl::GetFlag(FLAGS_layer) < 0) {
     return UsageError("attend needs --layer L (L >= 0)");
   }
-  SKV_ASSIGN_OR_RETURN(NpyArray q, ReadNpyArg("q", absl::GetFlag(FLAGS_q)));
+  SPARSEKV_ASSIGN_OR_RETURN(NpyArray q, ReadNpyArg("q", absl::GetFlag(FLAGS_q)));
   const std::string new_k_path = absl::GetFlag(FLAGS_new_k);
   const std::string new_v_path = absl::GetFlag(FLAGS_new_v);
   if (new_k_path.empty() != new_v_path.empty()) {
@@ -477,8 +477,8 @@ absl::Status CmdAttend(Context& ctx) {
   // Shapes are passed through unchecked: the server validates them against the session.
   *item->mutable_q() = NpyToTensor(q);
   if (!new_k_path.empty()) {
-    SKV_ASSIGN_OR_RETURN(NpyArray nk, ReadNpyArg("new_k", new_k_path));
-    SKV_ASSIGN_OR_RETURN(NpyArray nv, ReadNpyArg("new_v", new_v_path));
+    SPARSEKV_ASSIGN_OR_RETURN(NpyArray nk, ReadNpyArg("new_k", new_k_path));
+    SPARSEKV_ASSIGN_OR_RETURN(NpyArray nv, ReadNpyArg("new_v", new_v_path));
     *item->mutable_new_k() = NpyToTensor(nk);
     *item->mutable_new_v() = NpyToTensor(nv);
   }
@@ -486,8 +486,8 @@ absl::Status CmdAttend(Context& ctx) {
   item->set_scale(absl::GetFlag(FLAGS_scale));
   const std::string out_path = absl::GetFlag(FLAGS_out);
 
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::DecodeResponse resp, ctx.client->Decode(req));
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::DecodeResponse resp, ctx.client->Decode(req));
   if (resp.results_size() != 1) {
     return absl::InternalError(
         absl::StrCat("server returned ", resp.results_size(), " results for 1 item"));
@@ -513,7 +513,7 @@ absl::Status CmdAttend(Context& ctx) {
     a.dtype = NpyDType::kFloat32;
     a.shape = shape;
     a.data.assign(reinterpret_cast<const char*>(out->data()), out->size() * sizeof(float));
-    SKV_RETURN_IF_ERROR(WriteNpyArg(out_path, a));
+    SPARSEKV_RETURN_IF_ERROR(WriteNpyArg(out_path, a));
   }
 
   if (ctx.json) {
@@ -578,8 +578,8 @@ absl::Status CmdRead(Context& ctx) {
   if (ctx.inv.Has("layer") && layer < 0) return UsageError("--layer must not be negative");
   const bool one_layer = layer >= 0;
 
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::Session session, ctx.client->GetSession(ctx.id()));
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session session, ctx.client->GetSession(ctx.id()));
   const v1::Layout& layout = session.layout();
   if (one_layer && static_cast<uint32_t>(layer) >= layout.num_layers()) {
     return UsageError(absl::StrCat("--layer ", layer, " out of range: session has ",
@@ -595,7 +595,7 @@ absl::Status CmdRead(Context& ctx) {
   std::vector<LayerRows> layers(count);
   v1::DType stored = layout.dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FLOAT16 : layout.dtype();
 
-  SKV_RETURN_IF_ERROR(ctx.client->ReadKV(req, [&](const v1::ReadKVResponse& r) -> absl::Status {
+  SPARSEKV_RETURN_IF_ERROR(ctx.client->ReadKV(req, [&](const v1::ReadKVResponse& r) -> absl::Status {
     if (r.layer() < first || r.layer() - first >= count) {
       return absl::InternalError(
           absl::StrCat("ReadKV returned layer ", r.layer(), " outside the requested range"));
@@ -649,9 +649,9 @@ absl::Status CmdRead(Context& ctx) {
   if (!one_layer) karr.shape.push_back(count);
   for (int64_t d : {tokens, heads, dim}) karr.shape.push_back(d);
   varr.shape = karr.shape;
-  const kernels::DType kd = stored == v1::DTYPE_FLOAT32   ? kernels::DType::kFloat32
-                            : stored == v1::DTYPE_FLOAT16 ? kernels::DType::kFloat16
-                                                          : kernels::DType::kBFloat16;
+  const DType kd = stored == v1::DTYPE_FLOAT32   ? DType::kFloat32
+                            : stored == v1::DTYPE_FLOAT16 ? DType::kFloat16
+                                                          : DType::kBFloat16;
   auto append = [&](const std::string& raw, std::string* dst) {
     if (!as_f32 || stored == v1::DTYPE_FLOAT32) {
       dst->append(raw);
@@ -661,7 +661,7 @@ absl::Status CmdRead(Context& ctx) {
     std::vector<uint16_t> src(n);
     std::memcpy(src.data(), raw.data(), raw.size());
     std::vector<float> f(n);
-    for (size_t i = 0; i < n; ++i) f[i] = kernels::LoadAsFloat(kd, src.data(), i);
+    for (size_t i = 0; i < n; ++i) f[i] = LoadAsFloat(kd, src.data(), i);
     dst->append(reinterpret_cast<const char*>(f.data()), n * sizeof(float));
   };
   for (const LayerRows& lr : layers) {
@@ -670,8 +670,8 @@ absl::Status CmdRead(Context& ctx) {
       append(kv.second, &varr.data);
     }
   }
-  if (!k_path.empty()) SKV_RETURN_IF_ERROR(WriteNpyArg(k_path, karr));
-  if (!v_path.empty()) SKV_RETURN_IF_ERROR(WriteNpyArg(v_path, varr));
+  if (!k_path.empty()) SPARSEKV_RETURN_IF_ERROR(WriteNpyArg(k_path, karr));
+  if (!v_path.empty()) SPARSEKV_RETURN_IF_ERROR(WriteNpyArg(v_path, varr));
 
   if (ctx.json) {
     JsonWriter w;
@@ -702,8 +702,8 @@ absl::Status CmdRead(Context& ctx) {
 }
 
 absl::Status CmdFlush(Context& ctx) {
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::FlushResponse r, ctx.client->Flush(ctx.id()));
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::FlushResponse r, ctx.client->Flush(ctx.id()));
   if (ctx.json) {
     JsonWriter w;
     w.BeginObject().Key("session_id").String(ctx.id());
@@ -748,8 +748,8 @@ void AddServerInfoRows(const v1::ServerInfo& i, KeyValues& kv) {
 }
 
 absl::Status CmdInfo(Context& ctx) {
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(v1::ServerInfo info, ctx.client->GetServerInfo());
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::ServerInfo info, ctx.client->GetServerInfo());
   if (ctx.json) {
     JsonWriter w;
     w.BeginObject();
@@ -769,8 +769,8 @@ absl::Status CmdBenchCommand(Context& ctx) { return CmdBench(ctx.inv, ctx.out, *
 absl::Status CmdDemoCommand(Context& ctx) { return CmdDemo(ctx.inv, ctx.out, *ctx.err); }
 
 absl::Status CmdHealth(Context& ctx) {
-  SKV_RETURN_IF_ERROR(ctx.Connect());
-  SKV_ASSIGN_OR_RETURN(HealthStatus health, ctx.client->CheckHealth());
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(HealthStatus health, ctx.client->CheckHealth());
   // Server info is extra detail: a health check must not fail because of it.
   absl::StatusOr<v1::ServerInfo> info = ctx.client->GetServerInfo();
   if (ctx.json) {

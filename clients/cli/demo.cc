@@ -14,10 +14,10 @@
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
-#include "clients/cli/status_macros.h"
+#include "common/status_macros.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace sparsekv::cli {
 namespace {
@@ -67,7 +67,7 @@ struct SessionGuard {
 std::string ToHalfBytes(const std::vector<float>& x) {
   std::string out(x.size() * 2, '\0');
   for (size_t i = 0; i < x.size(); ++i) {
-    kernels::StoreFromFloat(kernels::DType::kFloat16, out.data(), i, x[i]);
+    StoreFromFloat(DType::kFloat16, out.data(), i, x[i]);
   }
   return out;
 }
@@ -209,7 +209,7 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
     }
     req.set_ttl_seconds(600);
     (*req.mutable_labels())["demo"] = "1";
-    SKV_ASSIGN_OR_RETURN(v1::Session s, client.CreateSession(req));
+    SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, client.CreateSession(req));
     ids[i] = s.id();
     guard.ids.push_back(s.id());
   }
@@ -235,7 +235,7 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
     for (const std::string& id : ids) {
       size_t next = 0;
       const int64_t t0 = NowNs();
-      SKV_RETURN_IF_ERROR(client
+      SPARSEKV_RETURN_IF_ERROR(client
                               .AppendKV([&](v1::AppendKVRequest* req) {
                                 if (next == pieces.size()) return false;
                                 const AppendPiece& p = pieces[next++];
@@ -251,10 +251,10 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
     }
   }
   const int64_t f0 = NowNs();
-  SKV_ASSIGN_OR_RETURN(v1::FlushResponse flush, client.Flush(ids[1]));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::FlushResponse flush, client.Flush(ids[1]));
   const int64_t flush_ns = NowNs() - f0;
-  SKV_ASSIGN_OR_RETURN(v1::Session dense, client.GetSession(ids[0]));
-  SKV_ASSIGN_OR_RETURN(v1::Session pruned, client.GetSession(ids[1]));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session dense, client.GetSession(ids[0]));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session pruned, client.GetSession(ids[1]));
 
   // Decode: the same query on both sessions, alternating which goes first.
   LatencyHistogram lat[2];
@@ -281,11 +281,11 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
         item->set_layer(layer);
         item->mutable_q()->set_data(&queries[layer][s * q_elems], q_elems * sizeof(float));
         const int64_t t0 = NowNs();
-        SKV_ASSIGN_OR_RETURN(v1::DecodeResponse r, client.Decode(req[i]));
+        SPARSEKV_ASSIGN_OR_RETURN(v1::DecodeResponse r, client.Decode(req[i]));
         const int64_t ns = NowNs() - t0;
         if (round >= 0) lat[i].Record(ns);
         if (r.results_size() != 1) return absl::InternalError("Decode returned no result");
-        SKV_ASSIGN_OR_RETURN(outs[i], TensorToFloats(r.results(0).out()));
+        SPARSEKV_ASSIGN_OR_RETURN(outs[i], TensorToFloats(r.results(0).out()));
       }
       if (round < 0) continue;
       if (outs[0].size() != outs[1].size() || outs[0].size() != q_elems) {
@@ -312,7 +312,7 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
   const double upload_mbps =
       upload_ns > 0 ? static_cast<double>(upload_bytes) / 1e6 / (upload_ns / 1e9) : 0.0;
 
-  for (const std::string& id : ids) SKV_RETURN_IF_ERROR(client.DeleteSession(id).status());
+  for (const std::string& id : ids) SPARSEKV_RETURN_IF_ERROR(client.DeleteSession(id).status());
   guard.ids.clear();
   const double total_s = (NowNs() - start) / 1e9;
 

@@ -6,7 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace sparsekv::cli {
 
@@ -93,18 +93,18 @@ absl::StatusOr<std::vector<float>> TensorToFloats(const v1::Tensor& tensor) {
         absl::StrCat("tensor of shape [", absl::StrJoin(tensor.shape(), ", "), "] ",
                      WireDTypeName(tensor.dtype()), " carries ", tensor.data().size(), " bytes"));
   }
-  const kernels::DType kd = tensor.dtype() == v1::DTYPE_FLOAT32   ? kernels::DType::kFloat32
-                            : tensor.dtype() == v1::DTYPE_FLOAT16 ? kernels::DType::kFloat16
-                                                                  : kernels::DType::kBFloat16;
+  const DType kd = tensor.dtype() == v1::DTYPE_FLOAT32   ? DType::kFloat32
+                            : tensor.dtype() == v1::DTYPE_FLOAT16 ? DType::kFloat16
+                                                                  : DType::kBFloat16;
   // The wire bytes need not be aligned for float/uint16 access: copy them first.
   std::vector<float> out(static_cast<size_t>(n));
-  if (kd == kernels::DType::kFloat32) {
+  if (kd == DType::kFloat32) {
     std::memcpy(out.data(), tensor.data().data(), tensor.data().size());
     return out;
   }
   std::vector<uint16_t> raw(static_cast<size_t>(n));
   std::memcpy(raw.data(), tensor.data().data(), tensor.data().size());
-  for (size_t i = 0; i < raw.size(); ++i) out[i] = kernels::LoadAsFloat(kd, raw.data(), i);
+  for (size_t i = 0; i < raw.size(); ++i) out[i] = LoadAsFloat(kd, raw.data(), i);
   return out;
 }
 

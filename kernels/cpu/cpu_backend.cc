@@ -18,6 +18,7 @@ class PortableCpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
   std::string variant() const override { return "portable"; }
+  std::string features() const override { return CpuFeaturesSummary(); }
   void DecodeAttentionPartial(const DecodeAttentionParams& p,
                               AttentionState* state) const override {
     PortableDecodeAttentionPartial(p, state);
@@ -28,6 +29,7 @@ class Avx2CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
   std::string variant() const override { return "avx2"; }
+  std::string features() const override { return CpuFeaturesSummary(); }
   void DecodeAttentionPartial(const DecodeAttentionParams& p,
                               AttentionState* state) const override {
     Avx2DecodeAttentionPartial(p, state);
@@ -38,6 +40,7 @@ class Avx512CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
   std::string variant() const override { return "avx512"; }
+  std::string features() const override { return CpuFeaturesSummary(); }
   void DecodeAttentionPartial(const DecodeAttentionParams& p,
                               AttentionState* state) const override {
     Avx512DecodeAttentionPartial(p, state);

@@ -1,6 +1,8 @@
 // Early-return helpers for absl::Status / absl::StatusOr (Abseil 20220623 ships none).
-#ifndef SPARSEKV_CORE_STATUS_MACROS_H_
-#define SPARSEKV_CORE_STATUS_MACROS_H_
+#ifndef SPARSEKV_COMMON_STATUS_MACROS_H_
+#define SPARSEKV_COMMON_STATUS_MACROS_H_
+
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -23,4 +25,4 @@
   if (!tmp.ok()) return tmp.status();                    \
   lhs = std::move(tmp).value()
 
-#endif  // SPARSEKV_CORE_STATUS_MACROS_H_
+#endif  // SPARSEKV_COMMON_STATUS_MACROS_H_
