@@ -508,6 +508,57 @@ absl::StatusOr<int64_t> Session::Read(int layer, int64_t token_begin, int64_t co
   return count;
 }
 
+SessionImage Session::Export() const {
+  SessionImage image;
+  image.info = info_;
+  MutexLock lock(&mu_);
+  image.info.last_access_time = last_access_;
+  image.decode_steps = decode_steps_;
+  image.layers.reserve(layers_.size());
+  for (const LayerStore& l : layers_) image.layers.push_back(l.Export());
+  return image;
+}
+
+absl::Status Session::Restore(const SessionImage& image) {
+  // What the layers will hold, reserved first: whole tail blocks and each chunk's pool block
+  // (payload rounded up to 64 bytes) and object.
+  int64_t need = 0;
+  for (const LayerImage& l : image.layers) {
+    need += (std::max<int64_t>(l.tail_tokens, 0) + DenseBlock::kRows - 1) / DenseBlock::kRows *
+            block_bytes_;
+    for (const LayerImage::Chunk& c : l.chunks) {
+      need += static_cast<int64_t>(
+          (CompressedChunk::Bytes(c.k_format, c.v_format, info_.layout.num_kv_heads) + 63) / 64 *
+              64 +
+          sizeof(CompressedChunk));
+    }
+  }
+  SPARSEKV_RETURN_IF_ERROR(Reserve(need));
+  int64_t used = 0;
+  absl::Status st;
+  {
+    MutexLock lock(&mu_);
+    for (size_t i = 0; i < layers_.size() && i < image.layers.size(); ++i) {
+      absl::StatusOr<int64_t> blocks = layers_[i].Restore(image.layers[i], env_.pools.get());
+      if (!blocks.ok()) {
+        st = absl::Status(blocks.status().code(),
+                          absl::StrCat("layer ", i, ": ", blocks.status().message()));
+        break;
+      }
+      const int64_t u = *blocks * block_bytes_ + layers_[i].chunk_memory_bytes();
+      CommitLocked(u);
+      used += u;
+    }
+    decode_steps_ = image.decode_steps;
+  }
+  Settle(need, used);
+  if (st.ok()) {
+    MutexLock lock(&mu_);
+    for (int l = 0; l < info_.layout.num_layers; ++l) MaybeSchedule(l);
+  }
+  return st;
+}
+
 SessionInfo Session::Info() const {
   MutexLock lock(&mu_);
   SessionInfo info = info_;

@@ -23,6 +23,7 @@
 #include "core/mutex.h"
 #include "core/policy_plan.h"
 #include "core/slab_pool.h"
+#include "core/snapshot.h"
 #include "core/types.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
@@ -140,6 +141,15 @@ class Session : public std::enable_shared_from_this<Session> {
   // range is outside the layer. Returns the rows read.
   absl::StatusOr<int64_t> Read(int layer, int64_t token_begin, int64_t count, std::string* k_out,
                                std::string* v_out) const;
+
+  // The session as an image (core/snapshot.h): each layer as it is at one instant (background
+  // compression may publish between layers; every layer stays whole).
+  SessionImage Export() const;
+  // Fills the layers of a session that holds no tokens yet from `image` (same layout), with
+  // its scoring statistics and counters. ResourceExhausted over a budget; InvalidArgument
+  // when a layer's contents do not fit the layout (LayerStore::Restore). On error the caller
+  // drops the session (Close returns what it held).
+  absl::Status Restore(const SessionImage& image);
 
   // Metadata and live stats.
   SessionInfo Info() const;

@@ -163,6 +163,46 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
   return session->Info();
 }
 
+absl::StatusOr<SessionInfo> SessionStore::Import(const SessionImage& image, const std::string& id) {
+  const SessionLimits& lim = options_.limits;
+  SessionInfo info = image.info;
+  if (!id.empty()) info.id = id;
+  SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(info.id, lim.max_id_bytes));
+  SPARSEKV_RETURN_IF_ERROR(ValidateLabels(info.labels, lim));
+  SPARSEKV_RETURN_IF_ERROR(ValidateLayout(info.layout, lim));
+  SPARSEKV_RETURN_IF_ERROR(ValidatePolicy(info.policy, info.layout));
+  if (static_cast<int>(image.layers.size()) != info.layout.num_layers) {
+    return absl::InvalidArgumentError("image has the wrong number of layers");
+  }
+  if (info.ttl > options_.max_ttl) info.ttl = options_.max_ttl;
+  info.last_access_time = absl::Now();
+  {
+    MutexLock lock(&mu_);
+    if (shutting_down_) return absl::UnavailableError("session store is shutting down");
+    if (sessions_.count(info.id)) {
+      return absl::AlreadyExistsError(absl::StrCat("session \"", info.id, "\" already exists"));
+    }
+    if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "session limit reached: ", options_.max_sessions, " sessions (--max_sessions)"));
+    }
+  }
+  SPARSEKV_RETURN_IF_ERROR(budget_->Reserve(info.tenant, Session::FixedBytes(info)));
+  auto session = std::make_shared<Session>(info, env_);
+  absl::Status st = session->Restore(image);
+  if (!st.ok()) {
+    session->Close();
+    return st;
+  }
+  MutexLock lock(&mu_);
+  auto [it, added] = sessions_.emplace(session->id(), session);
+  if (!added) {  // taken meanwhile
+    session->Close();
+    return absl::AlreadyExistsError(absl::StrCat("session \"", info.id, "\" already exists"));
+  }
+  return session->Info();
+}
+
 absl::StatusOr<std::shared_ptr<Session>> SessionStore::Get(const std::string& id) const {
   SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(id, options_.limits.max_id_bytes));
   std::shared_ptr<Session> s;

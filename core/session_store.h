@@ -86,6 +86,10 @@ class SessionStore {
   // taken id; ResourceExhausted at max_sessions or when the session's fixed bytes
   // (Session::FixedBytes) do not fit the budget.
   absl::StatusOr<SessionInfo> Create(CreateSessionParams params);
+  // Adds the session an image describes (an ImportSession, a restart), under its own id (or
+  // `id` when not empty). Checks as Create (AlreadyExists for a taken id); ResourceExhausted
+  // over a budget; InvalidArgument for contents that do not fit. Nothing is added on error.
+  absl::StatusOr<SessionInfo> Import(const SessionImage& image, const std::string& id = "");
   // InvalidArgument for a malformed id (never echoed), NotFound for an unknown one. Counts as
   // an access: the session's TTL restarts.
   absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id) const;

@@ -1,0 +1,171 @@
+// Snapshots: a session exported to bytes and imported into another store reads and decodes
+// bit-identically with the same accounting; every kind of damage (a flipped byte anywhere,
+// truncation at any record boundary, another version, bad contents) is refused with a clear
+// status and adds nothing.
+#include "core/snapshot.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "core/session_store.h"
+#include "tests/core/test_util.h"
+
+namespace sparsekv {
+namespace {
+
+using testing::OwnedTensor;
+using testing::RandomTensor;
+
+SessionStoreOptions Options() {
+  SessionStoreOptions o;
+  o.janitor_period = absl::ZeroDuration();
+  o.decode_threads = 0;
+  return o;
+}
+
+// A session with compressed chunks (per-token K output-aware, per-channel V), a dense tail,
+// labels and decode steps behind it.
+std::shared_ptr<Session> Filled(SessionStore* store, DType dtype, std::mt19937* rng) {
+  CreateSessionParams p;
+  p.id = "snap";
+  p.tenant = "team-a";
+  p.layout = Layout{2, 2, 8, 32, dtype};
+  p.policy.k.sparsity = 0.7f;
+  p.policy.v.sparsity = 0.5f;
+  p.policy.v.direction = PruneDirection::kPerChannel;
+  p.policy.chunk_tokens = 64;
+  p.policy.dense_window = 16;
+  p.labels = {{"model", "llama"}, {"user", "u1"}};
+  EXPECT_TRUE(store->Create(p).ok());
+  std::shared_ptr<Session> s = *store->Get("snap");
+  OwnedTensor k = RandomTensor({2, 150, 2, 32}, rng);
+  OwnedTensor v = RandomTensor({2, 150, 2, 32}, rng);
+  OwnedTensor obs = RandomTensor({2, 4, 8, 32}, rng);
+  EXPECT_TRUE(s->Append(0, k.view, v.view, obs.view).ok());
+  s->Flush();
+  OwnedTensor q = RandomTensor({8, 32}, rng);
+  OwnedTensor nk = RandomTensor({2, 32}, rng);
+  DecodeInput in;
+  in.q = q.view;
+  in.new_k = nk.view;
+  in.new_v = nk.view;
+  DecodeOutput out;
+  EXPECT_TRUE(s->Decode(in, &out).ok());
+  return s;
+}
+
+TEST(SnapshotTest, ImportedSessionMatchesBitForBit) {
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+    std::mt19937 rng(7);
+    SessionStore a(Options()), b(Options());
+    std::shared_ptr<Session> src = Filled(&a, dtype, &rng);
+    const std::string bytes = SerializeSnapshot(src->Export());
+    absl::StatusOr<SessionImage> image = ParseSnapshot(bytes, SessionLimits());
+    ASSERT_TRUE(image.ok()) << image.status();
+    absl::StatusOr<SessionInfo> info = b.Import(*image);
+    ASSERT_TRUE(info.ok()) << info.status();
+    std::shared_ptr<Session> dst = *b.Get("snap");
+    const SessionStats sa = src->Info().stats, sb = dst->Info().stats;
+    EXPECT_EQ(sb.tokens_per_layer, sa.tokens_per_layer);
+    EXPECT_EQ(sb.chunks, sa.chunks);
+    EXPECT_GT(sb.chunks, 0);
+    EXPECT_EQ(sb.bytes_compressed, sa.bytes_compressed);
+    EXPECT_EQ(sb.bytes_accounted, sa.bytes_accounted);
+    EXPECT_EQ(b.Stats().bytes_used, a.Stats().bytes_used);
+    EXPECT_EQ(sb.decode_steps, sa.decode_steps);
+    EXPECT_EQ(sb.chunks_output_aware_k, sa.chunks_output_aware_k);
+    EXPECT_EQ(dst->tenant(), "team-a");
+    EXPECT_EQ(dst->Info().labels, src->Info().labels);
+    for (int layer = 0; layer < 2; ++layer) {
+      std::string k1, v1, k2, v2;
+      ASSERT_TRUE(src->Read(layer, 0, -1, &k1, &v1).ok());
+      ASSERT_TRUE(dst->Read(layer, 0, -1, &k2, &v2).ok());
+      EXPECT_EQ(k1, k2);
+      EXPECT_EQ(v1, v2);
+      OwnedTensor q = RandomTensor({8, 32}, &rng);
+      DecodeInput in;
+      in.layer = layer;
+      in.q = q.view;
+      in.want_lse = true;
+      DecodeOutput o1, o2;
+      ASSERT_TRUE(src->Decode(in, &o1).ok());
+      ASSERT_TRUE(dst->Decode(in, &o2).ok());
+      EXPECT_EQ(o1.out, o2.out);
+      EXPECT_EQ(o1.lse, o2.lse);
+    }
+    // The same snapshot again: the id is taken.
+    EXPECT_EQ(b.Import(*image).status().code(), absl::StatusCode::kAlreadyExists);
+    // Under another id it is a second, independent session.
+    EXPECT_TRUE(b.Import(*image, "copy").ok());
+    EXPECT_EQ(SerializeSnapshot(dst->Export()).size(), bytes.size());
+  }
+}
+
+TEST(SnapshotTest, EveryDamageIsRefused) {
+  std::mt19937 rng(8);
+  SessionStore a(Options());
+  const std::string good = SerializeSnapshot(Filled(&a, DType::kFloat16, &rng)->Export());
+  ASSERT_TRUE(ParseSnapshot(good, SessionLimits()).ok());
+  // A flipped byte anywhere: magic, version, record framing, payloads, checksums.
+  for (size_t pos = 0; pos < good.size(); pos += 1 + pos / 50) {
+    std::string bad = good;
+    bad[pos] ^= 0x5a;
+    absl::Status st = ParseSnapshot(bad, SessionLimits()).status();
+    EXPECT_FALSE(st.ok()) << "flip at " << pos;
+    EXPECT_TRUE(st.code() == absl::StatusCode::kDataLoss ||
+                st.code() == absl::StatusCode::kFailedPrecondition)
+        << pos << ": " << st;
+  }
+  // Truncation anywhere, and trailing bytes.
+  for (size_t len = 0; len < good.size(); len += 1 + len / 40) {
+    EXPECT_EQ(ParseSnapshot(good.substr(0, len), SessionLimits()).status().code(),
+              absl::StatusCode::kDataLoss)
+        << len;
+  }
+  EXPECT_EQ(ParseSnapshot(good + "x", SessionLimits()).status().code(),
+            absl::StatusCode::kDataLoss);
+  // Another format version.
+  std::string v2 = good;
+  v2[8] = 2;
+  absl::Status st = ParseSnapshot(v2, SessionLimits()).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("version 2"), std::string::npos) << st;
+  // Intact but over this server's limits.
+  SessionLimits small;
+  small.max_layers = 1;
+  EXPECT_EQ(ParseSnapshot(good, small).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SnapshotTest, ContentsThatDoNotFitAreRefusedAndAddNothing) {
+  std::mt19937 rng(9);
+  SessionStore a(Options());
+  SessionImage image = Filled(&a, DType::kFloat16, &rng)->Export();
+  ASSERT_FALSE(image.layers[1].chunks.empty());
+  image.layers[1].chunks[0].data[0] ^= 0x01;  // a bitmap keeps one element more or less
+  // Re-serialized, the checksums are right: only the contents are wrong.
+  absl::StatusOr<SessionImage> parsed = ParseSnapshot(SerializeSnapshot(image), SessionLimits());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  SessionStore b(Options());
+  absl::Status st = b.Import(*parsed).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("layer 1"), std::string::npos) << st;
+  EXPECT_EQ(b.Stats().sessions, 0);
+  EXPECT_EQ(b.Stats().bytes_used, 0);
+  // Over the budget: refused whole too.
+  SessionStoreOptions o = Options();
+  o.host_budget_bytes = 4096;
+  SessionStore tight(o);
+  image = a.Get("snap").value()->Export();
+  EXPECT_EQ(tight.Import(image).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(tight.Stats().bytes_used, 0);
+  EXPECT_EQ(tight.Stats().sessions, 0);
+}
+
+TEST(SnapshotTest, Crc32cMatchesTheStandardCheckValue) {
+  EXPECT_EQ(Crc32c("123456789"), 0xe3069283u);  // CRC-32C check value (RFC 3720)
+  EXPECT_EQ(Crc32c("56789", Crc32c("1234")), 0xe3069283u);
+}
+
+}  // namespace
+}  // namespace sparsekv
