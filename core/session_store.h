@@ -114,6 +114,7 @@ class SessionStore {
 
   StoreStats Stats() const;
   const MemoryBudget& budget() const { return *budget_; }
+  const SessionLimits& limits() const { return options_.limits; }
   const kernels::Backend& backend() const { return *backend_; }
 
  private:

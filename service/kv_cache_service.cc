@@ -15,10 +15,6 @@
 namespace sparsekv::service {
 namespace {
 
-// The capability each unbuilt RPC waits for, named in its UNIMPLEMENTED message.
-constexpr char kSnapshotIssue[] =
-    "session snapshots (export/import) are not implemented yet (DESIGN.md section 4)";
-
 // Room left in a message for everything but tensor payload (field tags, shapes, ids).
 constexpr int64_t kMessageOverheadBytes = 4096;
 
@@ -279,6 +275,161 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   int64_t next_token_ = 0;
   v1::ReadKVResponse msg_;
   grpc::ByteBuffer out_;
+  grpc::Status status_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// ExportSession: the session's snapshot (core/snapshot.h) in pieces under the message
+// limit, each with its offset and CRC-32C; the snapshot checks itself as a whole too.
+class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  ExportReactor(KvCacheServiceImpl* svc, std::string snapshot, int64_t piece_bytes)
+      : svc_(svc), start_(absl::Now()), bytes_(std::move(snapshot)), piece_(piece_bytes) {
+    WriteNext();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(absl::UnavailableError("client stopped reading"));
+      return;
+    }
+    WriteNext();
+  }
+
+  void OnCancel() override { cancelled_ = true; }
+
+  void OnDone() override {
+    svc_->metrics()->RecordRpc("ExportSession",
+                               cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
+                               absl::Now() - start_);
+    delete this;
+  }
+
+ private:
+  void WriteNext() {
+    if (done_) {
+      FinishWith(absl::OkStatus());
+      return;
+    }
+    const size_t n = std::min<size_t>(static_cast<size_t>(piece_), bytes_.size() - offset_);
+    v1::SessionChunk msg;
+    msg.set_format_version(kSnapshotVersion);
+    msg.set_offset(offset_);
+    msg.set_data(bytes_.data() + offset_, n);
+    msg.set_crc32c(Crc32c(msg.data()));
+    offset_ += n;
+    done_ = offset_ == bytes_.size();
+    msg.set_last(done_);
+    SerializeMessage(msg, &out_);
+    StartWrite(&out_);
+  }
+
+  void FinishWith(const absl::Status& st) {
+    status_ = ToGrpcStatus(st);
+    Finish(status_);
+  }
+
+  KvCacheServiceImpl* svc_;
+  absl::Time start_;
+  const std::string bytes_;
+  const int64_t piece_;
+  size_t offset_ = 0;
+  bool done_ = false;
+  grpc::ByteBuffer out_;
+  grpc::Status status_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// ImportSession: gathers the pieces (each checked: version, offset, CRC-32C, size cap), then
+// parses and adds the session whole when the last one arrives. Any failure ends the call and
+// adds nothing.
+class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+ public:
+  ImportReactor(KvCacheServiceImpl* svc, grpc::ByteBuffer* resp, int64_t max_bytes)
+      : svc_(svc), resp_(resp), start_(absl::Now()), max_bytes_(max_bytes) {
+    StartRead(&in_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      FinishWith(absl::InvalidArgumentError(absl::StrCat(
+          "ImportSession: the stream ended before the last piece (", bytes_.size(),
+          " bytes received)")));
+      return;
+    }
+    absl::Status st = Take();
+    if (!st.ok()) {
+      FinishWith(st);
+      return;
+    }
+    if (!last_) {
+      StartRead(&in_);
+      return;
+    }
+    FinishWith(Import());
+  }
+
+  void OnCancel() override { cancelled_ = true; }
+
+  void OnDone() override {
+    svc_->metrics()->RecordRpc("ImportSession",
+                               cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
+                               absl::Now() - start_);
+    delete this;
+  }
+
+ private:
+  absl::Status Take() {
+    const std::string where = StreamMessage(pieces_);
+    SPARSEKV_RETURN_IF_ERROR(svc_->CheckServing());
+    SPARSEKV_RETURN_IF_ERROR(ParseMessage(in_, &msg_, where));
+    if (msg_.format_version() != kSnapshotVersion) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("ImportSession ", where, ": snapshot format version ",
+                       msg_.format_version(), "; this server reads ", kSnapshotVersion));
+    }
+    if (msg_.offset() != bytes_.size()) {
+      return absl::DataLossError(absl::StrCat("ImportSession ", where, " starts at byte ",
+                                              msg_.offset(), ", expected ", bytes_.size()));
+    }
+    if (Crc32c(msg_.data()) != msg_.crc32c()) {
+      return absl::DataLossError(absl::StrCat("ImportSession ", where, " fails its checksum"));
+    }
+    if (static_cast<int64_t>(bytes_.size() + msg_.data().size()) > max_bytes_) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "ImportSession: the snapshot is larger than the ", max_bytes_,
+          " bytes this server could hold (--host_budget_bytes)"));
+    }
+    bytes_ += msg_.data();
+    last_ = msg_.last();
+    ++pieces_;
+    return absl::OkStatus();
+  }
+
+  absl::Status Import() {
+    SPARSEKV_ASSIGN_OR_RETURN(SessionImage image,
+                              ParseSnapshot(bytes_, svc_->store()->limits()));
+    SPARSEKV_ASSIGN_OR_RETURN(SessionInfo info, svc_->store()->Import(image));
+    v1::Session out;
+    ToProto(info, &out);
+    SerializeMessage(out, resp_);
+    return absl::OkStatus();
+  }
+
+  void FinishWith(const absl::Status& st) {
+    status_ = ToGrpcStatus(st);
+    Finish(status_);
+  }
+
+  KvCacheServiceImpl* svc_;
+  grpc::ByteBuffer* resp_;
+  absl::Time start_;
+  const int64_t max_bytes_;
+  grpc::ByteBuffer in_;
+  v1::SessionChunk msg_;
+  std::string bytes_;
+  int64_t pieces_ = 0;
+  bool last_ = false;
   grpc::Status status_;
   std::atomic<bool> cancelled_{false};
 };
@@ -560,16 +711,30 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ReadKV(
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ExportSession(
     grpc::CallbackServerContext* ctx, const Bytes* req) {
-  return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(
-      metrics_, "ExportSession", absl::Now(),
-      absl::UnimplementedError(absl::StrCat("ExportSession: ", kSnapshotIssue)));
+  const absl::Time start = absl::Now();
+  v1::ExportSessionRequest r;
+  std::shared_ptr<Session> session;
+  absl::Status st = [&]() -> absl::Status {
+    SPARSEKV_RETURN_IF_ERROR(ParseMessage(*req, &r, ""));
+    SPARSEKV_RETURN_IF_ERROR(CheckServing());
+    SPARSEKV_ASSIGN_OR_RETURN(session, store_->Get(r.session_id()));
+    return absl::OkStatus();
+  }();
+  if (!st.ok()) {
+    return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics_, "ExportSession",
+                                                                      start, st);
+  }
+  const int64_t piece =
+      std::min(limits_.read_chunk_bytes, limits_.max_message_bytes - kMessageOverheadBytes);
+  return new ExportReactor(this, SerializeSnapshot(session->Export()), piece);
 }
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ImportSession(
     grpc::CallbackServerContext* ctx, Bytes* resp) {
-  return new FinishNow<grpc::ServerReadReactor<grpc::ByteBuffer>>(
-      metrics_, "ImportSession", absl::Now(),
-      absl::UnimplementedError(absl::StrCat("ImportSession: ", kSnapshotIssue)));
+  // The pieces are gathered before the session exists: never more than the budget could hold
+  // (16 GiB without one).
+  const int64_t limit = store_->budget().limit();
+  return new ImportReactor(this, resp, limit > 0 ? limit : int64_t{16} << 30);
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::GetServerInfo(grpc::CallbackServerContext* ctx,
@@ -588,7 +753,6 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::GetServerInfo(grpc::CallbackServer
     const StoreStats s = store_->Stats();
     out.set_host_bytes_used(s.bytes_used);
     out.set_sessions(s.sessions);
-    for (const char* m : {"ExportSession", "ImportSession"}) out.add_unimplemented_rpcs(m);
     SerializeMessage(out, resp);
   }
   return FinishUnary(ctx, "GetServerInfo", start, st);

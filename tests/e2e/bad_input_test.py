@@ -380,16 +380,21 @@ class BadInputTest(ErrorAsserts):
         self.expect(lambda: list(self.stub.ReadKV(pb2.ReadKVRequest(
             session_id="victim", layer_begin=1, layer_count=2), timeout=10)), self.IA, r"layer")
 
-    def test_unimplemented_rpcs(self):
-        un = grpc.StatusCode.UNIMPLEMENTED
+    def test_snapshot_rpcs_refuse_bad_input(self):
         self.expect(lambda: self.stub.Flush(pb2.FlushRequest(session_id="nope"), timeout=10),
                     grpc.StatusCode.NOT_FOUND, r"nope")
         self.expect(lambda: list(self.stub.ExportSession(
-            pb2.ExportSessionRequest(session_id="victim"), timeout=10)), un, r"export")
+            pb2.ExportSessionRequest(session_id="nope"), timeout=10)),
+            grpc.StatusCode.NOT_FOUND, r"nope")
+        # a piece whose checksum does not match, and bytes that are no snapshot
         self.expect(lambda: self.stub.ImportSession(iter([pb2.SessionChunk(
-            format_version=1, data=b"x", last=True)]), timeout=10), un, r"import")
+            format_version=1, data=b"x", crc32c=1, last=True)]), timeout=10),
+            grpc.StatusCode.DATA_LOSS, r"checksum")
+        self.expect(lambda: self.stub.ImportSession(iter([pb2.SessionChunk(
+            format_version=1, data=b"x", crc32c=0xa93c5f93, last=True)]), timeout=10),
+            grpc.StatusCode.DATA_LOSS, r"bad magic")
         info = self.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10)
-        self.assertEqual(sorted(info.unimplemented_rpcs), ["ExportSession", "ImportSession"])
+        self.assertEqual(list(info.unimplemented_rpcs), [])
 
     # runs last (alphabetical order): the other sessions are untouched
     def test_zz_good_sessions_intact(self):

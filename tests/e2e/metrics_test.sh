@@ -173,8 +173,10 @@ call("ReadKV", "OK", lambda: list(stub.ReadKV(pb2.ReadKVRequest(session_id="m-0"
 call("GetServerInfo", "OK", lambda: stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10))
 call("Flush", "OK", lambda: stub.Flush(pb2.FlushRequest(session_id="m-0"), timeout=10))
 call("Flush", "NOT_FOUND", lambda: stub.Flush(pb2.FlushRequest(session_id="nope"), timeout=10))
-call("ExportSession", "UNIMPLEMENTED", lambda: list(stub.ExportSession(
+call("ExportSession", "OK", lambda: list(stub.ExportSession(
     pb2.ExportSessionRequest(session_id="m-0"), timeout=10)))
+call("ExportSession", "NOT_FOUND", lambda: list(stub.ExportSession(
+    pb2.ExportSessionRequest(session_id="m-none"), timeout=10)))
 call("DeleteSession", "OK", lambda: stub.DeleteSession(
     pb2.DeleteSessionRequest(session_id="m-2"), timeout=10))
 call("DeleteSession", "NOT_FOUND", lambda: stub.DeleteSession(

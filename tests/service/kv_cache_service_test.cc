@@ -265,13 +265,13 @@ TEST_F(ServiceTest, DecodeStreamAnswersEachMessageAndSurvivesErrors) {
   EXPECT_NE(text.find("sparsekv_sessions 1"), std::string::npos);
 }
 
-TEST_F(ServiceTest, ServerInfoNamesKernelAndUnimplementedRpcs) {
+TEST_F(ServiceTest, ServerInfoNamesKernelAndNoUnimplementedRpcs) {
   v1::ServerInfo info;
   ASSERT_TRUE(stub_->GetServerInfo(Ctx().get(), v1::GetServerInfoRequest(), &info).ok());
   EXPECT_EQ(info.kernel_backend(), "cpu");
   EXPECT_FALSE(info.kernel_variant().empty());
   EXPECT_EQ(info.host_budget_bytes(), 1u << 20);
-  EXPECT_EQ(info.unimplemented_rpcs_size(), 2);
+  EXPECT_EQ(info.unimplemented_rpcs_size(), 0);  // snapshots are served
 }
 
 TEST_F(ServiceTest, ListSessionsPages) {
