@@ -212,6 +212,7 @@ LayerImage LayerStore::Export() const {
     image.chunks.push_back(std::move(ic));
   }
   image.tail_tokens = tail_tokens_;
+  image.tail_first_row = tail_.empty() ? 0 : tail_.front()->begin;
   Read(compressed_tokens_, tail_tokens_, &image.tail_k, &image.tail_v);
   image.tail_mass.resize(static_cast<size_t>(heads) * tail_tokens_);
   int64_t t = 0;
@@ -263,6 +264,9 @@ absl::StatusOr<int64_t> LayerStore::Restore(const LayerImage& image, SlabPoolSet
   if (image.q_energy.size() != q_energy_.size()) {
     return absl::InvalidArgumentError("query statistics have the wrong size");
   }
+  if (image.tail_first_row < 0 || image.tail_first_row >= DenseBlock::kRows) {
+    return absl::InvalidArgumentError("tail_first_row out of range");
+  }
   for (const LayerImage::Chunk& c : image.chunks) {
     auto chunk = std::make_shared<CompressedChunk>(
         c.k_format, c.v_format, heads,
@@ -272,7 +276,14 @@ absl::StatusOr<int64_t> LayerStore::Restore(const LayerImage& image, SlabPoolSet
     AddChunk(std::move(chunk));
   }
   const size_t token_stride = static_cast<size_t>(heads) * row;
-  const int64_t blocks = Append(layout_.dtype, reinterpret_cast<const uint8_t*>(image.tail_k.data()),
+  int64_t blocks = 0;
+  if (image.tail_first_row > 0) {
+    auto first = std::make_shared<DenseBlock>(heads, layout_.head_dim, layout_.dtype);
+    first->begin = first->rows = image.tail_first_row;
+    tail_.push_back(std::move(first));
+    blocks = 1;
+  }
+  blocks += Append(layout_.dtype, reinterpret_cast<const uint8_t*>(image.tail_k.data()),
                                 reinterpret_cast<const uint8_t*>(image.tail_v.data()),
                                 image.tail_tokens, token_stride, row);
   int64_t t = 0;

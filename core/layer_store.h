@@ -60,6 +60,10 @@ struct LayerImage {
   };
   std::vector<Chunk> chunks;  // token order
   int64_t tail_tokens = 0;
+  // Rows of the first tail block already compressed (0..31): restored too, so that the tail's
+  // block boundaries, and with them the kernels' summation order, stay the same and decode
+  // results stay bit-identical.
+  int tail_first_row = 0;
   std::string tail_k;           // [tail_tokens, kv_heads, head_dim] in the storage dtype
   std::string tail_v;           // likewise
   std::vector<float> tail_mass;  // [kv_heads, tail_tokens] attention mass received so far

@@ -524,8 +524,8 @@ absl::Status Session::Restore(const SessionImage& image) {
   // (payload rounded up to 64 bytes) and object.
   int64_t need = 0;
   for (const LayerImage& l : image.layers) {
-    need += (std::max<int64_t>(l.tail_tokens, 0) + DenseBlock::kRows - 1) / DenseBlock::kRows *
-            block_bytes_;
+    const int64_t rows = std::max<int64_t>(l.tail_tokens, 0) + std::max(l.tail_first_row, 0);
+    need += (rows + DenseBlock::kRows - 1) / DenseBlock::kRows * block_bytes_;
     for (const LayerImage::Chunk& c : l.chunks) {
       need += static_cast<int64_t>(
           (CompressedChunk::Bytes(c.k_format, c.v_format, info_.layout.num_kv_heads) + 63) / 64 *

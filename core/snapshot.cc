@@ -13,17 +13,6 @@ namespace {
 constexpr char kMagic[8] = {'S', 'K', 'V', 'S', 'N', 'A', 'P', '\0'};
 enum RecordType : uint32_t { kHeader = 1, kLayer = 2, kEnd = 3 };
 
-struct Crc32cTable {
-  uint32_t t[256];
-  Crc32cTable() {
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;
-      t[i] = c;
-    }
-  }
-};
-
 // Little-endian appends.
 class Writer {
  public:
@@ -151,6 +140,7 @@ std::string LayerPayload(int index, const LayerImage& l) {
     w.Str(c.data);
   }
   w.I64(l.tail_tokens);
+  w.I32(l.tail_first_row);
   w.Str(l.tail_k);
   w.Str(l.tail_v);
   w.U64(l.tail_mass.size());
@@ -258,6 +248,7 @@ absl::Status ParseLayer(std::string_view payload, int expected, LayerImage* l) {
     l->chunks.push_back(std::move(c));
   }
   l->tail_tokens = r.I64();
+  l->tail_first_row = r.I32();
   l->tail_k = r.Str();
   l->tail_v = r.Str();
   const uint64_t mass = r.Count(sizeof(float));
@@ -280,13 +271,6 @@ absl::Status ParseLayer(std::string_view payload, int expected, LayerImage* l) {
 }
 
 }  // namespace
-
-uint32_t Crc32c(std::string_view data, uint32_t crc) {
-  static const Crc32cTable table;
-  crc = ~crc;
-  for (unsigned char c : data) crc = table.t[(crc ^ c) & 0xff] ^ (crc >> 8);
-  return ~crc;
-}
 
 std::string SerializeSnapshot(const SessionImage& image) {
   Writer w;

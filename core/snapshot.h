@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/crc32c.h"
 #include "core/layer_store.h"
 #include "core/types.h"
 
@@ -34,9 +35,6 @@ struct SessionImage {
   int64_t decode_steps = 0;
   std::vector<LayerImage> layers;  // [num_layers]
 };
-
-// CRC-32C (Castagnoli) of `data`, continuing from `crc` (0 to start).
-uint32_t Crc32c(std::string_view data, uint32_t crc = 0);
 
 std::string SerializeSnapshot(const SessionImage& image);
 // DataLoss for bytes that are not a whole, intact snapshot (bad magic, truncated, a checksum

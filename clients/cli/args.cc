@@ -64,7 +64,11 @@ ABSL_FLAG(std::string, q, "", "query .npy [q_heads, head_dim] (required)");
 ABSL_FLAG(std::string, new_k, "", "new token's key .npy [kv_heads, head_dim], appended first");
 ABSL_FLAG(std::string, new_v, "", "new token's value .npy [kv_heads, head_dim]");
 ABSL_FLAG(bool, lse, false, "also return the log-sum-exp of the scores per query head");
-ABSL_FLAG(std::string, out, "", "write the attention output to this .npy (float32)");
+ABSL_FLAG(std::string, out, "",
+          "attend: write the attention output to this .npy (float32); export: the snapshot file");
+ABSL_FLAG(std::string, in, "", "import: the snapshot file to read");
+ABSL_FLAG(std::string, to, "", "migrate: the server (HOST:PORT) that takes the session over");
+ABSL_FLAG(bool, keep, false, "migrate: keep the session on the source server too");
 ABSL_FLAG(float, scale, 0.0f, "softmax scale (0: 1/sqrt(head_dim))");
 ABSL_FLAG(int32_t, show, 8, "values per head in the human-readable output");
 
@@ -166,6 +170,14 @@ const std::vector<CommandSpec>& Commands() {
        {"layer", "k_out", "v_out", "float32"},
        "read the cache back (dense) into .npy files"},
       {"flush", "ID", 1, 1, {}, "compress every eligible token now"},
+      {"export", "ID", 1, 1, {"out"}, "write a session's snapshot to a file (--out)"},
+      {"import", "", 0, 0, {"in"}, "add the session a snapshot file holds (--in)"},
+      {"migrate",
+       "ID",
+       1,
+       1,
+       {"to", "keep"},
+       "move a session to another server (--to), bit-identical; deleted here unless --keep"},
       {"info", "", 0, 0, {}, "show server information"},
       {"health", "", 0, 0, {}, "check server health (exit status 0 only when SERVING)"},
       {"bench",

@@ -25,6 +25,9 @@
 ABSL_DECLARE_FLAG(std::string, server);
 ABSL_DECLARE_FLAG(absl::Duration, timeout);
 ABSL_DECLARE_FLAG(bool, json);
+ABSL_DECLARE_FLAG(std::string, in);
+ABSL_DECLARE_FLAG(std::string, to);
+ABSL_DECLARE_FLAG(bool, keep);
 // create / list.
 ABSL_DECLARE_FLAG(uint32_t, layers);
 ABSL_DECLARE_FLAG(uint32_t, kv_heads);

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <utility>
@@ -25,6 +27,7 @@
 #include "clients/cli/table.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
+#include "common/crc32c.h"
 #include "common/dtype.h"
 
 namespace sparsekv::cli {
@@ -394,6 +397,93 @@ absl::Status CmdDelete(Context& ctx) {
   } else {
     ctx.out << "deleted " << ctx.id() << " (" << r.bytes_freed() << " bytes freed)\n";
   }
+  return absl::OkStatus();
+}
+
+// A snapshot as transfer pieces of at most 1 MiB, each with its offset and CRC-32C.
+std::vector<v1::SessionChunk> SnapshotPieces(const std::string& bytes) {
+  constexpr size_t kPiece = 1 << 20;
+  std::vector<v1::SessionChunk> pieces;
+  for (size_t off = 0; off < bytes.size(); off += kPiece) {
+    v1::SessionChunk c;
+    c.set_format_version(1);
+    c.set_offset(off);
+    c.set_data(bytes.substr(off, kPiece));
+    c.set_crc32c(Crc32c(c.data()));
+    c.set_last(off + kPiece >= bytes.size());
+    pieces.push_back(std::move(c));
+  }
+  return pieces;
+}
+
+absl::StatusOr<std::string> ExportBytes(KvCacheClient* client, const std::string& id) {
+  SPARSEKV_ASSIGN_OR_RETURN(std::vector<v1::SessionChunk> pieces, client->ExportSession(id));
+  std::string bytes;
+  for (const v1::SessionChunk& c : pieces) {
+    if (c.offset() != bytes.size() || Crc32c(c.data()) != c.crc32c()) {
+      return absl::DataLossError("export arrived damaged (offset or checksum)");
+    }
+    bytes += c.data();
+  }
+  if (pieces.empty() || !pieces.back().last()) {
+    return absl::DataLossError("export ended before its last piece");
+  }
+  return bytes;
+}
+
+void PrintMoved(Context& ctx, const char* verb, const v1::Session& s, size_t bytes) {
+  if (ctx.json) {
+    JsonWriter w;
+    w.BeginObject().Key("session_id").String(s.id()).Key(verb).Bool(true);
+    w.Key("snapshot_bytes").Uint(bytes).Key("tokens_total").Uint(s.stats().tokens_total());
+    w.EndObject();
+    ctx.out << w.str() << "\n";
+  } else {
+    ctx.out << verb << " " << s.id() << " (" << s.stats().tokens_total() << " tokens, " << bytes
+            << " snapshot bytes)\n";
+  }
+}
+
+absl::Status CmdExport(Context& ctx) {
+  const std::string path = absl::GetFlag(FLAGS_out);
+  if (path.empty()) return WithExitCode(absl::InvalidArgumentError("--out is required"), kExitUsage);
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(std::string bytes, ExportBytes(ctx.client.get(), ctx.id()));
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  f.close();
+  if (!f) return absl::UnavailableError(absl::StrCat("cannot write ", path));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, ctx.client->GetSession(ctx.id()));
+  PrintMoved(ctx, "exported", s, bytes.size());
+  return absl::OkStatus();
+}
+
+absl::Status CmdImport(Context& ctx) {
+  const std::string path = absl::GetFlag(FLAGS_in);
+  if (path.empty()) return WithExitCode(absl::InvalidArgumentError("--in is required"), kExitUsage);
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return WithExitCode(absl::NotFoundError(absl::StrCat("cannot read ", path)), kExitUsage);
+  const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, ctx.client->ImportSession(SnapshotPieces(bytes)));
+  PrintMoved(ctx, "imported", s, bytes.size());
+  return absl::OkStatus();
+}
+
+// Export here, import there, then (unless --keep) delete here: the session is never absent
+// from both, and a failed import leaves it where it was.
+absl::Status CmdMigrate(Context& ctx) {
+  const std::string to = absl::GetFlag(FLAGS_to);
+  if (to.empty()) return WithExitCode(absl::InvalidArgumentError("--to is required"), kExitUsage);
+  SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
+  KvCacheClient target(to, absl::GetFlag(FLAGS_timeout));
+  SPARSEKV_RETURN_IF_ERROR(WithExitCode(target.WaitForConnected(), kExitUnreachable));
+  SPARSEKV_ASSIGN_OR_RETURN(std::string bytes, ExportBytes(ctx.client.get(), ctx.id()));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, target.ImportSession(SnapshotPieces(bytes)));
+  if (!absl::GetFlag(FLAGS_keep)) {
+    SPARSEKV_RETURN_IF_ERROR(ctx.client->DeleteSession(ctx.id()).status());
+  }
+  PrintMoved(ctx, "migrated", s, bytes.size());
   return absl::OkStatus();
 }
 
@@ -844,6 +934,7 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
       {"create", CmdCreate}, {"list", CmdList},          {"get", CmdGet},
       {"delete", CmdDelete}, {"append", CmdAppend},      {"attend", CmdAttend},
       {"read", CmdRead},     {"flush", CmdFlush},        {"info", CmdInfo},
+      {"export", CmdExport}, {"import", CmdImport},      {"migrate", CmdMigrate},
       {"health", CmdHealth}, {"bench", CmdBenchCommand}, {"demo", CmdDemoCommand},
   };
   const absl::Status status = handlers->at(inv->command)(ctx);

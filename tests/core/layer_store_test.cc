@@ -51,6 +51,8 @@ void Build(const Layout& layout, SlabPoolSet* pools, LayerStore* store, std::mt1
     const CompressionInput in = store->TakeOldest(64);
     store->Publish(CompressRows(layout, plan, 0, in, pools));
   }
+  // A remainder chunk (as Flush makes): the tail now starts 10 rows into a block.
+  store->Publish(CompressRows(layout, plan, 0, store->TakeOldest(10), pools));
 }
 
 void ExpectSameImage(const LayerImage& a, const LayerImage& b) {
@@ -61,6 +63,7 @@ void ExpectSameImage(const LayerImage& a, const LayerImage& b) {
     EXPECT_EQ(a.chunks[i].v_output_aware, b.chunks[i].v_output_aware);
   }
   EXPECT_EQ(a.tail_tokens, b.tail_tokens);
+  EXPECT_EQ(a.tail_first_row, b.tail_first_row);
   EXPECT_EQ(a.tail_k, b.tail_k);
   EXPECT_EQ(a.tail_v, b.tail_v);
   EXPECT_EQ(a.tail_mass, b.tail_mass);
@@ -95,11 +98,12 @@ TEST(LayerStoreTest, RestoredLayerReadsAndDecodesBitIdentically) {
     LayerStore original(layout);
     Build(layout, &pools, &original, &rng);
     const LayerImage image = original.Export();
-    ASSERT_EQ(image.chunks.size(), 2u);
+    ASSERT_EQ(image.chunks.size(), 3u);
+    EXPECT_EQ(image.tail_first_row, 10);
     LayerStore restored(layout);
     absl::StatusOr<int64_t> blocks = restored.Restore(image, &pools);
     ASSERT_TRUE(blocks.ok()) << blocks.status();
-    EXPECT_EQ(*blocks, 2);  // 45 tail rows
+    EXPECT_EQ(*blocks, 2);  // 35 tail rows from row 10 of a block: rows 10..44
     EXPECT_EQ(restored.tokens(), original.tokens());
     EXPECT_EQ(restored.compressed_bytes(), original.compressed_bytes());
     EXPECT_EQ(restored.k_kept(), original.k_kept());
