@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# On the GPU machine (H200), from the repository root: builds kernels/ and their GPU tests and
+# benchmark with CUDA + CMake only, runs the GPU tests, compute-sanitizer memcheck and racecheck
+# on the test binary (--quick sizes), the benchmark and the PyTorch SDPA baseline in the same
+# run, and merges them into a table. Logs go to OUT_DIR (default $OUT, else /tmp/sparsekv_gpu):
+#   build.log test.log sanitizer.log bench.log bench.jsonl baseline.jsonl report.md
+# Usage: bash tests/bench/cuda/run_on_device.sh [OUT_DIR]
+# Env: BUILD_DIR (default build-gpu), STEPS (default "build test bench baseline sanitize").
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+out=${1:-${OUT:-/tmp/sparsekv_gpu}}
+build=${BUILD_DIR:-build-gpu}
+steps=${STEPS:-build test bench baseline sanitize}
+mkdir -p "$out"
+start=$(date +%s)
+status=0
+has() { [[ " $steps " == *" $1 "* ]]; }
+note() { echo "[$(( $(date +%s) - start ))s] $*"; }
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem \
+    --format=csv; nvcc --version | tail -2; } > "$out/report.md" 2>&1
+
+if has build; then
+  note "configure + build"
+  gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+  { cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DSPARSEKV_KERNELS_ONLY=ON \
+      -DSPARSEKV_ENABLE_CUDA=ON -DSPARSEKV_BUILD_TESTS=ON -DSPARSEKV_BUILD_BENCHMARKS=ON &&
+    cmake --build "$build" -j "$(nproc)"; } > "$out/build.log" 2>&1 || {
+    note "BUILD FAILED"; tail -40 "$out/build.log"; exit 1; }
+fi
+
+if has test; then
+  note "GPU tests (ctest -L gpu)"
+  timeout 300 ctest --test-dir "$build" -L gpu --output-on-failure -V > "$out/test.log" 2>&1 ||
+    status=1
+  grep -E "batch_decode_test:|max error|PASSED|FAILED|FAIL |tests passed|Skipped|Passed|Failed" \
+    "$out/test.log" | head -40
+fi
+
+if has bench; then
+  note "benchmark"
+  timeout 300 "$build/bin/cuda_batch_decode_bench" --iters "${ITERS:-30}" \
+    --json "$out/bench.jsonl" > "$out/bench.log" 2>&1 || status=1
+  grep "^|" "$out/bench.log"
+fi
+
+if has baseline; then
+  note "PyTorch SDPA baseline"
+  PYTHONUNBUFFERED=1 timeout 240 python3 tests/bench/cuda/sdpa_baseline.py \
+    --iters "${ITERS:-30}" --json "$out/baseline.jsonl" >> "$out/bench.log" 2>&1 || status=1
+fi
+
+if [ -s "$out/bench.jsonl" ] && [ -s "$out/baseline.jsonl" ]; then
+  python3 tests/bench/cuda/report.py "$out/bench.jsonl" "$out/baseline.jsonl" >> "$out/report.md"
+  echo; tail -n +6 "$out/report.md"
+fi
+
+if has ncu; then
+  note "ncu profile: sparse 0.7 and dense at batch 16, context 32k"
+  for m in s0.7; do
+    timeout 200 ncu --clock-control none --kernel-name regex:BatchDecodeKernel --launch-skip 4 \
+      --launch-count 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats "$build/bin/cuda_batch_decode_bench" --only 16x32768 --modes "$m" \
+      --iters 2 --warmup 1 >> "$out/bench.log" 2>&1 || echo "ncu rc=$?" >> "$out/bench.log"
+  done
+  grep -E "Duration|DRAM Throughput|Compute \(SM\)|Issue Slots Busy|Registers Per|Achieved Occupancy|Shared Memory|bank" "$out/bench.log" | head -40
+fi
+
+if has sanitize; then
+  note "compute-sanitizer memcheck + racecheck (--quick)"
+  {
+    echo "=== memcheck"
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$build/bin/cuda_batch_decode_test" --quick; echo "memcheck rc=$?"
+    echo "=== racecheck"
+    timeout 200 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
+      "$build/bin/cuda_batch_decode_test" --quick; echo "racecheck rc=$?"
+  } > "$out/sanitizer.log" 2>&1
+  grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
+fi
+note "done, status $status"
+exit $status
