@@ -23,15 +23,18 @@ bool BoundedExecutor::TrySchedule(std::function<void()> job) {
 }
 
 void BoundedExecutor::Shutdown() {
+  // One caller at a time joins; a concurrent or later caller waits here, then finds no
+  // workers left (joining a thread twice is undefined).
+  std::lock_guard<std::mutex> serial(shutdown_mu_);
+  std::vector<std::thread> workers;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stop_ && workers_.empty()) return;
     stop_ = true;
     queue_.clear();
+    workers.swap(workers_);
   }
   cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
-  workers_.clear();
+  for (std::thread& t : workers) t.join();
 }
 
 void BoundedExecutor::WorkerLoop(int nice) {

@@ -34,6 +34,7 @@ class BoundedExecutor {
   void WorkerLoop(int nice);
 
   const int max_queue_;
+  std::mutex shutdown_mu_;  // serialises Shutdown
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;  // guarded by mu_

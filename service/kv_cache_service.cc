@@ -39,36 +39,55 @@ std::string StreamMessage(int64_t index) {
   return absl::StrCat("message ", index + 1, " of the stream");
 }
 
-// Finishes a streaming call at once with a status (for RPCs that are not built yet or
-// requests rejected before the first message). `Base` is a ServerWriteReactor or
-// ServerReadReactor.
+// What every streaming reactor of this service shares: it finishes with an absl::Status and,
+// when done, records the call under `method` (a cancelled or broken call as CANCELLED).
+// `Base` is a ServerReadReactor or ServerWriteReactor of ByteBuffer.
 template <typename Base>
-class FinishNow final : public Base {
+class RecordedReactor : public Base {
  public:
-  FinishNow(Metrics* metrics, const char* method, absl::Time start, absl::Status status)
-      : metrics_(metrics), method_(method), start_(start), status_(ToGrpcStatus(status)) {
-    this->Finish(status_);
-  }
+  RecordedReactor(Metrics* metrics, const char* method, absl::Time start = absl::Now())
+      : metrics_(metrics), method_(method), start_(start) {}
+
+  void OnCancel() override { cancelled_ = true; }
   void OnDone() override {
-    metrics_->RecordRpc(method_, status_.error_code(), absl::Now() - start_);
+    metrics_->RecordRpc(method_, cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
+                        absl::Now() - start_);
     delete this;
   }
 
+ protected:
+  void FinishWith(const absl::Status& st) {
+    status_ = ToGrpcStatus(st);
+    this->Finish(status_);
+  }
+
  private:
-  Metrics* metrics_;
-  const char* method_;
-  absl::Time start_;
+  Metrics* const metrics_;
+  const char* const method_;
+  const absl::Time start_;
   grpc::Status status_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// Finishes a streaming call at once with a status (requests rejected before the first
+// message).
+template <typename Base>
+class FinishNow final : public RecordedReactor<Base> {
+ public:
+  FinishNow(Metrics* metrics, const char* method, absl::Time start, const absl::Status& status)
+      : RecordedReactor<Base>(metrics, method, start) {
+    this->FinishWith(status);
+  }
 };
 
 // AppendKV: applies each message as it arrives, each all or nothing. The first error (a
 // message that does not parse included) ends the call with a status naming the message and
 // how many were applied before it; those stay applied, as tokens_per_layer of a later call
 // shows.
-class AppendReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+class AppendReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc::ByteBuffer>> {
  public:
   AppendReactor(KvCacheServiceImpl* svc, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp)
-      : svc_(svc), ctx_(ctx), resp_bytes_(resp), start_(absl::Now()) {
+      : RecordedReactor(svc->metrics(), "AppendKV"), svc_(svc), ctx_(ctx), resp_bytes_(resp) {
     StartRead(&buf_);
   }
 
@@ -93,14 +112,7 @@ class AppendReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     StartRead(&buf_);
   }
 
-  void OnCancel() override { cancelled_ = true; }
 
-  void OnDone() override {
-    svc_->metrics()->RecordRpc(
-        "AppendKV", cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
-        absl::Now() - start_);
-    delete this;
-  }
 
  private:
   absl::Status Summarise() {
@@ -113,15 +125,10 @@ class AppendReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     return absl::OkStatus();
   }
 
-  void FinishWith(const absl::Status& st) {
-    status_ = ToGrpcStatus(st);
-    Finish(status_);
-  }
 
   KvCacheServiceImpl* svc_;
   grpc::CallbackServerContext* ctx_;
   grpc::ByteBuffer* resp_bytes_;
-  absl::Time start_;
   grpc::ByteBuffer buf_;
   v1::AppendKVRequest req_;
   v1::AppendKVResponse resp_;
@@ -188,15 +195,15 @@ class DecodeStreamReactor final
 };
 
 // ReadKV: one message per layer and token range, each under the message size limit.
-class ReadKvReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>> {
  public:
   // REQUIRES: the range was checked against the session (every layer holds token_end).
   ReadKvReactor(KvCacheServiceImpl* svc, grpc::CallbackServerContext* ctx,
                 std::shared_ptr<Session> session, int layer_begin, int layer_end,
                 int64_t token_begin, int64_t token_count, int64_t rows_per_msg)
-      : svc_(svc),
+      : RecordedReactor(svc->metrics(), "ReadKV"),
+        svc_(svc),
         session_(std::move(session)),
-        start_(absl::Now()),
         layer_(layer_begin),
         layer_end_(layer_end),
         token_begin_(token_begin),
@@ -214,14 +221,7 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     WriteNext();
   }
 
-  void OnCancel() override { cancelled_ = true; }
 
-  void OnDone() override {
-    svc_->metrics()->RecordRpc("ReadKV",
-                               cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
-                               absl::Now() - start_);
-    delete this;
-  }
 
  private:
   void WriteNext() {
@@ -259,14 +259,9 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     FinishWith(absl::OkStatus());
   }
 
-  void FinishWith(const absl::Status& st) {
-    status_ = ToGrpcStatus(st);
-    Finish(status_);
-  }
 
   KvCacheServiceImpl* svc_;
   std::shared_ptr<Session> session_;
-  absl::Time start_;
   int layer_;
   const int layer_end_;
   const int64_t token_begin_;
@@ -281,10 +276,12 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 
 // ExportSession: the session's snapshot (core/snapshot.h) in pieces under the message
 // limit, each with its offset and CRC-32C; the snapshot checks itself as a whole too.
-class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+class ExportReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>> {
  public:
   ExportReactor(KvCacheServiceImpl* svc, std::string snapshot, int64_t piece_bytes)
-      : svc_(svc), start_(absl::Now()), bytes_(std::move(snapshot)), piece_(piece_bytes) {
+      : RecordedReactor(svc->metrics(), "ExportSession"),
+        bytes_(std::move(snapshot)),
+        piece_(piece_bytes) {
     WriteNext();
   }
 
@@ -296,14 +293,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     WriteNext();
   }
 
-  void OnCancel() override { cancelled_ = true; }
 
-  void OnDone() override {
-    svc_->metrics()->RecordRpc("ExportSession",
-                               cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
-                               absl::Now() - start_);
-    delete this;
-  }
 
  private:
   void WriteNext() {
@@ -324,13 +314,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     StartWrite(&out_);
   }
 
-  void FinishWith(const absl::Status& st) {
-    status_ = ToGrpcStatus(st);
-    Finish(status_);
-  }
 
-  KvCacheServiceImpl* svc_;
-  absl::Time start_;
   const std::string bytes_;
   const int64_t piece_;
   size_t offset_ = 0;
@@ -343,10 +327,13 @@ class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 // ImportSession: gathers the pieces (each checked: version, offset, CRC-32C, size cap), then
 // parses and adds the session whole when the last one arrives. Any failure ends the call and
 // adds nothing.
-class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc::ByteBuffer>> {
  public:
   ImportReactor(KvCacheServiceImpl* svc, grpc::ByteBuffer* resp, int64_t max_bytes)
-      : svc_(svc), resp_(resp), start_(absl::Now()), max_bytes_(max_bytes) {
+      : RecordedReactor(svc->metrics(), "ImportSession"),
+        svc_(svc),
+        resp_(resp),
+        max_bytes_(max_bytes) {
     StartRead(&in_);
   }
 
@@ -369,14 +356,7 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     FinishWith(Import());
   }
 
-  void OnCancel() override { cancelled_ = true; }
 
-  void OnDone() override {
-    svc_->metrics()->RecordRpc("ImportSession",
-                               cancelled_ ? grpc::StatusCode::CANCELLED : status_.error_code(),
-                               absl::Now() - start_);
-    delete this;
-  }
 
  private:
   absl::Status Take() {
@@ -416,14 +396,9 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     return absl::OkStatus();
   }
 
-  void FinishWith(const absl::Status& st) {
-    status_ = ToGrpcStatus(st);
-    Finish(status_);
-  }
 
   KvCacheServiceImpl* svc_;
   grpc::ByteBuffer* resp_;
-  absl::Time start_;
   const int64_t max_bytes_;
   grpc::ByteBuffer in_;
   v1::SessionChunk msg_;

@@ -40,7 +40,8 @@ std::string Brand() {
   }
   std::string s(brand);
   const size_t first = s.find_first_not_of(' ');
-  return first == std::string::npos ? "unknown" : s.substr(first);
+  if (first == std::string::npos) return "unknown";
+  return s.substr(first, s.find_last_not_of(' ') - first + 1);  // vendors pad either end
 }
 #endif
 
