@@ -253,13 +253,13 @@ absl::Status ParseLayer(std::string_view payload, int expected, LayerImage* l) {
   l->tail_v = r.Str();
   const uint64_t mass = r.Count(sizeof(float));
   std::string_view m = r.Bytes(mass * sizeof(float));
-  if (r.ok()) {
+  if (r.ok() && mass > 0) {  // memcpy with an empty vector's null data is undefined
     l->tail_mass.resize(mass);
     std::memcpy(l->tail_mass.data(), m.data(), m.size());
   }
   const uint64_t energy = r.Count(sizeof(double));
   std::string_view q = r.Bytes(energy * sizeof(double));
-  if (r.ok()) {
+  if (r.ok() && energy > 0) {
     l->q_energy.resize(energy);
     std::memcpy(l->q_energy.data(), q.data(), q.size());
   }

@@ -6,6 +6,9 @@ set -euo pipefail
 packages=(
   # toolchain
   g++ cmake make pkg-config git curl ca-certificates
+  # fuzzing (tests/fuzz): clang and its runtimes; libFuzzer and the sanitizer runtimes come
+  # from libclang-rt-14-dev (/usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer*)
+  clang-14 libclang-rt-14-dev
   # libraries
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
