@@ -159,6 +159,18 @@ int64_t LayerStore::Publish(std::shared_ptr<const CompressedChunk> chunk) {
   return released;
 }
 
+int64_t LayerStore::BlocksReleasedBy(int tokens) const {
+  int64_t released = 0;
+  int left = tokens;
+  for (const auto& b : tail_) {
+    if (left <= 0) break;
+    const int n = std::min(b->rows - b->begin, left);
+    left -= n;
+    if (b->begin + n == DenseBlock::kRows) ++released;
+  }
+  return released;
+}
+
 void LayerStore::AddChunk(std::shared_ptr<const CompressedChunk> chunk) {
   const int64_t elems =
       static_cast<int64_t>(chunk->tokens()) * layout_.num_kv_heads * layout_.head_dim;

@@ -118,6 +118,8 @@ class LayerStore {
   // ones a TakeOldest handed out and nothing else was published since. Returns the tail
   // blocks released (all of their rows compressed).
   int64_t Publish(std::shared_ptr<const CompressedChunk> chunk);
+  // The blocks Publish of a chunk of the oldest `tokens` tail rows would release now.
+  int64_t BlocksReleasedBy(int tokens) const;
 
   // The layer as an image (chunks copied byte for byte).
   LayerImage Export() const;

@@ -438,7 +438,7 @@ void Session::CompressJob(int layer) {
   MaybeSchedule(layer);
 }
 
-void Session::CompressAndPublish(int layer, int tokens) {
+bool Session::CompressAndPublish(int layer, int tokens) {
   const absl::Time start = absl::Now();
   CompressionInput in;
   {
@@ -450,22 +450,27 @@ void Session::CompressAndPublish(int layer, int tokens) {
   const int64_t chunk_bytes = static_cast<int64_t>(chunk->memory_bytes());
   {
     MutexLock lock(&mu_);
-    const int64_t freed = layers_[layer].Publish(std::move(chunk)) * block_bytes_;
-    // The chunk replaces rows already counted, so it is charged without a limit check:
-    // pruning must not fail on a full budget. The net is negative once the blocks its rows
-    // came from are released (at most one block per layer is still partly in use).
-    bytes_ += chunk_bytes - freed;
-    if (!closed_) {
-      if (chunk_bytes > freed) {
-        env_.budget->Charge(info_.tenant, chunk_bytes - freed);
-      } else {
-        env_.budget->Release(info_.tenant, freed - chunk_bytes);
+    // A chunk of whole blocks' rows (every background job: chunk_tokens is a multiple of the
+    // 32-row block) releases at least as many bytes as it takes, since a chunk is never larger
+    // than its dense rows. A short remainder (Flush) may release no block: then the chunk must
+    // fit the budgets like any request, or the rows stay dense.
+    const int64_t net =
+        chunk_bytes - layers_[layer].BlocksReleasedBy(tokens) * block_bytes_;
+    if (net > 0 && !closed_) {
+      const int64_t cap = env_.limits.max_session_bytes;
+      if ((cap > 0 && bytes_ + pending_ + net > cap) ||
+          !env_.budget->Reserve(info_.tenant, net).ok()) {
+        return false;
       }
     }
+    layers_[layer].Publish(std::move(chunk));
+    bytes_ += net;
+    if (!closed_ && net < 0) env_.budget->Release(info_.tenant, -net);
   }
   env_.counters->chunks.fetch_add(1);
   env_.counters->tokens.fetch_add(tokens);
   env_.counters->nanos.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start));
+  return true;
 }
 
 int64_t Session::Flush() {
@@ -479,7 +484,7 @@ int64_t Session::Flush() {
       chunks = plan_.FlushChunks(layer, layers_[layer].tail_tokens());
     }
     for (int n : chunks) {
-      CompressAndPublish(layer, n);
+      if (!CompressAndPublish(layer, n)) break;  // a remainder over the budget stays dense
       total += n;
     }
     MutexLock lock(&mu_);

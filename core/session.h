@@ -184,7 +184,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void CompressJob(int layer);
   // Compresses the oldest `tokens` tail rows of `layer` and publishes the chunk.
   // REQUIRES: the caller set layers_[layer].busy and mu_ is not held.
-  void CompressAndPublish(int layer, int tokens);
+  // Returns false (nothing published) when the chunk would take more than its rows release
+  // and that does not fit the budgets (only short remainder chunks can).
+  bool CompressAndPublish(int layer, int tokens);
   // Attention mass and query energy of `q` over `snap` for output-aware scoring, added to
   // `mass` ([kv_heads, snap.tail_tokens], when NeedsMass) and `energy` ([kv_heads,
   // head_dim]). A step whose log-sum-exp is not finite (extreme finite inputs) adds nothing.
