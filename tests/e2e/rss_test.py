@@ -6,8 +6,7 @@ slabs back.
 Usage: /usr/bin/python3 rss_test.py SERVER_BIN PROTO_DIR
 
 Environment (optional):
-  SPARSEKV_RSS_SLACK_MIB   allowed growth over the start-up RSS / slab reserve (default 64)
-  SPARSEKV_RSS_SLACK_MIB   bound on RSS above the start-up figure (default 96)
+  SPARSEKV_RSS_SLACK_MIB   allowed growth over the start-up RSS / slab reserve (default 96)
   SPARSEKV_RSS_CYCLE_MIB   dense K/V bytes uploaded per fill cycle (default 128)
   SPARSEKV_RSS_CYCLES      fill cycles (default 3)
   SPARSEKV_RSS_MSG_MIB     K+V bytes per AppendKV message (default 8)
