@@ -151,6 +151,42 @@ std::string LayerPayload(int index, const LayerImage& l) {
   return std::move(w.out());
 }
 
+// Strings travel as proto3 `string` fields (valid UTF-8 only): a snapshot cannot bring in
+// what no CreateSession could.
+bool ValidUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int extra;
+    uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xe0) == 0xc0) {
+      extra = 1;
+      cp = c & 0x1f;
+    } else if ((c & 0xf0) == 0xe0) {
+      extra = 2;
+      cp = c & 0x0f;
+    } else if ((c & 0xf8) == 0xf0) {
+      extra = 3;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + extra >= s.size()) return false;  // truncated sequence
+    for (int k = 1; k <= extra; ++k) {
+      const unsigned char d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    static constexpr uint32_t kMin[4] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[extra] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    i += static_cast<size_t>(extra) + 1;
+  }
+  return true;
+}
+
 absl::Status Corrupt(const std::string& what) {
   return absl::DataLossError(absl::StrCat("snapshot is damaged: ", what));
 }
@@ -228,6 +264,9 @@ absl::Status ParseHeader(std::string_view payload, const SessionLimits& limits,
     return absl::InvalidArgumentError("snapshot header: tenant empty or too long");
   }
   SPARSEKV_RETURN_IF_ERROR(ValidateLabels(i.labels, limits));
+  bool utf8 = ValidUtf8(i.tenant);
+  for (const auto& [k, v] : i.labels) utf8 = utf8 && ValidUtf8(k) && ValidUtf8(v);
+  if (!utf8) return absl::InvalidArgumentError("snapshot header: tenant or label not UTF-8");
   SPARSEKV_RETURN_IF_ERROR(ValidateLayout(i.layout, limits));
   SPARSEKV_RETURN_IF_ERROR(ValidatePolicy(i.policy, i.layout));
   return absl::OkStatus();

@@ -162,6 +162,25 @@ TEST(SnapshotTest, ContentsThatDoNotFitAreRefusedAndAddNothing) {
   EXPECT_EQ(tight.Stats().sessions, 0);
 }
 
+TEST(SnapshotTest, StringsThatAreNotUtf8AreRefused) {
+  std::mt19937 rng(10);
+  SessionStore a(Options());
+  SessionImage image = Filled(&a, DType::kFloat16, &rng)->Export();
+  for (const std::string bad : {std::string("\xff"), std::string("a\xc3"),
+                                std::string("\xed\xa0\x80")}) {  // invalid, cut, surrogate
+    SessionImage copy = image;
+    copy.info.labels["k"] = bad;
+    EXPECT_EQ(ParseSnapshot(SerializeSnapshot(copy), SessionLimits()).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    copy = image;
+    copy.info.tenant = "t" + bad;
+    EXPECT_EQ(ParseSnapshot(SerializeSnapshot(copy), SessionLimits()).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  image.info.labels["k"] = "caf\xc3\xa9 \xf0\x9f\x98\x80";  // valid 2- and 4-byte sequences
+  EXPECT_TRUE(ParseSnapshot(SerializeSnapshot(image), SessionLimits()).ok());
+}
+
 TEST(SnapshotTest, Crc32cMatchesTheStandardCheckValue) {
   EXPECT_EQ(Crc32c("123456789"), 0xe3069283u);  // CRC-32C check value (RFC 3720)
   EXPECT_EQ(Crc32c("56789", Crc32c("1234")), 0xe3069283u);
