@@ -31,8 +31,8 @@ int64_t LayerStore::BlocksNeeded(int64_t tokens) const {
   return tokens <= room ? 0 : (tokens - room + DenseBlock::kRows - 1) / DenseBlock::kRows;
 }
 
-int64_t LayerStore::Append(kernels::DType src, const uint8_t* k, const uint8_t* v,
-                           int64_t tokens, size_t token_stride, size_t head_stride) {
+int64_t LayerStore::Append(kernels::DType src, const uint8_t* k, const uint8_t* v, int64_t tokens,
+                           size_t token_stride, size_t head_stride) {
   const int heads = layout_.num_kv_heads;
   const int d = layout_.head_dim;
   int64_t blocks = 0;
@@ -197,8 +197,8 @@ absl::Status ValidateSectionFormat(const kernels::SectionFormat& f, const Layout
         " do not match the layout's ", layout.head_dim, " / ", static_cast<int>(layout.dtype)));
   }
   if (f.tokens < 1 || f.tokens > 8192 || (f.group != 32 && f.group != 64)) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": tokens ", f.tokens, " or group ",
-                                                   f.group, " out of range"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": tokens ", f.tokens, " or group ", f.group, " out of range"));
   }
   if (f.kind == kernels::SectionKind::kPerChannel && f.tokens % f.group != 0) {
     return absl::InvalidArgumentError(
@@ -253,17 +253,17 @@ absl::StatusOr<int64_t> LayerStore::Restore(const LayerImage& image, SlabPoolSet
       return absl::InvalidArgumentError(absl::StrCat(what, ": K and V token counts differ"));
     }
     if (c.data.size() != CompressedChunk::Bytes(c.k_format, c.v_format, heads)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, " has ", c.data.size(), " bytes, its formats need ",
-          CompressedChunk::Bytes(c.k_format, c.v_format, heads)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has ", c.data.size(), " bytes, its formats need ",
+                       CompressedChunk::Bytes(c.k_format, c.v_format, heads)));
     }
     const auto* p = reinterpret_cast<const uint8_t*>(c.data.data());
     for (int h = 0; h < heads; ++h) {
       const uint8_t* k = p + h * (c.k_format.bytes() + c.v_format.bytes());
       if (!kernels::SectionBitmapsValid(c.k_format, k) ||
           !kernels::SectionBitmapsValid(c.v_format, k + c.k_format.bytes())) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            what, ", KV head ", h, ": a bitmap does not keep exactly k elements"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ", KV head ", h, ": a bitmap does not keep exactly k elements"));
       }
     }
   }
@@ -296,8 +296,8 @@ absl::StatusOr<int64_t> LayerStore::Restore(const LayerImage& image, SlabPoolSet
     blocks = 1;
   }
   blocks += Append(layout_.dtype, reinterpret_cast<const uint8_t*>(image.tail_k.data()),
-                                reinterpret_cast<const uint8_t*>(image.tail_v.data()),
-                                image.tail_tokens, token_stride, row);
+                   reinterpret_cast<const uint8_t*>(image.tail_v.data()), image.tail_tokens,
+                   token_stride, row);
   int64_t t = 0;
   for (const auto& b : tail_) {
     for (int r = b->begin; r < b->rows; ++r, ++t) {

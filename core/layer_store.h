@@ -64,8 +64,8 @@ struct LayerImage {
   // block boundaries, and with them the kernels' summation order, stay the same and decode
   // results stay bit-identical.
   int tail_first_row = 0;
-  std::string tail_k;           // [tail_tokens, kv_heads, head_dim] in the storage dtype
-  std::string tail_v;           // likewise
+  std::string tail_k;            // [tail_tokens, kv_heads, head_dim] in the storage dtype
+  std::string tail_v;            // likewise
   std::vector<float> tail_mass;  // [kv_heads, tail_tokens] attention mass received so far
   std::vector<double> q_energy;  // [kv_heads, head_dim]
   bool queries_seen = false;

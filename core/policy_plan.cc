@@ -38,9 +38,9 @@ kernels::SectionFormat PolicyPlan::Format(const TensorPlan& t, int tokens) const
   if (kind == kernels::SectionKind::kPerChannel && tokens % group_tokens_ != 0) {
     kind = kernels::SectionKind::kDense;
   }
-  const kernels::SectionFormat f = kernels::MakeSectionFormat(
-      kind, kind == kernels::SectionKind::kDense ? 0.0 : t.sparsity, layout_.head_dim, tokens,
-      group_tokens_, layout_.dtype);
+  const kernels::SectionFormat f =
+      kernels::MakeSectionFormat(kind, kind == kernels::SectionKind::kDense ? 0.0 : t.sparsity,
+                                 layout_.head_dim, tokens, group_tokens_, layout_.dtype);
   // At low sparsity the bitmap can outweigh the pruned values: then dense is smaller and
   // loses nothing.
   const kernels::SectionFormat dense = kernels::MakeSectionFormat(

@@ -5,9 +5,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "core/attend.h"
 #include "core/compressor.h"
-#include "common/status_macros.h"
 #include "kernels/finite_check.h"
 
 namespace sparsekv {
@@ -30,7 +30,8 @@ int64_t Session::FixedBytes(const SessionInfo& info) {
   for (const auto& [key, value] : info.labels) {
     labels += static_cast<int64_t>(key.size() + value.size()) + 64;  // + map node
   }
-  return static_cast<int64_t>(sizeof(Session)) + info.layout.num_layers * LayerStore::FixedBytes(info.layout) +
+  return static_cast<int64_t>(sizeof(Session)) +
+         info.layout.num_layers * LayerStore::FixedBytes(info.layout) +
          static_cast<int64_t>(info.id.size() + info.tenant.size()) + labels +
          static_cast<int64_t>(sizeof(float)) *
              static_cast<int64_t>(info.policy.k.layer_sparsity.size() +
@@ -50,9 +51,9 @@ absl::Status Session::Reserve(int64_t bytes) {
   MutexLock lock(&mu_);
   const int64_t cap = env_.limits.max_session_bytes;
   if (cap > 0 && bytes_ + pending_ + bytes > cap) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "session \"", info_.id, "\" would hold ", bytes_ + pending_ + bytes, " bytes, over ", cap,
-        " (--max_session_bytes)"));
+    return absl::ResourceExhaustedError(absl::StrCat("session \"", info_.id, "\" would hold ",
+                                                     bytes_ + pending_ + bytes, " bytes, over ",
+                                                     cap, " (--max_session_bytes)"));
   }
   SPARSEKV_RETURN_IF_ERROR(env_.budget->Reserve(info_.tenant, bytes));
   pending_ += bytes;
@@ -105,14 +106,14 @@ absl::Status Session::CheckKvShape(const TensorView& t, const char* name,
 
 absl::Status Session::CheckValues(const TensorView& t, const char* name, DType storage) const {
   if (!env_.limits.reject_nonfinite || t.empty()) return absl::OkStatus();
-  const int64_t bad = kernels::FindUnstorable(t.dtype, t.data,
-                                              static_cast<size_t>(t.num_elements()), storage);
+  const int64_t bad =
+      kernels::FindUnstorable(t.dtype, t.data, static_cast<size_t>(t.num_elements()), storage);
   if (bad < 0) return absl::OkStatus();
   const float value = kernels::LoadAsFloat(t.dtype, t.data, static_cast<size_t>(bad));
   if (std::isfinite(value)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, "[flat index ", bad, "] = ", value, " overflows the session's ",
-                     kernels::DTypeName(storage), " storage"));
+    return absl::InvalidArgumentError(absl::StrCat(name, "[flat index ", bad, "] = ", value,
+                                                   " overflows the session's ",
+                                                   kernels::DTypeName(storage), " storage"));
   }
   return absl::InvalidArgumentError(
       absl::StrCat(name, "[flat index ", bad, "] is ", value, ": values must be finite"));
@@ -196,10 +197,10 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
     for (int64_t i = 0; i < layers; ++i) {
       const int layer = layer_begin + static_cast<int>(i);
       MutexLock lock(&mu_);
-      const int64_t n = layers_[layer].Append(
-          k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
-          static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens, token_stride,
-          head_stride);
+      const int64_t n =
+          layers_[layer].Append(k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
+                                static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens,
+                                token_stride, head_stride);
       CommitLocked(n * block_bytes_);
       blocks += n;
       TouchLocked();
@@ -376,9 +377,9 @@ void Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutp
     if (append) {
       const size_t head_stride =
           static_cast<size_t>(l.head_dim) * kernels::DTypeSize(in.new_k.dtype);
-      used = block_bytes_ *
-             layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
-                          static_cast<const uint8_t*>(in.new_v.data), 1, 0, head_stride);
+      used = block_bytes_ * layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
+                                         static_cast<const uint8_t*>(in.new_v.data), 1, 0,
+                                         head_stride);
       CommitLocked(used);
       MaybeSchedule(in.layer);
     }
@@ -454,8 +455,7 @@ bool Session::CompressAndPublish(int layer, int tokens) {
     // 32-row block) releases at least as many bytes as it takes, since a chunk is never larger
     // than its dense rows. A short remainder (Flush) may release no block: then the chunk must
     // fit the budgets like any request, or the rows stay dense.
-    const int64_t net =
-        chunk_bytes - layers_[layer].BlocksReleasedBy(tokens) * block_bytes_;
+    const int64_t net = chunk_bytes - layers_[layer].BlocksReleasedBy(tokens) * block_bytes_;
     if (net > 0 && !closed_) {
       const int64_t cap = env_.limits.max_session_bytes;
       if ((cap > 0 && bytes_ + pending_ + net > cap) ||

@@ -175,8 +175,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Appends with observation queries: their statistics are computed on a staged copy of the
   // new rows first (cancellable), then rows and statistics are applied together.
   absl::Status AppendObserved(int layer_begin, const TensorView& k, const TensorView& v,
-                              const TensorView& obs_q, const CancelCheck& cancel,
-                              int64_t* blocks);
+                              const TensorView& obs_q, const CancelCheck& cancel, int64_t* blocks);
   absl::Status CheckValues(const TensorView& t, const char* name, DType storage) const;
   // Schedules background compression of `layer` if it is eligible and idle.
   void MaybeSchedule(int layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -191,9 +190,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // `mass` ([kv_heads, snap.tail_tokens], when NeedsMass) and `energy` ([kv_heads,
   // head_dim]). A step whose log-sum-exp is not finite (extreme finite inputs) adds nothing.
   // Returns whether it added.
-  bool AccumulateScoring(const LayerSnapshot& snap, const float* q, float scale,
-                         const float* lse, std::vector<float>* mass,
-                         std::vector<double>* energy) const;
+  bool AccumulateScoring(const LayerSnapshot& snap, const float* q, float scale, const float* lse,
+                         std::vector<float>* mass, std::vector<double>* energy) const;
   // Applies what AccumulateScoring gathered. REQUIRES: mu_ held.
   void ApplyScoringLocked(int layer, const LayerSnapshot& snap, const std::vector<float>& mass,
                           const std::vector<double>& energy) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -205,7 +203,7 @@ class Session : public std::enable_shared_from_this<Session> {
   mutable Mutex mu_;
   std::condition_variable idle_cv_;  // a layer's busy flag went false
   std::vector<LayerStore> layers_ ABSL_GUARDED_BY(mu_);
-  const int64_t block_bytes_;  // LayerStore::BlockBytes(layout)
+  const int64_t block_bytes_;                 // LayerStore::BlockBytes(layout)
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;    // held against the budget
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;  // reserved, not yet committed
   bool closed_ ABSL_GUARDED_BY(mu_) = false;  // Close() ran: the budget holds nothing of ours

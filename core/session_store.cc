@@ -30,20 +30,18 @@ absl::Status ValidateSessionId(const std::string& id, int max_bytes) {
 absl::Status ValidateLabels(const std::map<std::string, std::string>& labels,
                             const SessionLimits& lim) {
   if (labels.size() > static_cast<size_t>(lim.max_labels)) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", lim.max_labels,
-                                                   " labels per session (--max_labels), got ",
-                                                   labels.size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "at most ", lim.max_labels, " labels per session (--max_labels), got ", labels.size()));
   }
   for (const auto& [key, value] : labels) {
     if (key.empty() || key.size() > static_cast<size_t>(lim.max_label_key_bytes)) {
-      return absl::InvalidArgumentError(absl::StrCat("label keys must be 1..",
-                                                     lim.max_label_key_bytes, " bytes, got ",
-                                                     key.size()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "label keys must be 1..", lim.max_label_key_bytes, " bytes, got ", key.size()));
     }
     if (value.size() > static_cast<size_t>(lim.max_label_value_bytes)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("label \"", key, "\": values must be at most ", lim.max_label_value_bytes,
-                       " bytes, got ", value.size()));
+      return absl::InvalidArgumentError(absl::StrCat("label \"", key, "\": values must be at most ",
+                                                     lim.max_label_value_bytes, " bytes, got ",
+                                                     value.size()));
     }
   }
   return absl::OkStatus();
@@ -281,7 +279,8 @@ absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
     }
   }
   outputs->resize(items.size());
-  for (size_t i = 0; i < items.size(); ++i) sessions[i]->DecodeReserved(items[i], reserved[i], &(*outputs)[i]);
+  for (size_t i = 0; i < items.size(); ++i)
+    sessions[i]->DecodeReserved(items[i], reserved[i], &(*outputs)[i]);
   return absl::OkStatus();
 }
 

@@ -65,8 +65,8 @@ void SlabPool::Free(uint8_t* p) {
   used_ -= block_bytes_;
   partial_.insert(it->first);
   if (s.used > 0) return;
-  const int64_t idle = idle_bytes_->fetch_add(static_cast<int64_t>(slab_bytes_)) +
-                       static_cast<int64_t>(slab_bytes_);
+  const int64_t idle =
+      idle_bytes_->fetch_add(static_cast<int64_t>(slab_bytes_)) + static_cast<int64_t>(slab_bytes_);
   if (idle > max_idle_bytes_) ReleaseSlab(it);
 }
 

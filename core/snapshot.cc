@@ -366,8 +366,7 @@ absl::StatusOr<SessionImage> ParseSnapshot(std::string_view bytes, const Session
     Reader e(payload);
     const uint32_t layers = e.U32();
     const uint32_t whole = e.U32();
-    if (!e.ok() || e.left() != 0 ||
-        layers != static_cast<uint32_t>(image.info.layout.num_layers) ||
+    if (!e.ok() || e.left() != 0 || layers != static_cast<uint32_t>(image.info.layout.num_layers) ||
         image.layers.size() != layers) {
       return Corrupt("layers are missing");
     }

@@ -19,7 +19,6 @@ namespace sparsekv {
 
 using kernels::DecodeCompute;
 
-
 // Shape of a session's cache, fixed at creation.
 struct Layout {
   int num_layers = 0;

@@ -57,9 +57,9 @@ absl::StatusOr<TensorView> ViewTensor(const v1::Tensor& t, const char* field) {
   v.shape.assign(t.shape().begin(), t.shape().end());
   const uint64_t want = n * DTypeSize(v.dtype);
   if (t.data().size() != want) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ".data has ", t.data().size(), " bytes, but shape ",
-                     ShapeString(v.shape), " of ", DTypeName(v.dtype), " needs ", want));
+    return absl::InvalidArgumentError(absl::StrCat(field, ".data has ", t.data().size(),
+                                                   " bytes, but shape ", ShapeString(v.shape),
+                                                   " of ", DTypeName(v.dtype), " needs ", want));
   }
   v.data = t.data().data();
   return v;

@@ -112,8 +112,6 @@ class AppendReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
     StartRead(&buf_);
   }
 
-
-
  private:
   absl::Status Summarise() {
     if (session_id_.empty()) {
@@ -124,7 +122,6 @@ class AppendReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
     SerializeMessage(resp_, resp_bytes_);
     return absl::OkStatus();
   }
-
 
   KvCacheServiceImpl* svc_;
   grpc::CallbackServerContext* ctx_;
@@ -154,9 +151,9 @@ class DecodeStreamReactor final
     absl::Status st = ParseMessage(in_, &req_, StreamMessage(answered_));
     if (!st.ok()) {
       svc_->metrics()->RecordRpc("DecodeStream", ToGrpcStatus(st).error_code(), absl::Now() - t0);
-      Finish(ToGrpcStatus(absl::Status(
-          st.code(), absl::StrCat("DecodeStream: ", st.message(), " (", answered_,
-                                  " earlier requests answered)"))));
+      Finish(ToGrpcStatus(
+          absl::Status(st.code(), absl::StrCat("DecodeStream: ", st.message(), " (", answered_,
+                                               " earlier requests answered)"))));
       return;
     }
     resp_.Clear();
@@ -221,8 +218,6 @@ class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
     WriteNext();
   }
 
-
-
  private:
   void WriteNext() {
     while (layer_ < layer_end_) {
@@ -259,7 +254,6 @@ class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
     FinishWith(absl::OkStatus());
   }
 
-
   KvCacheServiceImpl* svc_;
   std::shared_ptr<Session> session_;
   int layer_;
@@ -293,8 +287,6 @@ class ExportReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
     WriteNext();
   }
 
-
-
  private:
   void WriteNext() {
     if (done_) {
@@ -313,7 +305,6 @@ class ExportReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
     SerializeMessage(msg, &out_);
     StartWrite(&out_);
   }
-
 
   const std::string bytes_;
   const int64_t piece_;
@@ -339,9 +330,9 @@ class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      FinishWith(absl::InvalidArgumentError(absl::StrCat(
-          "ImportSession: the stream ended before the last piece (", bytes_.size(),
-          " bytes received)")));
+      FinishWith(absl::InvalidArgumentError(
+          absl::StrCat("ImportSession: the stream ended before the last piece (", bytes_.size(),
+                       " bytes received)")));
       return;
     }
     absl::Status st = Take();
@@ -356,8 +347,6 @@ class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
     FinishWith(Import());
   }
 
-
-
  private:
   absl::Status Take() {
     const std::string where = StreamMessage(pieces_);
@@ -365,8 +354,8 @@ class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
     SPARSEKV_RETURN_IF_ERROR(ParseMessage(in_, &msg_, where));
     if (msg_.format_version() != kSnapshotVersion) {
       return absl::FailedPreconditionError(
-          absl::StrCat("ImportSession ", where, ": snapshot format version ",
-                       msg_.format_version(), "; this server reads ", kSnapshotVersion));
+          absl::StrCat("ImportSession ", where, ": snapshot format version ", msg_.format_version(),
+                       "; this server reads ", kSnapshotVersion));
     }
     if (msg_.offset() != bytes_.size()) {
       return absl::DataLossError(absl::StrCat("ImportSession ", where, " starts at byte ",
@@ -376,9 +365,9 @@ class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
       return absl::DataLossError(absl::StrCat("ImportSession ", where, " fails its checksum"));
     }
     if (static_cast<int64_t>(bytes_.size() + msg_.data().size()) > max_bytes_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "ImportSession: the snapshot is larger than the ", max_bytes_,
-          " bytes this server could hold (--host_budget_bytes)"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("ImportSession: the snapshot is larger than the ", max_bytes_,
+                       " bytes this server could hold (--host_budget_bytes)"));
     }
     bytes_ += msg_.data();
     last_ = msg_.last();
@@ -387,15 +376,13 @@ class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
   }
 
   absl::Status Import() {
-    SPARSEKV_ASSIGN_OR_RETURN(SessionImage image,
-                              ParseSnapshot(bytes_, svc_->store()->limits()));
+    SPARSEKV_ASSIGN_OR_RETURN(SessionImage image, ParseSnapshot(bytes_, svc_->store()->limits()));
     SPARSEKV_ASSIGN_OR_RETURN(SessionInfo info, svc_->store()->Import(image));
     v1::Session out;
     ToProto(info, &out);
     SerializeMessage(out, resp_);
     return absl::OkStatus();
   }
-
 
   KvCacheServiceImpl* svc_;
   grpc::ByteBuffer* resp_;
@@ -484,8 +471,7 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::ListSessions(grpc::CallbackServerC
         ListSessionsResult page = store_->List(r.tenant(), page_size, r.page_token());
         // A page ends early where the next session would push the response over the message
         // limit; the token then resumes after the last one sent.
-        const size_t room =
-            static_cast<size_t>(limits_.max_message_bytes - kMessageOverheadBytes);
+        const size_t room = static_cast<size_t>(limits_.max_message_bytes - kMessageOverheadBytes);
         for (size_t i = 0; i < page.sessions.size(); ++i) {
           v1::Session one;
           ToProto(page.sessions[i], &one);
@@ -533,9 +519,8 @@ absl::StatusOr<int64_t> KvCacheServiceImpl::RunAppend(const v1::AppendKVRequest&
   SPARSEKV_ASSIGN_OR_RETURN(TensorView v, ViewTensor(req.v(), "v"));
   SPARSEKV_ASSIGN_OR_RETURN(TensorView obs_q, ViewOptionalTensor(req.obs_q(), "obs_q"));
   SPARSEKV_ASSIGN_OR_RETURN(
-      int64_t rows,
-      s->Append(static_cast<int>(std::min<uint32_t>(req.layer_begin(), 0x7fffffff)), k, v, obs_q,
-                cancel));
+      int64_t rows, s->Append(static_cast<int>(std::min<uint32_t>(req.layer_begin(), 0x7fffffff)),
+                              k, v, obs_q, cancel));
   metrics_->AddAppendedRows(rows);
   metrics_->AddReceivedBytes(static_cast<int64_t>(req.k().data().size() + req.v().data().size()));
   return rows;
@@ -656,9 +641,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ReadKV(
     for (uint64_t l = begin; l < end; ++l) {
       const uint64_t have = static_cast<uint64_t>(session->tokens(static_cast<int>(l)));
       if (r.token_begin() > have || token_end > have) {
-        return absl::OutOfRangeError(absl::StrCat(
-            "tokens [", r.token_begin(), ", ", r.token_count() ? token_end : have,
-            ") outside layer ", l, "'s ", have, " tokens"));
+        return absl::OutOfRangeError(absl::StrCat("tokens [", r.token_begin(), ", ",
+                                                  r.token_count() ? token_end : have,
+                                                  ") outside layer ", l, "'s ", have, " tokens"));
       }
     }
     // Messages stay under the smaller of the read chunk and the message limit.
@@ -674,11 +659,10 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ReadKV(
     return absl::OkStatus();
   }();
   if (!st.ok()) {
-    return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics_, "ReadKV", start,
-                                                                      st);
+    return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics_, "ReadKV", start, st);
   }
-  const int layer_end = static_cast<int>(
-      r.layer_count() == 0 ? session->layout().num_layers : r.layer_begin() + r.layer_count());
+  const int layer_end = static_cast<int>(r.layer_count() == 0 ? session->layout().num_layers
+                                                              : r.layer_begin() + r.layer_count());
   return new ReadKvReactor(this, ctx, std::move(session), static_cast<int>(r.layer_begin()),
                            layer_end, static_cast<int64_t>(r.token_begin()),
                            static_cast<int64_t>(r.token_count()), rows_per_msg);
@@ -697,7 +681,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ExportSession(
   }();
   if (!st.ok()) {
     return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics_, "ExportSession",
-                                                                      start, st);
+                                                                     start, st);
   }
   const int64_t piece =
       std::min(limits_.read_chunk_bytes, limits_.max_message_bytes - kMessageOverheadBytes);

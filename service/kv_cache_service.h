@@ -67,8 +67,7 @@ class KvCacheServiceImpl final : public RawKvCacheService {
                                          Bytes* resp) override;
   grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* ctx, const Bytes* req,
                                           Bytes* resp) override;
-  grpc::ServerReadReactor<Bytes>* AppendKV(grpc::CallbackServerContext* ctx,
-                                           Bytes* resp) override;
+  grpc::ServerReadReactor<Bytes>* AppendKV(grpc::CallbackServerContext* ctx, Bytes* resp) override;
   grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* ctx, const Bytes* req,
                                    Bytes* resp) override;
   grpc::ServerBidiReactor<Bytes, Bytes>* DecodeStream(grpc::CallbackServerContext* ctx) override;

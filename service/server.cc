@@ -2,13 +2,12 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
-
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 #include <exception>
+#include <fstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -69,9 +68,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
     try {
       // civetweb's defaults let a client that sends half a request hold one of two threads for
       // 30 s, so two such connections stop every scrape: more threads, a short read timeout.
-      s->exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
-          "listening_ports", options.metrics_listen, "num_threads", "8", "request_timeout_ms",
-          "2000"});
+      s->exposer_ = std::make_unique<prometheus::Exposer>(
+          std::vector<std::string>{"listening_ports", options.metrics_listen, "num_threads", "8",
+                                   "request_timeout_ms", "2000"});
     } catch (const std::exception& e) {
       s->grpc_server_->Shutdown();
       return absl::UnavailableError(

@@ -27,9 +27,9 @@ absl::Status ParseMessage(const grpc::ByteBuffer& bytes, Message* msg, const std
   grpc::ProtoBufferReader reader(&copy);
   msg->Clear();
   if (!msg->ParseFromZeroCopyStream(&reader)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where.empty() ? "request" : where, " (", bytes.Length(),
-                     " bytes) does not parse as ", Message::descriptor()->full_name()));
+    return absl::InvalidArgumentError(absl::StrCat(where.empty() ? "request" : where, " (",
+                                                   bytes.Length(), " bytes) does not parse as ",
+                                                   Message::descriptor()->full_name()));
   }
   return absl::OkStatus();
 }

@@ -22,13 +22,13 @@
 #include "absl/synchronization/mutex.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
-#include "common/status_macros.h"
 #include "clients/cli/table.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
+#include "common/dtype.h"
+#include "common/status_macros.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/grpcpp.h"
-#include "common/dtype.h"
 
 namespace sparsekv::cli {
 namespace {
@@ -294,8 +294,8 @@ class Bench {
     std::mt19937 rng(static_cast<uint32_t>(seed));
     std::normal_distribution<float> normal;
     const DType kd = o_.dtype == v1::DTYPE_FLOAT32    ? DType::kFloat32
-                              : o_.dtype == v1::DTYPE_BFLOAT16 ? DType::kBFloat16
-                                                               : DType::kFloat16;
+                     : o_.dtype == v1::DTYPE_BFLOAT16 ? DType::kBFloat16
+                                                      : DType::kFloat16;
     std::string out(n * elem_, '\0');
     for (size_t i = 0; i < n; ++i) StoreFromFloat(kd, out.data(), i, normal(rng));
     return out;

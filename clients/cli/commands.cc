@@ -23,12 +23,12 @@
 #include "clients/cli/demo.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
-#include "common/status_macros.h"
 #include "clients/cli/table.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
 #include "common/crc32c.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 
 namespace sparsekv::cli {
 namespace {
@@ -308,16 +308,18 @@ absl::Status CmdCreate(Context& ctx) {
   v1::Policy* p = req.mutable_policy();
   p->mutable_k()->set_sparsity(absl::GetFlag(FLAGS_k_sparsity));
   p->mutable_v()->set_sparsity(absl::GetFlag(FLAGS_v_sparsity));
-  SPARSEKV_RETURN_IF_ERROR(ParseLayerSparsity("k_layer_sparsity", absl::GetFlag(FLAGS_k_layer_sparsity),
-                                         p->mutable_k()));
-  SPARSEKV_RETURN_IF_ERROR(ParseLayerSparsity("v_layer_sparsity", absl::GetFlag(FLAGS_v_layer_sparsity),
-                                         p->mutable_v()));
+  SPARSEKV_RETURN_IF_ERROR(ParseLayerSparsity(
+      "k_layer_sparsity", absl::GetFlag(FLAGS_k_layer_sparsity), p->mutable_k()));
+  SPARSEKV_RETURN_IF_ERROR(ParseLayerSparsity(
+      "v_layer_sparsity", absl::GetFlag(FLAGS_v_layer_sparsity), p->mutable_v()));
   SPARSEKV_ASSIGN_OR_RETURN(v1::PruneDirection kd,
-                       ParseDirection("k_direction", absl::GetFlag(FLAGS_k_direction)));
+                            ParseDirection("k_direction", absl::GetFlag(FLAGS_k_direction)));
   SPARSEKV_ASSIGN_OR_RETURN(v1::PruneDirection vd,
-                       ParseDirection("v_direction", absl::GetFlag(FLAGS_v_direction)));
-  SPARSEKV_ASSIGN_OR_RETURN(v1::Scoring ks, ParseScoring("k_scoring", absl::GetFlag(FLAGS_k_scoring)));
-  SPARSEKV_ASSIGN_OR_RETURN(v1::Scoring vs, ParseScoring("v_scoring", absl::GetFlag(FLAGS_v_scoring)));
+                            ParseDirection("v_direction", absl::GetFlag(FLAGS_v_direction)));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Scoring ks,
+                            ParseScoring("k_scoring", absl::GetFlag(FLAGS_k_scoring)));
+  SPARSEKV_ASSIGN_OR_RETURN(v1::Scoring vs,
+                            ParseScoring("v_scoring", absl::GetFlag(FLAGS_v_scoring)));
   p->mutable_k()->set_direction(kd);
   p->mutable_v()->set_direction(vd);
   p->mutable_k()->set_scoring(ks);
@@ -446,7 +448,8 @@ void PrintMoved(Context& ctx, const char* verb, const v1::Session& s, size_t byt
 
 absl::Status CmdExport(Context& ctx) {
   const std::string path = absl::GetFlag(FLAGS_out);
-  if (path.empty()) return WithExitCode(absl::InvalidArgumentError("--out is required"), kExitUsage);
+  if (path.empty())
+    return WithExitCode(absl::InvalidArgumentError("--out is required"), kExitUsage);
   SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
   SPARSEKV_ASSIGN_OR_RETURN(std::string bytes, ExportBytes(ctx.client.get(), ctx.id()));
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
@@ -519,15 +522,16 @@ absl::Status CmdAppend(Context& ctx) {
 
   SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
   size_t next = 0;
-  SPARSEKV_ASSIGN_OR_RETURN(v1::AppendKVResponse r, ctx.client->AppendKV([&](v1::AppendKVRequest* req) {
-    if (next == pieces.size()) return false;
-    const AppendPiece& piece = pieces[next++];
-    req->set_session_id(ctx.id());
-    req->set_layer_begin(layer_begin + static_cast<uint32_t>(piece.layer_begin));
-    SliceForAppend(k, piece, req->mutable_k());
-    SliceForAppend(v, piece, req->mutable_v());
-    return true;
-  }));
+  SPARSEKV_ASSIGN_OR_RETURN(
+      v1::AppendKVResponse r, ctx.client->AppendKV([&](v1::AppendKVRequest* req) {
+        if (next == pieces.size()) return false;
+        const AppendPiece& piece = pieces[next++];
+        req->set_session_id(ctx.id());
+        req->set_layer_begin(layer_begin + static_cast<uint32_t>(piece.layer_begin));
+        SliceForAppend(k, piece, req->mutable_k());
+        SliceForAppend(v, piece, req->mutable_v());
+        return true;
+      }));
   if (ctx.json) {
     JsonWriter w;
     w.BeginObject().Key("session_id").String(ctx.id());
@@ -685,28 +689,29 @@ absl::Status CmdRead(Context& ctx) {
   std::vector<LayerRows> layers(count);
   v1::DType stored = layout.dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FLOAT16 : layout.dtype();
 
-  SPARSEKV_RETURN_IF_ERROR(ctx.client->ReadKV(req, [&](const v1::ReadKVResponse& r) -> absl::Status {
-    if (r.layer() < first || r.layer() - first >= count) {
-      return absl::InternalError(
-          absl::StrCat("ReadKV returned layer ", r.layer(), " outside the requested range"));
-    }
-    const v1::Tensor& k = r.k();
-    const v1::Tensor& v = r.v();
-    if (k.shape_size() != 3 || k.shape(1) != heads || k.shape(2) != dim || v.shape_size() != 3 ||
-        v.shape(0) != k.shape(0) || v.shape(1) != heads || v.shape(2) != dim ||
-        k.dtype() != v.dtype() || WireDTypeSize(k.dtype()) == 0 ||
-        static_cast<int64_t>(k.data().size()) !=
-            k.shape(0) * heads * dim * static_cast<int64_t>(WireDTypeSize(k.dtype())) ||
-        v.data().size() != k.data().size()) {
-      return absl::InternalError(
-          absl::StrCat("ReadKV returned a malformed message for layer ", r.layer()));
-    }
-    stored = k.dtype();
-    LayerRows& lr = layers[r.layer() - first];
-    lr.pieces[r.token_begin()] = {k.data(), v.data()};
-    lr.rows += k.shape(0);
-    return absl::OkStatus();
-  }));
+  SPARSEKV_RETURN_IF_ERROR(
+      ctx.client->ReadKV(req, [&](const v1::ReadKVResponse& r) -> absl::Status {
+        if (r.layer() < first || r.layer() - first >= count) {
+          return absl::InternalError(
+              absl::StrCat("ReadKV returned layer ", r.layer(), " outside the requested range"));
+        }
+        const v1::Tensor& k = r.k();
+        const v1::Tensor& v = r.v();
+        if (k.shape_size() != 3 || k.shape(1) != heads || k.shape(2) != dim ||
+            v.shape_size() != 3 || v.shape(0) != k.shape(0) || v.shape(1) != heads ||
+            v.shape(2) != dim || k.dtype() != v.dtype() || WireDTypeSize(k.dtype()) == 0 ||
+            static_cast<int64_t>(k.data().size()) !=
+                k.shape(0) * heads * dim * static_cast<int64_t>(WireDTypeSize(k.dtype())) ||
+            v.data().size() != k.data().size()) {
+          return absl::InternalError(
+              absl::StrCat("ReadKV returned a malformed message for layer ", r.layer()));
+        }
+        stored = k.dtype();
+        LayerRows& lr = layers[r.layer() - first];
+        lr.pieces[r.token_begin()] = {k.data(), v.data()};
+        lr.rows += k.shape(0);
+        return absl::OkStatus();
+      }));
 
   // Every layer must be covered from token 0 without gaps or overlaps.
   const size_t elem = WireDTypeSize(stored);
@@ -740,8 +745,8 @@ absl::Status CmdRead(Context& ctx) {
   for (int64_t d : {tokens, heads, dim}) karr.shape.push_back(d);
   varr.shape = karr.shape;
   const DType kd = stored == v1::DTYPE_FLOAT32   ? DType::kFloat32
-                            : stored == v1::DTYPE_FLOAT16 ? DType::kFloat16
-                                                          : DType::kBFloat16;
+                   : stored == v1::DTYPE_FLOAT16 ? DType::kFloat16
+                                                 : DType::kBFloat16;
   auto append = [&](const std::string& raw, std::string* dst) {
     if (!as_f32 || stored == v1::DTYPE_FLOAT32) {
       dst->append(raw);

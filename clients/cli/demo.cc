@@ -14,10 +14,10 @@
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
-#include "common/status_macros.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 
 namespace sparsekv::cli {
 namespace {
@@ -236,16 +236,16 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
       size_t next = 0;
       const int64_t t0 = NowNs();
       SPARSEKV_RETURN_IF_ERROR(client
-                              .AppendKV([&](v1::AppendKVRequest* req) {
-                                if (next == pieces.size()) return false;
-                                const AppendPiece& p = pieces[next++];
-                                req->set_session_id(id);
-                                req->set_layer_begin(layer);
-                                SliceForAppend(k, p, req->mutable_k());
-                                SliceForAppend(v, p, req->mutable_v());
-                                return true;
-                              })
-                              .status());
+                                   .AppendKV([&](v1::AppendKVRequest* req) {
+                                     if (next == pieces.size()) return false;
+                                     const AppendPiece& p = pieces[next++];
+                                     req->set_session_id(id);
+                                     req->set_layer_begin(layer);
+                                     SliceForAppend(k, p, req->mutable_k());
+                                     SliceForAppend(v, p, req->mutable_v());
+                                     return true;
+                                   })
+                                   .status());
       upload_ns += NowNs() - t0;
       upload_bytes += k.data.size() + v.data.size();
     }

@@ -94,8 +94,8 @@ absl::StatusOr<std::vector<float>> TensorToFloats(const v1::Tensor& tensor) {
                      WireDTypeName(tensor.dtype()), " carries ", tensor.data().size(), " bytes"));
   }
   const DType kd = tensor.dtype() == v1::DTYPE_FLOAT32   ? DType::kFloat32
-                            : tensor.dtype() == v1::DTYPE_FLOAT16 ? DType::kFloat16
-                                                                  : DType::kBFloat16;
+                   : tensor.dtype() == v1::DTYPE_FLOAT16 ? DType::kFloat16
+                                                         : DType::kBFloat16;
   // The wire bytes need not be aligned for float/uint16 access: copy them first.
   std::vector<float> out(static_cast<size_t>(n));
   if (kd == DType::kFloat32) {

@@ -60,15 +60,14 @@ int64_t BatchDecodeSectionBytes(const BatchDecodeShape& shape, const DecodeItem*
                                 int num_items, const DecodeSegment* segments) {
   int64_t bytes = 0;
   for (int i = 0; i < num_items; ++i) {
-    for (int s = items[i].segment_begin; s < items[i].segment_begin + items[i].num_segments;
-         ++s) {
+    for (int s = items[i].segment_begin; s < items[i].segment_begin + items[i].num_segments; ++s) {
       const DecodeSegment& sg = segments[s];
-      bytes += static_cast<int64_t>(shape.num_kv_heads) *
-               static_cast<int64_t>(
-                   DecodeSectionBytes(static_cast<SectionKind>(sg.k_kind), shape.head_dim,
-                                      sg.tokens, sg.group, sg.k_keep) +
-                   DecodeSectionBytes(static_cast<SectionKind>(sg.v_kind), shape.head_dim,
-                                      sg.tokens, sg.group, sg.v_keep));
+      bytes +=
+          static_cast<int64_t>(shape.num_kv_heads) *
+          static_cast<int64_t>(DecodeSectionBytes(static_cast<SectionKind>(sg.k_kind),
+                                                  shape.head_dim, sg.tokens, sg.group, sg.k_keep) +
+                               DecodeSectionBytes(static_cast<SectionKind>(sg.v_kind),
+                                                  shape.head_dim, sg.tokens, sg.group, sg.v_keep));
     }
   }
   return bytes;
@@ -83,8 +82,8 @@ cudaError_t PlanBatchDecode(const BatchDecodeShape& shape, bool dense_kernel,
   const int d = shape.head_dim;
 
   // Tiles per item and the largest stage a step needs.
-  int stage = internal::Round16(
-      (internal::MergeScratchBytes(d) + internal::kStages - 1) / internal::kStages);
+  int stage = internal::Round16((internal::MergeScratchBytes(d) + internal::kStages - 1) /
+                                internal::kStages);
   std::vector<int64_t> item_tiles(num_items, 0);
   for (int i = 0; i < num_items; ++i) {
     const DecodeItem& it = items[i];
@@ -105,18 +104,18 @@ cudaError_t PlanBatchDecode(const BatchDecodeShape& shape, bool dense_kernel,
       if (tiles + sg.tokens / kDecodeTileTokens + 1 > INT32_MAX) return cudaErrorInvalidValue;
       sg.tile_begin = static_cast<int32_t>(tiles);
       tiles += (sg.tokens + kDecodeTileTokens - 1) / kDecodeTileTokens;
-      stage = std::max(stage, internal::TensorStageBytes(sg.k_kind, d, sg.k_keep, dense_kernel) +
-                                  internal::TensorStageBytes(sg.v_kind, d, sg.v_keep, dense_kernel));
+      stage =
+          std::max(stage, internal::TensorStageBytes(sg.k_kind, d, sg.k_keep, dense_kernel) +
+                              internal::TensorStageBytes(sg.v_kind, d, sg.v_keep, dense_kernel));
     }
     item_tiles[i] = tiles;
   }
   plan->stage_bytes = internal::Round16(stage);
-  plan->smem_bytes =
-      internal::kWarps * internal::WarpSmemBytes(plan->stage_bytes, d, dense_kernel);
+  plan->smem_bytes = internal::kWarps * internal::WarpSmemBytes(plan->stage_bytes, d, dense_kernel);
 
   int blocks_per_sm = 0;
-  cudaError_t err = Dispatch(dense_kernel, nullptr, shape, plan->smem_bytes, nullptr,
-                             &blocks_per_sm);
+  cudaError_t err =
+      Dispatch(dense_kernel, nullptr, shape, plan->smem_bytes, nullptr, &blocks_per_sm);
   if (err != cudaSuccess) return err;
   if (blocks_per_sm < 1) return cudaErrorInvalidConfiguration;
   plan->blocks_per_sm = blocks_per_sm;
@@ -136,9 +135,9 @@ cudaError_t PlanBatchDecode(const BatchDecodeShape& shape, bool dense_kernel,
   for (int i = 0; i < num_items; ++i) total += item_tiles[i] * heads;
   plan->total_tiles = total;
   const int64_t slots = static_cast<int64_t>(num_sms) * blocks_per_sm;
-  const int64_t n = std::max<int64_t>(
-      1, std::min<int64_t>(slots, (total + internal::kMinTilesPerBlock - 1) /
-                                      internal::kMinTilesPerBlock));
+  const int64_t n =
+      std::max<int64_t>(1, std::min<int64_t>(slots, (total + internal::kMinTilesPerBlock - 1) /
+                                                        internal::kMinTilesPerBlock));
   auto start = [&](int64_t b) { return total == 0 ? 0 : b * total / n; };
   auto block_of = [&](int64_t pos) {
     int64_t b = total == 0 ? 0 : std::min<int64_t>(n - 1, pos * n / total);
@@ -160,8 +159,8 @@ cudaError_t PlanBatchDecode(const BatchDecodeShape& shape, bool dense_kernel,
         const int64_t b = block_of(pos + a);
         const int64_t end = std::min(tiles, start(b + 1) - pos);
         const int64_t piece_end = b + 1 < n ? end : tiles;
-        plan->units.push_back({i, h, static_cast<int32_t>(a), static_cast<int32_t>(piece_end),
-                               first, 1});
+        plan->units.push_back(
+            {i, h, static_cast<int32_t>(a), static_cast<int32_t>(piece_end), first, 1});
         unit_block.push_back(b);
         a = piece_end;
       }

@@ -50,9 +50,9 @@ inline constexpr int kMaxDecodeGroup = 8;
 
 // Shape shared by every item of one launch.
 struct BatchDecodeShape {
-  int num_kv_heads = 0;  // >= 1
-  int group = 1;         // query heads per KV head, 1..kMaxDecodeGroup
-  int head_dim = 0;      // 64, 128 or 256
+  int num_kv_heads = 0;           // >= 1
+  int group = 1;                  // query heads per KV head, 1..kMaxDecodeGroup
+  int head_dim = 0;               // 64, 128 or 256
   DType dtype = DType::kFloat16;  // kFloat16 or kBFloat16: of every section and span
 };
 
@@ -99,8 +99,8 @@ struct DecodeWorkUnit {
 // Host-side result of PlanBatchDecode; upload units and block_units to the device as they are.
 struct BatchDecodePlan {
   bool dense_kernel = false;
-  std::vector<DecodeWorkUnit> units;   // [num_units]
-  std::vector<int32_t> block_units;    // [num_blocks + 1]: block b runs units [b], [b+1])
+  std::vector<DecodeWorkUnit> units;  // [num_units]
+  std::vector<int32_t> block_units;   // [num_blocks + 1]: block b runs units [b], [b+1])
   int num_blocks = 0;
   int stage_bytes = 0;  // shared memory per pipeline stage per warp
   int smem_bytes = 0;   // dynamic shared memory per block

@@ -50,8 +50,7 @@ SPARSEKV_HOST_DEVICE constexpr int MergeScratchBytes(int head_dim) {
   return (16 + 8 * head_dim) * 4;
 }
 // A warp's shared memory: kStages slots, then (mixed kernel) the expanded K and V tiles.
-SPARSEKV_HOST_DEVICE constexpr int WarpSmemBytes(int stage_bytes, int head_dim,
-                                                 bool dense_kernel) {
+SPARSEKV_HOST_DEVICE constexpr int WarpSmemBytes(int stage_bytes, int head_dim, bool dense_kernel) {
   return kStages * stage_bytes + (dense_kernel ? 0 : 2 * 16 * TilePitch(head_dim));
 }
 

@@ -231,8 +231,8 @@ __device__ __forceinline__ void StageRange(const uint8_t* src, int begin, int en
 // Dense rows [row0, row0 + rows) of [tokens, D] into a [16][TilePitch(D)] tile; rows >= `rows`
 // are zero-filled (cp.async with source size 0 reads nothing).
 template <int D>
-__device__ __forceinline__ void StageDenseRows(const uint8_t* sec, int row0, int rows,
-                                               uint32_t dst, int lane) {
+__device__ __forceinline__ void StageDenseRows(const uint8_t* sec, int row0, int rows, uint32_t dst,
+                                               int lane) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kPitch = TilePitch(D);
   for (int i = lane; i < kDecodeTileTokens * kChunks; i += 32) {
@@ -271,8 +271,7 @@ __device__ __forceinline__ uint16_t LoadHalf(const uint8_t* p) {
   return *reinterpret_cast<const uint16_t*>(p);
 }
 template <bool kRot>
-__device__ __forceinline__ void ExpandWord(uint32_t w, const uint8_t* vals, uint8_t* dst,
-                                           int rot) {
+__device__ __forceinline__ void ExpandWord(uint32_t w, const uint8_t* vals, uint8_t* dst, int rot) {
   uint32_t c = w - ((w >> 1) & 0x55555555u);
   c = (c & 0x33333333u) + ((c >> 2) & 0x33333333u);
   c = (c + (c >> 4)) & 0x0f0f0f0fu;
@@ -286,7 +285,7 @@ __device__ __forceinline__ void ExpandWord(uint32_t w, const uint8_t* vals, uint
     const uint8_t* base = vals + __byte_perm(excl2, 0u, 0x4440 + j);
     const uint32_t sa = ((b & 0xfu) * 0x00204081u) & 0x01010101u;  // bit i -> byte i (i < 4)
     const uint32_t sb = ((b >> 4) * 0x00204081u) & 0x01010101u;    // bit 4+i -> byte i
-    const uint32_t ra = sa * 0x02020200u;  // byte i: 2 * kept bits below i
+    const uint32_t ra = sa * 0x02020200u;                          // byte i: 2 * kept bits below i
     const uint32_t rb = sb * 0x02020200u + ((ra >> 24) + 2 * (sa >> 24)) * 0x01010101u;
     const uint32_t ma = sa * 0xffu, mb = sb * 0xffu;  // byte i: 0xff where kept
     uint32_t x[8];
@@ -312,7 +311,7 @@ struct PerTokenSrc {
   const uint8_t* bm;    // row 0's bitmap (4-byte aligned)
   const uint8_t* vals;  // row 0's first packed value (2-byte aligned)
   int keep;
-  uint8_t* buf;         // [16][TilePitch(D)] destination
+  uint8_t* buf;  // [16][TilePitch(D)] destination
 };
 
 // The popcount of each 32-bit word of a row's bitmap (D / 32 words).
@@ -351,8 +350,8 @@ __device__ __forceinline__ int RankBefore(const int (&cnt)[D / 32], int word) {
 // reverse order and bytes start at (row / 2) % 4 (see ExpandWord), ranks from all the row's
 // word counts.
 template <int D, bool kTwo, bool kRot>
-__device__ __forceinline__ void ExpandPerToken(const PerTokenSrc& a, const PerTokenSrc& b,
-                                               int rows, int lane) {
+__device__ __forceinline__ void ExpandPerToken(const PerTokenSrc& a, const PerTokenSrc& b, int rows,
+                                               int lane) {
   constexpr int kIters = D / 64;  // two words per iteration
   constexpr int kPitch = TilePitch(D);
   const int row = lane & 15;
@@ -373,8 +372,7 @@ __device__ __forceinline__ void ExpandPerToken(const PerTokenSrc& a, const PerTo
   for (int it = 0; it < kIters; ++it) {
     const int word = kRot ? (2 * it + odd) ^ (kIters > 1 ? 2 * (row & 1) : 0) : 2 * it + odd;
     const uint32_t wa = live ? *reinterpret_cast<const uint32_t*>(abm + 4 * word) : 0u;
-    const uint32_t wb =
-        kTwo && live ? *reinterpret_cast<const uint32_t*>(bbm + 4 * word) : 0u;
+    const uint32_t wb = kTwo && live ? *reinterpret_cast<const uint32_t*>(bbm + 4 * word) : 0u;
     int ra, rb;
     if (kRot) {
       ra = RankBefore<D>(cnt_a, word);
@@ -442,8 +440,8 @@ template <int D, int NT>
 inline constexpr int kMinBlocks = (D <= 128 && NT == 1) ? 3 : 1;
 
 template <int D, int NT, bool kBf16, bool kDense>
-__global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>)) BatchDecodeKernel(
-    const BatchDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>))
+    BatchDecodeKernel(const BatchDecodeParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int last_flag;
   constexpr int kPitch = TilePitch(D);
@@ -580,8 +578,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>)) BatchDecodeKern
         // Dense rows (the tail): straight into the tiles, now.
         const bool kd = cc.k_kind == kKindDense, vd = cc.v_kind == kKindDense;
         if (kd || vd) {
-          if (kd) StageDenseRows<D>(section(p.k_sections, cc.seg), cc.row0, rows, SmemAddr(kbuf), lane);
-          if (vd) StageDenseRows<D>(section(p.v_sections, cc.seg), cc.row0, rows, SmemAddr(vbuf), lane);
+          if (kd)
+            StageDenseRows<D>(section(p.k_sections, cc.seg), cc.row0, rows, SmemAddr(kbuf), lane);
+          if (vd)
+            StageDenseRows<D>(section(p.v_sections, cc.seg), cc.row0, rows, SmemAddr(vbuf), lane);
           CpAsyncCommit();
           CpAsyncWait<0>();
         }
@@ -618,8 +618,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>)) BatchDecodeKern
 #pragma unroll
       for (int kb = 0; kb < kKB; ++kb) {
         uint32_t a[4];
-        Ldsm4(kaddr + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kPitch + (kb * 16 + 8 * (lane >> 4)) * 2,
-              a[0], a[1], a[2], a[3]);
+        Ldsm4(
+            kaddr + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kPitch + (kb * 16 + 8 * (lane >> 4)) * 2,
+            a[0], a[1], a[2], a[3]);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) Mma<kBf16>(sacc[nt], a, qf[nt][kb][0], qf[nt][kb][1]);
       }
@@ -661,8 +662,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>)) BatchDecodeKern
 #pragma unroll
       for (int i = 0; i < kKB; ++i) {
         uint32_t a[4];
-        Ldsm4T(vaddr + ((lane & 7) + 8 * (lane >> 4)) * kPitch + (i * 16 + 8 * ((lane >> 3) & 1)) * 2,
-               a[0], a[1], a[2], a[3]);
+        Ldsm4T(
+            vaddr + ((lane & 7) + 8 * (lane >> 4)) * kPitch + (i * 16 + 8 * ((lane >> 3) & 1)) * 2,
+            a[0], a[1], a[2], a[3]);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) Mma<kBf16>(o[nt][i], a, pb[nt][0], pb[nt][1]);
       }
@@ -729,7 +731,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>)) BatchDecodeKern
       __threadfence();
       __syncthreads();
       if (tid == 0) {
-        const int prev = atomicAdd(p.counters + static_cast<int64_t>(unit.item) * H + unit.kv_head, 1);
+        const int prev =
+            atomicAdd(p.counters + static_cast<int64_t>(unit.item) * H + unit.kv_head, 1);
         last_flag = prev == unit.num_units - 1;
       }
       __syncthreads();
@@ -755,7 +758,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>)) BatchDecodeKern
             item.lse[qh] = L == 0.0f ? kNegInf : (M + log2f(L)) * kLn2;
           }
         }
-        if (tid == 0) atomicExch(p.counters + static_cast<int64_t>(unit.item) * H + unit.kv_head, 0);
+        if (tid == 0)
+          atomicExch(p.counters + static_cast<int64_t>(unit.item) * H + unit.kv_head, 0);
       }
     }
     __syncthreads();  // scratch and slots are reused by the next unit

@@ -44,28 +44,31 @@ int Main(int argc, char** argv) {
   };
   std::vector<Row> rows;
   rows.push_back({"fp32 request, fp16 storage", n * 4.0,
-                  Seconds(iters, [&] {
-                    sink = kernels::FindUnstorable(kernels::DType::kFloat32, f32.data(), n,
-                                                   kernels::DType::kFloat16);
-                  }),
+                  Seconds(iters,
+                          [&] {
+                            sink = kernels::FindUnstorable(kernels::DType::kFloat32, f32.data(), n,
+                                                           kernels::DType::kFloat16);
+                          }),
                   Seconds(iters, [&] {
                     kernels::ConvertElements(kernels::DType::kFloat32, f32.data(),
                                              kernels::DType::kFloat16, out16.data(), n);
                   })});
   rows.push_back({"fp16 request, fp16 storage (copy)", n * 2.0,
-                  Seconds(iters, [&] {
-                    sink = kernels::FindUnstorable(kernels::DType::kFloat16, f16.data(), n,
-                                                   kernels::DType::kFloat16);
-                  }),
+                  Seconds(iters,
+                          [&] {
+                            sink = kernels::FindUnstorable(kernels::DType::kFloat16, f16.data(), n,
+                                                           kernels::DType::kFloat16);
+                          }),
                   Seconds(iters, [&] {
                     kernels::ConvertElements(kernels::DType::kFloat16, f16.data(),
                                              kernels::DType::kFloat16, out16.data(), n);
                   })});
   rows.push_back({"fp32 request, fp32 storage (copy)", n * 4.0,
-                  Seconds(iters, [&] {
-                    sink = kernels::FindUnstorable(kernels::DType::kFloat32, f32.data(), n,
-                                                   kernels::DType::kFloat32);
-                  }),
+                  Seconds(iters,
+                          [&] {
+                            sink = kernels::FindUnstorable(kernels::DType::kFloat32, f32.data(), n,
+                                                           kernels::DType::kFloat32);
+                          }),
                   Seconds(iters, [&] {
                     kernels::ConvertElements(kernels::DType::kFloat32, f32.data(),
                                              kernels::DType::kFloat32, out32.data(), n);

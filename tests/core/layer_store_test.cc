@@ -37,8 +37,8 @@ void Build(const Layout& layout, SlabPoolSet* pools, LayerStore* store, std::mt1
   OwnedTensor v = RandomTensor({64 * 2 + 45, layout.num_kv_heads, layout.head_dim}, rng);
   const size_t head = layout.head_dim * sizeof(float);
   store->Append(DType::kFloat32, static_cast<const uint8_t*>(k.view.data),
-                static_cast<const uint8_t*>(v.view.data), 64 * 2 + 45,
-                head * layout.num_kv_heads, head);
+                static_cast<const uint8_t*>(v.view.data), 64 * 2 + 45, head * layout.num_kv_heads,
+                head);
   OwnedTensor q = RandomTensor({layout.num_q_heads, layout.head_dim}, rng);
   std::vector<double> energy(static_cast<size_t>(layout.num_kv_heads) * layout.head_dim);
   LayerStore::AccumulateQueryEnergy(layout, q.values.data(), energy.data());

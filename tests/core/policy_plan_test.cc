@@ -31,8 +31,8 @@ TEST(PolicyPlanTest, DefaultPolicyIsDenseAndCollectsNothing) {
 
 TEST(PolicyPlanTest, PerLayerSparsityAndFormats) {
   const Layout layout{2, 2, 4, 128, DType::kFloat16};
-  Policy p = Make(0.7f, 0.5f, PruneDirection::kPerToken, PruneDirection::kPerToken,
-                  Scoring::kMagnitude);
+  Policy p =
+      Make(0.7f, 0.5f, PruneDirection::kPerToken, PruneDirection::kPerToken, Scoring::kMagnitude);
   p.k.layer_sparsity = {0.7f, 0.0f};
   const PolicyPlan plan(layout, p);
   const kernels::SectionFormat k0 = plan.KFormat(0, 256);
@@ -76,8 +76,8 @@ TEST(PolicyPlanTest, MassIsNeededOnlyForOutputAwarePerChannel) {
 
 TEST(PolicyPlanTest, EligibilityAndFlushChunks) {
   const Layout layout{1, 1, 1, 32, DType::kFloat16};
-  Policy p = Make(0.5f, 0.0f, PruneDirection::kPerChannel, PruneDirection::kPerToken,
-                  Scoring::kMagnitude);
+  Policy p =
+      Make(0.5f, 0.0f, PruneDirection::kPerChannel, PruneDirection::kPerToken, Scoring::kMagnitude);
   p.dense_window = 32;
   p.chunk_tokens = 128;
   const PolicyPlan plan(layout, p);

@@ -60,8 +60,8 @@ v1::Tensor MakeTensor(v1::DType dtype, std::vector<int64_t> shape, uint32_t seed
     if (dtype == v1::DTYPE_FLOAT32) {
       data->append(reinterpret_cast<const char*>(&v), 4);
     } else {
-      const uint16_t h = dtype == v1::DTYPE_FLOAT16 ? kernels::FloatToHalf(v)
-                                                    : kernels::FloatToBFloat16(v);
+      const uint16_t h =
+          dtype == v1::DTYPE_FLOAT16 ? kernels::FloatToHalf(v) : kernels::FloatToBFloat16(v);
       data->append(reinterpret_cast<const char*>(&h), 2);
     }
   }
@@ -210,8 +210,9 @@ void RawSeeds() {
     PutRawOp(&s, kAppendKV, {AppendMsg(q, 0, layers, tokens, 100 + i, 1)});
     PutRawOp(&s, kDecode, {DecodeReq(q, 0, true, 9, 200 + i).SerializeAsString()});
     PutRawOp(&s, kFlush, {Id(v1::FlushRequest())});
-    PutRawOp(&s, kDecodeStream, {DecodeReq(q, q.layers - 1, true, 10, 300 + i).SerializeAsString(),
-                                 DecodeReq(q, 0, false, 11, 400 + i).SerializeAsString()});
+    PutRawOp(&s, kDecodeStream,
+             {DecodeReq(q, q.layers - 1, true, 10, 300 + i).SerializeAsString(),
+              DecodeReq(q, 0, false, 11, 400 + i).SerializeAsString()});
     v1::ReadKVRequest r;
     r.set_session_id(kPresetId);
     PutRawOp(&s, kReadKV, {r.SerializeAsString()});
@@ -237,8 +238,10 @@ void RawSeeds() {
   s = RawHeader(0);  // new_k float32 with new_v float16 (issue #11's over-read)
   {
     v1::DecodeRequest d = DecodeReq(p, 0, true, 3, 9);
-    *d.mutable_items(0)->mutable_new_k() = MakeTensor(v1::DTYPE_FLOAT32, {p.kv_heads, p.head_dim}, 1);
-    *d.mutable_items(0)->mutable_new_v() = MakeTensor(v1::DTYPE_FLOAT16, {p.kv_heads, p.head_dim}, 2);
+    *d.mutable_items(0)->mutable_new_k() =
+        MakeTensor(v1::DTYPE_FLOAT32, {p.kv_heads, p.head_dim}, 1);
+    *d.mutable_items(0)->mutable_new_v() =
+        MakeTensor(v1::DTYPE_FLOAT16, {p.kv_heads, p.head_dim}, 2);
     PutRawOp(&s, kDecode, {d.SerializeAsString()});
   }
   Write("raw-decode-new-kv-dtype-mismatch", s);
@@ -263,7 +266,8 @@ void RawSeeds() {
 }
 
 // Structured mode. Choice bytes follow service_fuzz.cc's readers (index 0 = default).
-std::string StructHeader(uint8_t seed, int sessions, const std::vector<std::vector<uint8_t>>& specs) {
+std::string StructHeader(uint8_t seed, int sessions,
+                         const std::vector<std::vector<uint8_t>>& specs) {
   std::string s;
   s.push_back(static_cast<char>(kModeStructured));
   s.push_back(static_cast<char>(seed));
@@ -280,18 +284,19 @@ void StructuredSeeds() {
   // layer_sparsity}, v{...}, dense_window, chunk, group, compute, ttl, tenant, labels.
   const std::vector<uint8_t> kDefault = {};
   const std::vector<uint8_t> kPerChannelBf16 = {0, 0, 0, 0, 0, 1, 2, 2, 2, 0, 0, 1, 1, 0, 1, 2, 1};
-  const std::vector<uint8_t> kF32LayerSparsity = {0, 1, 2, 1, 2, 2, 0, 1, 2, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1};
+  const std::vector<uint8_t> kF32LayerSparsity = {0, 1, 2, 1, 2, 2, 0, 1, 2, 1, 0,
+                                                  0, 0, 1, 1, 0, 0, 0, 0, 1, 1};
   // Append choices: session, nmsgs, cancel, then per message: mixed-id, layer_begin,
   // layers mode, tokens, k dtype, v dtype, shape mut, byte mut, k class, v class, obs mode,
   // obs tokens, obs class, seed.
   const std::vector<uint8_t> kAppend300 = {0, 0, 0, 0, 0, 0, 8, 1, 0, 0, 0, 0, 0, 1, 1, 0, 1};
-  const std::vector<uint8_t> kAppendSmall = {0, 1, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
-                                             0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3};
+  const std::vector<uint8_t> kAppendSmall = {0, 1, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                             2, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3};
   // Decode choices: nitems, out dtype, request id, then per item: session, layer, q dtype,
   // shape mut, byte mut, q class, new token mode, new class, want_lse, scale, new dtype, seed.
   const std::vector<uint8_t> kDecodeLse = {0, 0, 1, 0, 1, 0, 0, 0, 0, 1, 0, 1, 0, 1, 5};
-  const std::vector<uint8_t> kDecodeTwo = {1, 2, 2, 0, 0, 0, 0, 0, 0, 1, 0, 1, 2, 0, 6,
-                                           1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 1, 7};
+  const std::vector<uint8_t> kDecodeTwo = {1, 2, 2, 0, 0, 0, 0, 0, 0, 1, 0, 1, 2, 0,
+                                           6, 1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 1, 7};
 
   std::string s = StructHeader(1, 1, {kDefault});
   for (int op = 0; op < kNumOps; ++op) {
@@ -322,12 +327,12 @@ void StructuredSeeds() {
   Write("struct-two-sessions", s);
 
   s = StructHeader(4, 1, {kDefault});  // bad values and shapes that must be rejected
-  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0});   // NaN in K
-  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 6, 0});   // fp16 overflow
-  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0});   // wrong kv heads
-  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0});   // byte length - 1
-  PutOp(&s, kOpDecode, {0, 0, 0, 0, 0, 0, 0, 0, 0, 3});              // f32 K, f16 V new token
-  PutOp(&s, kOpDecode, {0, 0, 0, 0, 0, 0, 0, 0, 2});                 // NaN query
+  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0});  // NaN in K
+  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 6, 0});  // fp16 overflow
+  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0});  // wrong kv heads
+  PutOp(&s, kOpAppend, {0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0});  // byte length - 1
+  PutOp(&s, kOpDecode, {0, 0, 0, 0, 0, 0, 0, 0, 0, 3});           // f32 K, f16 V new token
+  PutOp(&s, kOpDecode, {0, 0, 0, 0, 0, 0, 0, 0, 2});              // NaN query
   PutOp(&s, kOpDecode, {1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5});  // 2nd item bad layer
   PutOp(&s, kOpGetSession, {});
   Write("struct-rejects", s);

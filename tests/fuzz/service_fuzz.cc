@@ -33,12 +33,11 @@
 // deletes what it created.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -54,11 +53,11 @@
 #include "common/crc32c.h"
 #include "core/session_store.h"
 #include "core/snapshot.h"
+#include "google/protobuf/stubs/logging.h"
 #include "kernels/dtype.h"
 #include "service/kv_cache_service.h"
 #include "service/metrics.h"
 #include "service/server.h"
-#include "google/protobuf/stubs/logging.h"
 #include "sparsekv/v1/kv_cache.pb.h"
 #include "tests/fuzz/fuzz_format.h"
 
@@ -92,9 +91,9 @@ constexpr int64_t kMaxElements = 1 << 13;
   std::abort();
 }
 
-#define FUZZ_CHECK(cond, ...)           \
-  do {                                  \
-    if (!(cond)) Fail(__VA_ARGS__);     \
+#define FUZZ_CHECK(cond, ...)       \
+  do {                              \
+    if (!(cond)) Fail(__VA_ARGS__); \
   } while (0)
 
 // ---------------------------------------------------------------------------------------------
@@ -129,8 +128,8 @@ class Harness {
     service::ServiceLimits limits;
     limits.max_message_bytes = kMaxMessageBytes;
     limits.read_chunk_bytes = kReadChunkBytes;
-    service_ = std::make_unique<service::KvCacheServiceImpl>(store_.get(), metrics_.get(), build,
-                                                             limits);
+    service_ =
+        std::make_unique<service::KvCacheServiceImpl>(store_.get(), metrics_.get(), build, limits);
     grpc::ServerBuilder builder;
     builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
     builder.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -178,7 +177,8 @@ class Harness {
       }
       if (cancel && msgs.empty()) ctx.TryCancel();
     } else {
-      const size_t n = mi.kind == Kind::kServerStream ? std::min<size_t>(1, msgs.size()) : msgs.size();
+      const size_t n =
+          mi.kind == Kind::kServerStream ? std::min<size_t>(1, msgs.size()) : msgs.size();
       for (size_t i = 0; alive && i < n; ++i) {
         buf = ToBuffer(msgs[i]);
         call->Write(buf, Tag(2));
@@ -253,11 +253,23 @@ Harness* harness = nullptr;
 // Status checks.
 
 const char* CodeName(grpc::StatusCode c) {
-  static const char* const kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   const int i = static_cast<int>(c);
   return i >= 0 && i < 17 ? kNames[i] : "?";
 }
@@ -364,10 +376,11 @@ void CheckAccounting() {
     }
     std::this_thread::sleep_for(std::chrono::microseconds(attempt < 10 ? 100 : 5000));
   }
-  Fail("host_bytes_used %llu != sum of bytes_accounted %llu over %zu listed sessions "
-       "(ServerInfo.sessions %llu)",
-       static_cast<unsigned long long>(used), static_cast<unsigned long long>(sum), listed,
-       static_cast<unsigned long long>(sessions));
+  Fail(
+      "host_bytes_used %llu != sum of bytes_accounted %llu over %zu listed sessions "
+      "(ServerInfo.sessions %llu)",
+      static_cast<unsigned long long>(used), static_cast<unsigned long long>(sum), listed,
+      static_cast<unsigned long long>(sessions));
 }
 
 // Deletes every session, then checks that the budget holds nothing.
@@ -382,8 +395,7 @@ void DeleteAllAndCheckEmpty() {
   for (int attempt = 0;; ++attempt) {
     const v1::ServerInfo info = GetInfo();
     if (info.sessions() == 0 && info.host_bytes_used() == 0) return;
-    FUZZ_CHECK(attempt < 400,
-               "after deleting every session: %llu sessions, host_bytes_used %llu",
+    FUZZ_CHECK(attempt < 400, "after deleting every session: %llu sessions, host_bytes_used %llu",
                static_cast<unsigned long long>(info.sessions()),
                static_cast<unsigned long long>(info.host_bytes_used()));
     std::this_thread::sleep_for(std::chrono::microseconds(attempt < 10 ? 100 : 5000));
@@ -439,35 +451,68 @@ bool Parses(const std::string& bytes) {
 
 bool RequestParses(Method m, const std::string& bytes) {
   switch (m) {
-    case kCreateSession: return Parses<v1::CreateSessionRequest>(bytes);
-    case kGetSession: return Parses<v1::GetSessionRequest>(bytes);
-    case kListSessions: return Parses<v1::ListSessionsRequest>(bytes);
-    case kDeleteSession: return Parses<v1::DeleteSessionRequest>(bytes);
-    case kAppendKV: return Parses<v1::AppendKVRequest>(bytes);
-    case kDecode: case kDecodeStream: return Parses<v1::DecodeRequest>(bytes);
-    case kFlush: return Parses<v1::FlushRequest>(bytes);
-    case kReadKV: return Parses<v1::ReadKVRequest>(bytes);
-    case kExportSession: return Parses<v1::ExportSessionRequest>(bytes);
-    case kImportSession: return Parses<v1::SessionChunk>(bytes);
-    case kGetServerInfo: return Parses<v1::GetServerInfoRequest>(bytes);
-    default: return false;
+    case kCreateSession:
+      return Parses<v1::CreateSessionRequest>(bytes);
+    case kGetSession:
+      return Parses<v1::GetSessionRequest>(bytes);
+    case kListSessions:
+      return Parses<v1::ListSessionsRequest>(bytes);
+    case kDeleteSession:
+      return Parses<v1::DeleteSessionRequest>(bytes);
+    case kAppendKV:
+      return Parses<v1::AppendKVRequest>(bytes);
+    case kDecode:
+    case kDecodeStream:
+      return Parses<v1::DecodeRequest>(bytes);
+    case kFlush:
+      return Parses<v1::FlushRequest>(bytes);
+    case kReadKV:
+      return Parses<v1::ReadKVRequest>(bytes);
+    case kExportSession:
+      return Parses<v1::ExportSessionRequest>(bytes);
+    case kImportSession:
+      return Parses<v1::SessionChunk>(bytes);
+    case kGetServerInfo:
+      return Parses<v1::GetServerInfoRequest>(bytes);
+    default:
+      return false;
   }
 }
 
 void CheckResponseParses(Method m, const std::string& bytes) {
   switch (m) {
-    case kCreateSession: case kGetSession: case kImportSession:
-      MustParse<v1::Session>(bytes, kMethods[m].name); break;
-    case kListSessions: MustParse<v1::ListSessionsResponse>(bytes, kMethods[m].name); break;
-    case kDeleteSession: MustParse<v1::DeleteSessionResponse>(bytes, kMethods[m].name); break;
-    case kAppendKV: MustParse<v1::AppendKVResponse>(bytes, kMethods[m].name); break;
-    case kDecode: case kDecodeStream:
-      MustParse<v1::DecodeResponse>(bytes, kMethods[m].name); break;
-    case kFlush: MustParse<v1::FlushResponse>(bytes, kMethods[m].name); break;
-    case kReadKV: MustParse<v1::ReadKVResponse>(bytes, kMethods[m].name); break;
-    case kExportSession: MustParse<v1::SessionChunk>(bytes, kMethods[m].name); break;
-    case kGetServerInfo: MustParse<v1::ServerInfo>(bytes, kMethods[m].name); break;
-    default: break;
+    case kCreateSession:
+    case kGetSession:
+    case kImportSession:
+      MustParse<v1::Session>(bytes, kMethods[m].name);
+      break;
+    case kListSessions:
+      MustParse<v1::ListSessionsResponse>(bytes, kMethods[m].name);
+      break;
+    case kDeleteSession:
+      MustParse<v1::DeleteSessionResponse>(bytes, kMethods[m].name);
+      break;
+    case kAppendKV:
+      MustParse<v1::AppendKVResponse>(bytes, kMethods[m].name);
+      break;
+    case kDecode:
+    case kDecodeStream:
+      MustParse<v1::DecodeResponse>(bytes, kMethods[m].name);
+      break;
+    case kFlush:
+      MustParse<v1::FlushResponse>(bytes, kMethods[m].name);
+      break;
+    case kReadKV:
+      MustParse<v1::ReadKVResponse>(bytes, kMethods[m].name);
+      break;
+    case kExportSession:
+      MustParse<v1::SessionChunk>(bytes, kMethods[m].name);
+      break;
+    case kGetServerInfo:
+      MustParse<v1::ServerInfo>(bytes, kMethods[m].name);
+      break;
+    default:
+      break;
   }
 }
 
@@ -505,8 +550,7 @@ bool RunRawOp(Reader& in) {
                    CodeName(code), r.status.error_message().c_str());
       }
       if (kind == Kind::kUnary && code == grpc::StatusCode::OK) {
-        FUZZ_CHECK(r.responses.size() == 1, "%s returned OK without a response",
-                   kMethods[m].name);
+        FUZZ_CHECK(r.responses.size() == 1, "%s returned OK without a response", kMethods[m].name);
       }
       break;
     case Kind::kClientStream:
@@ -516,8 +560,8 @@ bool RunRawOp(Reader& in) {
                    kMethods[m].name, first_bad + 1, msgs.size());
       }
       if (code == grpc::StatusCode::OK) {
-        FUZZ_CHECK(r.responses.size() == 1, "%s returned OK with %zu responses",
-                   kMethods[m].name, r.responses.size());
+        FUZZ_CHECK(r.responses.size() == 1, "%s returned OK with %zu responses", kMethods[m].name,
+                   r.responses.size());
       }
       break;
     case Kind::kBidi:
@@ -528,9 +572,8 @@ bool RunRawOp(Reader& in) {
                    r.status.error_message().c_str());
       } else {
         FUZZ_CHECK(code == grpc::StatusCode::OK && r.responses.size() == msgs.size(),
-                   "DecodeStream of %zu parseable requests: %s after %zu replies: %s",
-                   msgs.size(), CodeName(code), r.responses.size(),
-                   r.status.error_message().c_str());
+                   "DecodeStream of %zu parseable requests: %s after %zu replies: %s", msgs.size(),
+                   CodeName(code), r.responses.size(), r.status.error_message().c_str());
       }
       for (size_t i = 0; i < r.responses.size(); ++i) {
         v1::DecodeRequest req;
@@ -599,7 +642,6 @@ bool RunRaw(Reader& in) {
 // ---------------------------------------------------------------------------------------------
 // Structured mode: tensors.
 
-
 struct Rng {
   uint64_t s;
   uint64_t Next() {  // splitmix64
@@ -615,8 +657,18 @@ struct Rng {
 
 // Value classes: 0, 1 and 8 keep every value small (|x| <= 2); the others add an extreme.
 enum ValueClass {
-  kSmall, kZeros, kNaN, kPosInf, kNegInf, kHalfMax, kHalfOverflow, kHuge, kTiny, kLarge,
-  kAllHuge, kNumValueClasses
+  kSmall,
+  kZeros,
+  kNaN,
+  kPosInf,
+  kNegInf,
+  kHalfMax,
+  kHalfOverflow,
+  kHuge,
+  kTiny,
+  kLarge,
+  kAllHuge,
+  kNumValueClasses
 };
 
 bool IsSmallClass(int c) { return c == kSmall || c == kZeros || c == kTiny; }
@@ -636,15 +688,32 @@ void FillValues(v1::Tensor* t, int dtype, int64_t n, int cls, Rng& rng, TensorFa
   if (n > 0 && !IsSmallClass(cls)) {
     const size_t at = static_cast<size_t>(rng.Next() % static_cast<uint64_t>(n));
     switch (cls) {
-      case kNaN: v[at] = std::nanf(""); break;
-      case kPosInf: v[at] = INFINITY; break;
-      case kNegInf: v[at] = -INFINITY; break;
-      case kHalfMax: v[at] = 65504.0f; break;
-      case kHalfOverflow: v[at] = -70000.0f; break;
-      case kHuge: v[at] = 3e38f; break;
-      case kLarge: for (float& x : v) x *= 5000.0f; break;
-      case kAllHuge: for (float& x : v) x = (x < 0 ? -1e30f : 1e30f); break;
-      default: break;
+      case kNaN:
+        v[at] = std::nanf("");
+        break;
+      case kPosInf:
+        v[at] = INFINITY;
+        break;
+      case kNegInf:
+        v[at] = -INFINITY;
+        break;
+      case kHalfMax:
+        v[at] = 65504.0f;
+        break;
+      case kHalfOverflow:
+        v[at] = -70000.0f;
+        break;
+      case kHuge:
+        v[at] = 3e38f;
+        break;
+      case kLarge:
+        for (float& x : v) x *= 5000.0f;
+        break;
+      case kAllHuge:
+        for (float& x : v) x = (x < 0 ? -1e30f : 1e30f);
+        break;
+      default:
+        break;
     }
     f->small = false;
   }
@@ -656,11 +725,11 @@ void FillValues(v1::Tensor* t, int dtype, int64_t n, int cls, Rng& rng, TensorFa
   if (dtype == v1::DTYPE_FLOAT16 || dtype == v1::DTYPE_BFLOAT16) {
     data->resize(static_cast<size_t>(n) * 2);
     for (int64_t i = 0; i < n; ++i) {
-      const uint16_t h = dtype == v1::DTYPE_FLOAT16 ? kernels::FloatToHalf(v[i])
-                                                    : kernels::FloatToBFloat16(v[i]);
+      const uint16_t h =
+          dtype == v1::DTYPE_FLOAT16 ? kernels::FloatToHalf(v[i]) : kernels::FloatToBFloat16(v[i]);
       std::memcpy(data->data() + 2 * i, &h, 2);
-      const float back = dtype == v1::DTYPE_FLOAT16 ? kernels::HalfToFloat(h)
-                                                    : kernels::BFloat16ToFloat(h);
+      const float back =
+          dtype == v1::DTYPE_FLOAT16 ? kernels::HalfToFloat(h) : kernels::BFloat16ToFloat(h);
       if (!std::isfinite(back)) f->nonfinite = true;
       if (std::fabs(back) >= 65520.0f) f->overflows_f16 = true;
     }
@@ -675,8 +744,17 @@ void FillValues(v1::Tensor* t, int dtype, int64_t n, int cls, Rng& rng, TensorFa
 }
 
 // Shape and byte-length mutations of a tensor whose correct shape is `shape`.
-enum ShapeMut { kShapeOk, kShapeHeads, kShapeDim, kShapeRank, kShapeZero, kShapeNeg, kShapeHuge,
-                kShapeNineDims, kNumShapeMuts };
+enum ShapeMut {
+  kShapeOk,
+  kShapeHeads,
+  kShapeDim,
+  kShapeRank,
+  kShapeZero,
+  kShapeNeg,
+  kShapeHuge,
+  kShapeNineDims,
+  kNumShapeMuts
+};
 enum ByteMut { kBytesOk, kBytesShort, kBytesLong, kBytesEmpty, kNumByteMuts };
 
 // Builds a tensor of `shape` (row-major) with `dtype`, then mutates its shape and bytes.
@@ -693,22 +771,54 @@ TensorFacts BuildTensor(v1::Tensor* t, int dtype, std::vector<int64_t> shape, in
   for (int64_t d : shape) n *= d;
   FillValues(t, dtype, n, cls, rng, &f);
   switch (shape_mut) {
-    case kShapeHeads: shape[heads_axis] += 1; f.valid = false; break;
-    case kShapeDim: shape[heads_axis + 1] = shape[heads_axis + 1] > 1 ? shape[heads_axis + 1] - 1 : 2; f.valid = false; break;
-    case kShapeRank: shape.insert(shape.begin(), 1); f.valid = false; break;
-    case kShapeZero: shape[0] = 0; f.valid = false; break;
-    case kShapeNeg: shape.back() = -shape.back(); f.valid = false; break;
-    case kShapeHuge: shape[0] = int64_t{1} << 40; f.valid = false; break;
-    case kShapeNineDims: shape.resize(9, 1); f.valid = false; break;
-    default: break;
+    case kShapeHeads:
+      shape[heads_axis] += 1;
+      f.valid = false;
+      break;
+    case kShapeDim:
+      shape[heads_axis + 1] = shape[heads_axis + 1] > 1 ? shape[heads_axis + 1] - 1 : 2;
+      f.valid = false;
+      break;
+    case kShapeRank:
+      shape.insert(shape.begin(), 1);
+      f.valid = false;
+      break;
+    case kShapeZero:
+      shape[0] = 0;
+      f.valid = false;
+      break;
+    case kShapeNeg:
+      shape.back() = -shape.back();
+      f.valid = false;
+      break;
+    case kShapeHuge:
+      shape[0] = int64_t{1} << 40;
+      f.valid = false;
+      break;
+    case kShapeNineDims:
+      shape.resize(9, 1);
+      f.valid = false;
+      break;
+    default:
+      break;
   }
   for (int64_t d : shape) t->add_shape(d);
   std::string* data = t->mutable_data();
   switch (byte_mut) {
-    case kBytesShort: if (!data->empty()) data->pop_back(); f.valid = false; break;
-    case kBytesLong: data->append("\x01\x02", 2); f.valid = false; break;
-    case kBytesEmpty: data->clear(); f.valid = false; break;
-    default: break;
+    case kBytesShort:
+      if (!data->empty()) data->pop_back();
+      f.valid = false;
+      break;
+    case kBytesLong:
+      data->append("\x01\x02", 2);
+      f.valid = false;
+      break;
+    case kBytesEmpty:
+      data->clear();
+      f.valid = false;
+      break;
+    default:
+      break;
   }
   if (!f.valid) f.small = false;
   return f;
@@ -732,8 +842,8 @@ bool TensorValues(const v1::Tensor& t, std::vector<float>* out) {
     for (int64_t i = 0; i < n; ++i) {
       uint16_t h;
       std::memcpy(&h, d.data() + 2 * i, 2);
-      (*out)[i] = t.dtype() == v1::DTYPE_FLOAT16 ? kernels::HalfToFloat(h)
-                                                 : kernels::BFloat16ToFloat(h);
+      (*out)[i] =
+          t.dtype() == v1::DTYPE_FLOAT16 ? kernels::HalfToFloat(h) : kernels::BFloat16ToFloat(h);
     }
     return true;
   }
@@ -937,11 +1047,20 @@ void RunCreate(World& w, Reader in) {
   v1::CreateSessionRequest req;
   std::string id = "s" + std::to_string(index);
   switch (in.Pick(5)) {
-    case 1: id.clear(); break;                     // server-generated
-    case 2: id = "bad id!"; break;
-    case 3: id = std::string(200, 'x'); break;
-    case 4: id = "s0"; break;                       // duplicate when s0 lives
-    default: break;
+    case 1:
+      id.clear();
+      break;  // server-generated
+    case 2:
+      id = "bad id!";
+      break;
+    case 3:
+      id = std::string(200, 'x');
+      break;
+    case 4:
+      id = "s0";
+      break;  // duplicate when s0 lives
+    default:
+      break;
   }
   req.set_session_id(id);
   const int layers = in.From(kLayersTable);
@@ -962,17 +1081,34 @@ void RunCreate(World& w, Reader in) {
   p->set_decode_compute(static_cast<v1::DecodeCompute>(in.From(kComputeTable)));
   req.set_ttl_seconds(in.From(kTtlTable));
   switch (in.Pick(4)) {
-    case 1: req.set_tenant("a"); break;
-    case 2: req.set_tenant("b"); break;
-    case 3: req.set_tenant(std::string(200, 't')); break;
-    default: break;
+    case 1:
+      req.set_tenant("a");
+      break;
+    case 2:
+      req.set_tenant("b");
+      break;
+    case 3:
+      req.set_tenant(std::string(200, 't'));
+      break;
+    default:
+      break;
   }
   switch (in.Pick(5)) {
-    case 1: (*req.mutable_labels())["k"] = "v"; break;
-    case 2: for (int i = 0; i < 32; ++i) (*req.mutable_labels())["k" + std::to_string(i)] = std::string(256, 'v'); break;
-    case 3: for (int i = 0; i < 33; ++i) (*req.mutable_labels())["k" + std::to_string(i)] = "v"; break;
-    case 4: (*req.mutable_labels())[std::string(65, 'k')] = "v"; break;
-    default: break;
+    case 1:
+      (*req.mutable_labels())["k"] = "v";
+      break;
+    case 2:
+      for (int i = 0; i < 32; ++i)
+        (*req.mutable_labels())["k" + std::to_string(i)] = std::string(256, 'v');
+      break;
+    case 3:
+      for (int i = 0; i < 33; ++i) (*req.mutable_labels())["k" + std::to_string(i)] = "v";
+      break;
+    case 4:
+      (*req.mutable_labels())[std::string(65, 'k')] = "v";
+      break;
+    default:
+      break;
   }
   CallResult r = CallOne(kCreateSession, req);
   SessionModel m;
@@ -1016,12 +1152,18 @@ constexpr int kObsTokensTable[] = {1, 4, 16, 17};
 // The dtype a tensor is sent in: 0 = fp32, 1 = the session's storage dtype, then fixed ones.
 int PickDType(Reader& in, int storage) {
   switch (in.Pick(6)) {
-    case 1: return storage;
-    case 2: return v1::DTYPE_FLOAT16;
-    case 3: return v1::DTYPE_BFLOAT16;
-    case 4: return v1::DTYPE_UNSPECIFIED;
-    case 5: return 9;
-    default: return v1::DTYPE_FLOAT32;
+    case 1:
+      return storage;
+    case 2:
+      return v1::DTYPE_FLOAT16;
+    case 3:
+      return v1::DTYPE_BFLOAT16;
+    case 4:
+      return v1::DTYPE_UNSPECIFIED;
+    case 5:
+      return 9;
+    default:
+      return v1::DTYPE_FLOAT32;
   }
 }
 
@@ -1053,10 +1195,18 @@ void RunAppend(World& w, Reader in) {
     const int storage = a.target ? a.target->dtype : v1::DTYPE_FLOAT16;
     a.layer_begin = static_cast<int>(std::min<uint32_t>(in.From(kLayerBeginTable), 0x7fffffff));
     switch (in.Pick(4)) {
-      case 1: a.layers = 1; break;
-      case 2: a.layers = 2; break;
-      case 3: a.layers = L + 1; break;
-      default: a.layers = L - a.layer_begin; break;
+      case 1:
+        a.layers = 1;
+        break;
+      case 2:
+        a.layers = 2;
+        break;
+      case 3:
+        a.layers = L + 1;
+        break;
+      default:
+        a.layers = L - a.layer_begin;
+        break;
     }
     if (a.layers < 1) a.layers = 1;
     a.tokens = in.From(kTokensTable);
@@ -1067,11 +1217,20 @@ void RunAppend(World& w, Reader in) {
     const int kd = PickDType(in, storage);
     int vd = kd;
     switch (in.Pick(5)) {
-      case 1: vd = v1::DTYPE_FLOAT32; break;
-      case 2: vd = v1::DTYPE_FLOAT16; break;
-      case 3: vd = v1::DTYPE_BFLOAT16; break;
-      case 4: vd = v1::DTYPE_UNSPECIFIED; break;
-      default: break;
+      case 1:
+        vd = v1::DTYPE_FLOAT32;
+        break;
+      case 2:
+        vd = v1::DTYPE_FLOAT16;
+        break;
+      case 3:
+        vd = v1::DTYPE_BFLOAT16;
+        break;
+      case 4:
+        vd = v1::DTYPE_UNSPECIFIED;
+        break;
+      default:
+        break;
     }
     const int shape_mut = in.Pick(kNumShapeMuts);
     const int byte_mut = in.Pick(kNumByteMuts);
@@ -1092,8 +1251,8 @@ void RunAppend(World& w, Reader in) {
     TensorFacts of;
     if (obs_mode != 0) {
       const std::vector<int64_t> oshape = {a.layers, obs_tokens, q, dim};
-      of = BuildTensor(req.mutable_obs_q(), obs_mode == 3 ? v1::DTYPE_UNSPECIFIED : kd, oshape,
-                       2, obs_mode == 2 ? kShapeHeads : kShapeOk, kBytesOk, obs_cls, w.rng);
+      of = BuildTensor(req.mutable_obs_q(), obs_mode == 3 ? v1::DTYPE_UNSPECIFIED : kd, oshape, 2,
+                       obs_mode == 2 ? kShapeHeads : kShapeOk, kBytesOk, obs_cls, w.rng);
       if (obs_tokens > kMaxObsTokens) of.valid = false;
     }
     a.expect_invalid = !kf.valid || !vf.valid || !of.valid || !a.target ||
@@ -1154,8 +1313,7 @@ void RunAppend(World& w, Reader in) {
     std::map<std::string, std::vector<int64_t>> now;
     for (SessionModel* s : touched) {
       v1::Session got;
-      FUZZ_CHECK(FetchSession(s->id, &got), "session %s vanished after AppendKV",
-                 s->id.c_str());
+      FUZZ_CHECK(FetchSession(s->id, &got), "session %s vanished after AppendKV", s->id.c_str());
       now[s->id] = StatsTokens(got.stats());
     }
     bool matched = false;
@@ -1167,8 +1325,7 @@ void RunAppend(World& w, Reader in) {
       if (!all) continue;
       matched = true;
       for (size_t i = 0; i < p; ++i) {
-        FUZZ_CHECK(!facts[i].must_reject, "AppendKV applied message %zu with non-finite values",
-                   i);
+        FUZZ_CHECK(!facts[i].must_reject, "AppendKV applied message %zu with non-finite values", i);
       }
       for (auto& [s, t] : after) s->tokens = t;
       for (size_t i = 0; i < p; ++i) {
@@ -1252,32 +1409,42 @@ DecodeBuild BuildDecode(World& w, Reader& in) {
     item->set_layer(static_cast<uint32_t>(f.layer));
     item->set_want_lse(f.want_lse);
     item->set_scale(scale);
-    TensorFacts qf = BuildTensor(item->mutable_q(), qd, {q, dim}, 0, shape_mut, byte_mut, qcls, w.rng);
+    TensorFacts qf =
+        BuildTensor(item->mutable_q(), qd, {q, dim}, 0, shape_mut, byte_mut, qcls, w.rng);
     bool new_valid = true;
     TensorFacts kf, vf;
     switch (new_mode) {
       case 1:  // both, valid
-        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls, w.rng);
-        vf = BuildTensor(item->mutable_new_v(), nd, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls, w.rng);
+        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls,
+                         w.rng);
+        vf = BuildTensor(item->mutable_new_v(), nd, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls,
+                         w.rng);
         f.new_token = true;
         break;
       case 2:  // K only
-        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls, w.rng);
+        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls,
+                         w.rng);
         new_valid = false;
         break;
       case 3:  // K float32, V float16 of the same shape (issue #11's over-read)
-        kf = BuildTensor(item->mutable_new_k(), v1::DTYPE_FLOAT32, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls, w.rng);
-        vf = BuildTensor(item->mutable_new_v(), v1::DTYPE_FLOAT16, {kv, dim}, 0, kShapeOk, kBytesOk, new_cls, w.rng);
+        kf = BuildTensor(item->mutable_new_k(), v1::DTYPE_FLOAT32, {kv, dim}, 0, kShapeOk, kBytesOk,
+                         new_cls, w.rng);
+        vf = BuildTensor(item->mutable_new_v(), v1::DTYPE_FLOAT16, {kv, dim}, 0, kShapeOk, kBytesOk,
+                         new_cls, w.rng);
         new_valid = false;
         break;
       case 4:  // bad shape
-        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeHeads, kBytesOk, new_cls, w.rng);
-        vf = BuildTensor(item->mutable_new_v(), nd, {kv, dim}, 0, kShapeHeads, kBytesOk, new_cls, w.rng);
+        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeHeads, kBytesOk, new_cls,
+                         w.rng);
+        vf = BuildTensor(item->mutable_new_v(), nd, {kv, dim}, 0, kShapeHeads, kBytesOk, new_cls,
+                         w.rng);
         new_valid = false;
         break;
       case 5:  // bad byte length
-        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeOk, kBytesShort, new_cls, w.rng);
-        vf = BuildTensor(item->mutable_new_v(), nd, {kv, dim}, 0, kShapeOk, kBytesShort, new_cls, w.rng);
+        kf = BuildTensor(item->mutable_new_k(), nd, {kv, dim}, 0, kShapeOk, kBytesShort, new_cls,
+                         w.rng);
+        vf = BuildTensor(item->mutable_new_v(), nd, {kv, dim}, 0, kShapeOk, kBytesShort, new_cls,
+                         w.rng);
         new_valid = false;
         break;
       default:
@@ -1287,9 +1454,9 @@ DecodeBuild BuildDecode(World& w, Reader& in) {
     f.expect_invalid = !qf.valid || !new_valid || !f.target ||
                        (f.target && f.layer >= f.target->layers) || std::isnan(scale) ||
                        std::isinf(scale);
-    f.must_reject = qf.nonfinite || kf.nonfinite || vf.nonfinite ||
-                    (storage == v1::DTYPE_FLOAT16 && f.new_token &&
-                     (kf.overflows_f16 || vf.overflows_f16));
+    f.must_reject =
+        qf.nonfinite || kf.nonfinite || vf.nonfinite ||
+        (storage == v1::DTYPE_FLOAT16 && f.new_token && (kf.overflows_f16 || vf.overflows_f16));
     f.small = qf.small && (!f.new_token || (kf.small && vf.small)) && std::isfinite(scale) &&
               std::fabs(scale) <= 1.0f;
     if (f.expect_invalid) b.expect_invalid = true;
@@ -1317,11 +1484,10 @@ void CheckDecode(World& w, DecodeBuild& b, int error_code, const std::string& er
                static_cast<long long>(s.tokens[f.layer]), f.layer);
     FUZZ_CHECK(res.out().dtype() == b.out_dtype && res.out().shape_size() == 2 &&
                    res.out().shape(0) == s.q && res.out().shape(1) == s.dim,
-               "%s item %zu: out has dtype %d and %d dims, expected [%d, %d] of dtype %d", where,
-               i, res.out().dtype(), res.out().shape_size(), s.q, s.dim, b.out_dtype);
+               "%s item %zu: out has dtype %d and %d dims, expected [%d, %d] of dtype %d", where, i,
+               res.out().dtype(), res.out().shape_size(), s.q, s.dim, b.out_dtype);
     std::vector<float> out, lse;
-    FUZZ_CHECK(TensorValues(res.out(), &out), "%s item %zu: out tensor is inconsistent", where,
-               i);
+    FUZZ_CHECK(TensorValues(res.out(), &out), "%s item %zu: out tensor is inconsistent", where, i);
     if (f.want_lse) {
       FUZZ_CHECK(res.lse().dtype() == v1::DTYPE_FLOAT32 && res.lse().shape_size() == 1 &&
                      res.lse().shape(0) == s.q && TensorValues(res.lse(), &lse),
@@ -1330,9 +1496,10 @@ void CheckDecode(World& w, DecodeBuild& b, int error_code, const std::string& er
       FUZZ_CHECK(res.lse().data().empty(), "%s item %zu: lse sent without want_lse", where, i);
     }
     if (f.small && !s.extreme) {
-      FUZZ_CHECK(AllFinite(out), "%s item %zu: non-finite output from small finite inputs "
-                 "(session %s layer %d, %lld tokens)", where, i, s.id.c_str(), f.layer,
-                 static_cast<long long>(s.tokens[f.layer]));
+      FUZZ_CHECK(AllFinite(out),
+                 "%s item %zu: non-finite output from small finite inputs "
+                 "(session %s layer %d, %lld tokens)",
+                 where, i, s.id.c_str(), f.layer, static_cast<long long>(s.tokens[f.layer]));
       for (float x : lse) {
         FUZZ_CHECK(std::isfinite(x) || (s.tokens[f.layer] == 0 && x == -INFINITY),
                    "%s item %zu: lse %g from small finite inputs over %lld tokens", where, i, x,
@@ -1378,11 +1545,11 @@ void RunDecodeStream(World& w, Reader in) {
   if (!cancel) {
     FUZZ_CHECK(r.responses.size() == want, "DecodeStream: %zu replies to %zu requests (%s)",
                r.responses.size(), want, r.status.error_message().c_str());
-    FUZZ_CHECK(r.status.error_code() == (garbage_at == SIZE_MAX
-                                             ? grpc::StatusCode::OK
-                                             : grpc::StatusCode::INVALID_ARGUMENT),
-               "DecodeStream ended with %s: %s", CodeName(r.status.error_code()),
-               r.status.error_message().c_str());
+    FUZZ_CHECK(
+        r.status.error_code() ==
+            (garbage_at == SIZE_MAX ? grpc::StatusCode::OK : grpc::StatusCode::INVALID_ARGUMENT),
+        "DecodeStream ended with %s: %s", CodeName(r.status.error_code()),
+        r.status.error_message().c_str());
   }
   for (size_t i = 0; i < r.responses.size(); ++i) {
     const auto resp = MustParse<v1::DecodeResponse>(r.responses[i], "DecodeStream");
@@ -1449,12 +1616,12 @@ void RunReadKV(World& w, Reader in) {
   FUZZ_CHECK(valid == r.status.ok(), "ReadKV layers [%llu, %llu) tokens %llu+%llu of %s %s: %s",
              static_cast<unsigned long long>(lb), static_cast<unsigned long long>(le),
              static_cast<unsigned long long>(req.token_begin()),
-             static_cast<unsigned long long>(req.token_count()),
-             TokensString(s->tokens).c_str(), valid ? "failed" : "succeeded",
-             r.status.error_message().c_str());
+             static_cast<unsigned long long>(req.token_count()), TokensString(s->tokens).c_str(),
+             valid ? "failed" : "succeeded", r.status.error_message().c_str());
   if (!r.status.ok()) return;
   std::vector<int64_t> rows(static_cast<size_t>(s->layers), 0);
-  std::vector<int64_t> next(static_cast<size_t>(s->layers), static_cast<int64_t>(req.token_begin()));
+  std::vector<int64_t> next(static_cast<size_t>(s->layers),
+                            static_cast<int64_t>(req.token_begin()));
   std::vector<float> vals;
   for (const std::string& bytes : r.responses) {
     FUZZ_CHECK(static_cast<int64_t>(bytes.size()) <= kMaxMessageBytes,
@@ -1503,11 +1670,20 @@ void RunListSessions(World& w, Reader in) {
   req.set_tenant(in.From(kTenants));
   req.set_page_size(in.From(kPageSizes));
   switch (in.Pick(5)) {
-    case 1: req.set_page_token("s0"); break;
-    case 2: req.set_page_token("s1"); break;
-    case 3: req.set_page_token("zzz"); break;
-    case 4: req.set_page_token(std::string(200, 'p')); break;
-    default: break;
+    case 1:
+      req.set_page_token("s0");
+      break;
+    case 2:
+      req.set_page_token("s1");
+      break;
+    case 3:
+      req.set_page_token("zzz");
+      break;
+    case 4:
+      req.set_page_token(std::string(200, 'p'));
+      break;
+    default:
+      break;
   }
   const CallResult r = CallOne(kListSessions, req);
   FUZZ_CHECK(r.status.ok(), "ListSessions failed: %s", r.status.error_message().c_str());
@@ -1574,9 +1750,9 @@ bool SplitSnapshot(const std::string& snap, std::vector<SnapRecord>* out) {
 // mutated payload reaches the snapshot parser's content checks.
 void FixSnapshotChecksums(std::string* snap, const std::vector<SnapRecord>& recs) {
   for (const SnapRecord& r : recs) {
-    if (r.type == 3 && r.size == 8) StoreU32(snap, r.payload + 4, Crc32c(std::string_view(*snap).substr(0, r.at)));
-    StoreU32(snap, r.payload + r.size,
-             Crc32c(std::string_view(*snap).substr(r.payload, r.size)));
+    if (r.type == 3 && r.size == 8)
+      StoreU32(snap, r.payload + 4, Crc32c(std::string_view(*snap).substr(0, r.at)));
+    StoreU32(snap, r.payload + r.size, Crc32c(std::string_view(*snap).substr(r.payload, r.size)));
   }
 }
 
@@ -1666,10 +1842,18 @@ void RunSnapshot(World& w, Reader in) {
     v1::SessionChunk c = Piece(snap, at, n, at + n == snap.size());
     if (damage >= 0 && at + n == snap.size()) {  // damage the last piece
       switch (damage) {
-        case 0: c.set_crc32c(c.crc32c() ^ 1); break;
-        case 1: c.set_offset(c.offset() + 1); break;
-        case 2: c.set_format_version(kSnapshotVersion + 1); break;
-        case 3: c.set_last(false); break;
+        case 0:
+          c.set_crc32c(c.crc32c() ^ 1);
+          break;
+        case 1:
+          c.set_offset(c.offset() + 1);
+          break;
+        case 2:
+          c.set_format_version(kSnapshotVersion + 1);
+          break;
+        case 3:
+          c.set_last(false);
+          break;
         default:  // a payload byte changed, checksums of the whole left as they were
           if (!c.data().empty()) {
             std::string d = c.data();
@@ -1696,16 +1880,17 @@ void RunSnapshot(World& w, Reader in) {
                im.status.error_message().c_str());
     if (code == grpc::StatusCode::OK) {
       const auto got = MustParse<v1::Session>(im.responses.at(0), "ImportSession");
-      FUZZ_CHECK(got.id() == sid, "ImportSession restored %s as %s", sid.c_str(),
-                 got.id().c_str());
+      FUZZ_CHECK(got.id() == sid, "ImportSession restored %s as %s", sid.c_str(), got.id().c_str());
       s->live = true;
       CheckStats(*s, got.stats(), "ImportSession");
     }
     return;
   }
   if (damage >= 0) {
-    FUZZ_CHECK(code != grpc::StatusCode::OK, "ImportSession accepted a snapshot damaged in "
-               "transport (kind %d)", damage);
+    FUZZ_CHECK(code != grpc::StatusCode::OK,
+               "ImportSession accepted a snapshot damaged in "
+               "transport (kind %d)",
+               damage);
     return;
   }
   // Mutated content with valid checksums: anything but a crash or a broken invariant.
@@ -1740,16 +1925,36 @@ void RunStructured(Reader& in) {
     const int op = in.Byte() % kNumOps;
     Reader sub = in.Slice();
     switch (op) {
-      case kOpAppend: RunAppend(w, sub); break;
-      case kOpDecode: RunDecode(w, sub); break;
-      case kOpDecodeStream: RunDecodeStream(w, sub); break;
-      case kOpFlush: RunFlush(w, sub); break;
-      case kOpReadKV: RunReadKV(w, sub); break;
-      case kOpGetSession: RunGetSession(w, sub); break;
-      case kOpListSessions: RunListSessions(w, sub); break;
-      case kOpDeleteSession: RunDelete(w, sub); break;
-      case kOpServerInfo: CheckAccounting(); break;
-      case kOpSnapshot: RunSnapshot(w, sub); break;
+      case kOpAppend:
+        RunAppend(w, sub);
+        break;
+      case kOpDecode:
+        RunDecode(w, sub);
+        break;
+      case kOpDecodeStream:
+        RunDecodeStream(w, sub);
+        break;
+      case kOpFlush:
+        RunFlush(w, sub);
+        break;
+      case kOpReadKV:
+        RunReadKV(w, sub);
+        break;
+      case kOpGetSession:
+        RunGetSession(w, sub);
+        break;
+      case kOpListSessions:
+        RunListSessions(w, sub);
+        break;
+      case kOpDeleteSession:
+        RunDelete(w, sub);
+        break;
+      case kOpServerInfo:
+        CheckAccounting();
+        break;
+      case kOpSnapshot:
+        RunSnapshot(w, sub);
+        break;
       case kOpRaw:
         if (!sub.empty()) {
           const bool cancelled = (sub.Peek() & kFlagCancel) != 0;
@@ -1762,7 +1967,9 @@ void RunStructured(Reader& in) {
           // A raw CreateSession may have made sessions the model does not know.
         }
         break;
-      case kOpCreate: RunCreate(w, sub); break;
+      case kOpCreate:
+        RunCreate(w, sub);
+        break;
     }
   }
   SyncModel(w, /*check=*/true);
@@ -1773,8 +1980,8 @@ void RunStructured(Reader& in) {
 
 extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
   // Every invalid-UTF-8 string field the fuzzer sends would log a line on both sides.
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
+  google::protobuf::SetLogHandler(
+      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
   sparsekv::fuzz::harness = new sparsekv::fuzz::Harness();
   return 0;
 }

@@ -147,13 +147,13 @@ TEST(SectionBitmapsValidTest, AcceptsWhatCompressionWritesAndRejectsDamage) {
     EXPECT_FALSE(SectionBitmapsValid(f, bad.data()));
     if (kind == SectionKind::kPerToken) {
       bad = sec;
-      bad[6] |= 0x01;  // bit 48: past n = 40
+      bad[6] |= 0x01;                                    // bit 48: past n = 40
       bad[0] ^= bad[0] & static_cast<uint8_t>(-bad[0]);  // clear one kept bit: count stays k
       EXPECT_FALSE(SectionBitmapsValid(f, bad.data()));
     }
   }
-  const SectionFormat dense = MakeSectionFormat(SectionKind::kPerToken, 0.0, 40, 8, 32,
-                                                DType::kFloat16);
+  const SectionFormat dense =
+      MakeSectionFormat(SectionKind::kPerToken, 0.0, 40, 8, 32, DType::kFloat16);
   std::vector<uint8_t> any(dense.bytes(), 0xff);
   EXPECT_TRUE(SectionBitmapsValid(dense, any.data()));
 }

@@ -43,9 +43,9 @@ TEST(FiniteCheckTest, CleanRandomInputPassesInEveryDtype) {
 TEST(FiniteCheckTest, FindsTheFirstNanOrInfAtItsIndex) {
   // Indexes on both sides of the 4096-element scan blocks.
   for (size_t at : {size_t{0}, size_t{4095}, size_t{4096}, size_t{9999}}) {
-    for (float bad : {std::numeric_limits<float>::quiet_NaN(),
-                      std::numeric_limits<float>::infinity(),
-                      -std::numeric_limits<float>::infinity()}) {
+    for (float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+          -std::numeric_limits<float>::infinity()}) {
       std::vector<float> v = Random(10000, 2);
       v[at] = bad;
       if (at + 7 < v.size()) v[at + 7] = bad;  // a later one is not reported
@@ -63,7 +63,7 @@ TEST(FiniteCheckTest, FindsTheFirstNanOrInfAtItsIndex) {
 
 TEST(FiniteCheckTest, FiniteValuesThatOverflowTheStorageDtypeAreFound) {
   std::vector<float> v = Random(100, 3);
-  v[40] = 65504.0f;  // largest fp16: stays finite
+  v[40] = 65504.0f;   // largest fp16: stays finite
   v[41] = -65519.0f;  // rounds down to -65504
   EXPECT_EQ(FindUnstorable(DType::kFloat32, v.data(), v.size(), DType::kFloat16), -1);
   v[50] = 65520.0f;  // rounds to Inf in fp16

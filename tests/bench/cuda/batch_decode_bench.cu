@@ -41,14 +41,13 @@ using kernels::SectionFormat;
 using kernels::SectionKind;
 namespace kc = kernels::cuda;
 
-#define CUDA_OK(expr)                                                                     \
-  do {                                                                                    \
-    const cudaError_t e_ = (expr);                                                        \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                  \
-                   cudaGetErrorString(e_));                                               \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+#define CUDA_OK(expr)                                                                             \
+  do {                                                                                            \
+    const cudaError_t e_ = (expr);                                                                \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
   } while (0)
 
 std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
@@ -86,9 +85,9 @@ struct Rng {
   }
   float Normal() {
     const uint64_t r = Next();
-    const float u = static_cast<float>((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) +
-                                       (r >> 48)) /
-                    65536.0f;
+    const float u =
+        static_cast<float>((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48)) /
+        65536.0f;
     return (u - 2.0f) * 1.7320508f;
   }
 };
@@ -210,10 +209,10 @@ std::vector<std::vector<DeviceSet>> BuildSets(const Shape& sh, const std::vector
           const int rows = item_segs[0][si].tokens;
           for (size_t i = 0; i < static_cast<size_t>(rows) * d; ++i) {
             const float a = rng.Normal(), b = rng.Normal();
-            k[i] = sh.dtype == DType::kFloat16 ? kernels::FloatToHalf(a)
-                                                : kernels::FloatToBFloat16(a);
-            v[i] = sh.dtype == DType::kFloat16 ? kernels::FloatToHalf(b)
-                                                : kernels::FloatToBFloat16(b);
+            k[i] =
+                sh.dtype == DType::kFloat16 ? kernels::FloatToHalf(a) : kernels::FloatToBFloat16(a);
+            v[i] =
+                sh.dtype == DType::kFloat16 ? kernels::FloatToHalf(b) : kernels::FloatToBFloat16(b);
           }
           for (int m = 0; m < nm; ++m) {
             const kc::DecodeSegment& s = item_segs[m][si];
@@ -271,8 +270,8 @@ std::vector<std::vector<DeviceSet>> BuildSets(const Shape& sh, const std::vector
                                   static_cast<int>(segs.size()), num_sms, &plan));
       ds.bytes = kc::BatchDecodeSectionBytes(bshape, items.data(), sh.batch, segs.data());
       CUDA_OK(cudaMalloc(&ds.table, sizeof(void*) * table.size()));
-      CUDA_OK(cudaMemcpy(ds.table, table.data(), sizeof(void*) * table.size(),
-                         cudaMemcpyHostToDevice));
+      CUDA_OK(
+          cudaMemcpy(ds.table, table.data(), sizeof(void*) * table.size(), cudaMemcpyHostToDevice));
       CUDA_OK(cudaMalloc(&ds.items, sizeof(kc::DecodeItem) * items.size()));
       CUDA_OK(cudaMemcpy(ds.items, items.data(), sizeof(kc::DecodeItem) * items.size(),
                          cudaMemcpyHostToDevice));
@@ -361,8 +360,8 @@ int Main(int argc, char** argv) {
     std::vector<Shape> kept;
     for (const Shape& sh : shapes) {
       std::string name = std::to_string(sh.batch) + "x" + std::to_string(sh.context);
-      std::string full = name + "x" + std::to_string(sh.head_dim) +
-                         (sh.dtype == DType::kBFloat16 ? "xbf16" : "");
+      std::string full =
+          name + "x" + std::to_string(sh.head_dim) + (sh.dtype == DType::kBFloat16 ? "xbf16" : "");
       if (only == name ? (sh.head_dim == 128 && sh.dtype == DType::kFloat16) : only == full) {
         kept.push_back(sh);
       }
@@ -372,8 +371,8 @@ int Main(int argc, char** argv) {
   const std::string mode_list = Flag(argc, argv, "modes", "dense,s0.5,s0.7");
   std::vector<Mode> modes;
   for (const Mode& m : {Mode{"dense", 0.0}, Mode{"s0.5", 0.5}, Mode{"s0.7", 0.7}}) {
-    if (m.sparsity == 0.0 || ("," + mode_list + ",").find("," + std::string(m.name) + ",") !=
-                                 std::string::npos) {
+    if (m.sparsity == 0.0 ||
+        ("," + mode_list + ",").find("," + std::string(m.name) + ",") != std::string::npos) {
       modes.push_back(m);
     }
   }
@@ -381,8 +380,9 @@ int Main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %.0f MB; GQA %d/%d, chunks of %d, dense window %d\n\n",
               prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6, kKvHeads * kGroup,
               kKvHeads, kChunk, kWindow);
-  std::printf("| batch | context | head_dim | dtype | mode | MB read | sets | median ms | TB/s | "
-              "vs own dense |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| batch | context | head_dim | dtype | mode | MB read | sets | median ms | TB/s | "
+      "vs own dense |\n|---|---|---|---|---|---|---|---|---|---|\n");
   std::fflush(stdout);
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreate(&stream));
@@ -431,8 +431,8 @@ int Main(int argc, char** argv) {
       const double bytes = static_cast<double>(all[m][0].bytes);
       const double tbps = bytes / (med * 1e-3) / 1e12;
       std::printf("| %d | %d | %d | %s | %s | %.1f | %d | %.4f | %.2f | %s |\n", sh.batch,
-                  sh.context, sh.head_dim, kernels::DTypeName(sh.dtype), modes[m].name,
-                  bytes / 1e6, sets, med, tbps,
+                  sh.context, sh.head_dim, kernels::DTypeName(sh.dtype), modes[m].name, bytes / 1e6,
+                  sets, med, tbps,
                   dense ? "1.00x" : (std::to_string(dense_ms / med).substr(0, 4) + "x").c_str());
       std::fflush(stdout);
       if (json) {
@@ -440,8 +440,8 @@ int Main(int argc, char** argv) {
                      "{\"batch\": %d, \"context\": %d, \"head_dim\": %d, \"dtype\": \"%s\", "
                      "\"mode\": \"%s\", \"bytes\": %.0f, \"ms\": %.6f, \"ms_min\": %.6f, "
                      "\"ms_p90\": %.6f, \"tbps\": %.4f, \"sets\": %d}\n",
-                     sh.batch, sh.context, sh.head_dim, kernels::DTypeName(sh.dtype),
-                     modes[m].name, bytes, med, sorted.front(),
+                     sh.batch, sh.context, sh.head_dim, kernels::DTypeName(sh.dtype), modes[m].name,
+                     bytes, med, sorted.front(),
                      sorted[static_cast<size_t>(0.9 * (sorted.size() - 1))], tbps, sets);
         std::fflush(json);
       }

@@ -25,6 +25,8 @@
 //
 // Exit codes: 0 all passed, 1 a failure, 77 no usable CUDA device (ctest SKIP_RETURN_CODE).
 // --quick: a few small batches (for compute-sanitizer).
+#include "kernels/cuda/batch_decode.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,7 +40,6 @@
 
 #include "kernels/attention.h"
 #include "kernels/compressed_format.h"
-#include "kernels/cuda/batch_decode.h"
 #include "kernels/dtype.h"
 
 namespace sparsekv::kernels::cuda {
@@ -46,14 +47,13 @@ namespace {
 
 constexpr int kSkip = 77;
 
-#define CUDA_OK(expr)                                                                   \
-  do {                                                                                  \
-    const cudaError_t e_ = (expr);                                                      \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                \
-                   cudaGetErrorString(e_));                                             \
-      std::exit(1);                                                                     \
-    }                                                                                   \
+#define CUDA_OK(expr)                                                                             \
+  do {                                                                                            \
+    const cudaError_t e_ = (expr);                                                                \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
   } while (0)
 
 struct SegSpec {
@@ -140,15 +140,15 @@ uint16_t ToStorage(DType t, float x) {
 // Host copy of one batch and its reference outputs.
 struct Batch {
   BatchDecodeShape shape;
-  std::vector<DecodeItem> items;        // host pointers replaced by device ones at upload
-  std::vector<DecodeSegment> segments;  // global
+  std::vector<DecodeItem> items;          // host pointers replaced by device ones at upload
+  std::vector<DecodeSegment> segments;    // global
   std::vector<SectionFormat> kfmt, vfmt;  // per segment
   // [segment][head] section bytes
   std::vector<std::vector<std::vector<uint8_t>>> ksec, vsec;
-  std::vector<std::vector<float>> q;      // per item [H*group, D]
-  std::vector<std::vector<float>> ref;    // per item [H*group, D]
+  std::vector<std::vector<float>> q;    // per item [H*group, D]
+  std::vector<std::vector<float>> ref;  // per item [H*group, D]
   std::vector<std::vector<float>> ref_lse;
-  std::vector<float> max_v;               // per item
+  std::vector<float> max_v;  // per item
   int64_t tokens = 0;
 };
 
@@ -258,8 +258,8 @@ Batch MakeBatch(const Case& c, const std::vector<int>& lengths, int layout_seed,
       std::vector<uint8_t> kcat, vcat;
       if (uniform) {
         for (int s = item.segment_begin; s < item.segment_begin + item.num_segments; ++s) {
-          const bool dense = b.kfmt[s].kind == SectionKind::kDense &&
-                             b.vfmt[s].kind == SectionKind::kDense;
+          const bool dense =
+              b.kfmt[s].kind == SectionKind::kDense && b.vfmt[s].kind == SectionKind::kDense;
           if (dense) {
             spans.push_back({b.ksec[s][h].data(), b.vsec[s][h].data(), b.segments[s].tokens});
           } else {
@@ -468,8 +468,8 @@ Result Run(const Batch& b, DeviceBatch& db, const std::vector<DecodeItem>& dev_i
   return r;
 }
 
-void Check(const Case& c, const Batch& b, const std::vector<DecodeItem>& dev_items,
-           const Result& r, const char* what, Stats* st) {
+void Check(const Case& c, const Batch& b, const std::vector<DecodeItem>& dev_items, const Result& r,
+           const char* what, Stats* st) {
   const int d = c.head_dim, qh = b.shape.num_kv_heads * c.group;
   const int dt = c.dtype == DType::kBFloat16 ? 1 : 0;
   const double tol = dt ? 3e-4 : 3e-5;
@@ -503,8 +503,8 @@ void Check(const Case& c, const Batch& b, const std::vector<DecodeItem>& dev_ite
           std::fprintf(stderr,
                        "FAIL %s: %s d=%d group=%d sparsity=%.1f item %zu (%d segments) q head %d: "
                        "out err %.3g, lse err %.3g (got %g want %g)%s\n",
-                       what, DTypeName(c.dtype), d, c.group, c.sparsity, i,
-                       b.items[i].num_segments, h, err, lse_err, r.lse[i][h], b.ref_lse[i][h],
+                       what, DTypeName(c.dtype), d, c.group, c.sparsity, i, b.items[i].num_segments,
+                       h, err, lse_err, r.lse[i][h], b.ref_lse[i][h],
                        bad ? ", non-finite or unwritten" : "");
         }
       }
@@ -537,8 +537,10 @@ int Main(int argc, char** argv) {
   std::vector<Case> cases;
   std::vector<int> ladder = {1, 3, 9, 27, 81, 129, 257, 1000, 4097, 0};
   if (quick) {
-    cases = {{DType::kFloat16, 128, 4, 0.7}, {DType::kBFloat16, 64, 8, 0.5},
-             {DType::kFloat16, 256, 1, 0.0}, {DType::kBFloat16, 128, 4, 0.0}};
+    cases = {{DType::kFloat16, 128, 4, 0.7},
+             {DType::kBFloat16, 64, 8, 0.5},
+             {DType::kFloat16, 256, 1, 0.0},
+             {DType::kBFloat16, 128, 4, 0.0}};
     ladder = {1, 9, 27, 129, 300, 0};
   } else {
     for (DType dt : {DType::kFloat16, DType::kBFloat16}) {
@@ -579,12 +581,14 @@ int Main(int argc, char** argv) {
       }
     }
   }
-  std::printf("batch_decode_test: %d launches configs x 2 runs, %d (item, query head) outputs "
-              "checked, %d failures\n",
-              st.batches, st.heads_checked, st.failures);
-  std::printf("max error (|out - ref| / max|V|): fp16 %.3g, bf16 %.3g; max |lse - ref|: fp16 "
-              "%.3g, bf16 %.3g\n",
-              st.max_err[0], st.max_err[1], st.max_lse_err[0], st.max_lse_err[1]);
+  std::printf(
+      "batch_decode_test: %d launches configs x 2 runs, %d (item, query head) outputs "
+      "checked, %d failures\n",
+      st.batches, st.heads_checked, st.failures);
+  std::printf(
+      "max error (|out - ref| / max|V|): fp16 %.3g, bf16 %.3g; max |lse - ref|: fp16 "
+      "%.3g, bf16 %.3g\n",
+      st.max_err[0], st.max_err[1], st.max_lse_err[0], st.max_lse_err[1]);
   if (st.failures) {
     std::printf("FAILED\n");
     return 1;
