@@ -473,8 +473,8 @@ bool Session::CompressAndPublish(int layer, int tokens) {
   return true;
 }
 
-int64_t Session::Flush() {
-  int64_t total = 0;
+FlushResult Session::Flush() {
+  FlushResult result;
   for (int layer = 0; layer < info_.layout.num_layers; ++layer) {
     std::vector<int> chunks;
     {
@@ -483,15 +483,18 @@ int64_t Session::Flush() {
       layers_[layer].compressing = true;
       chunks = plan_.FlushChunks(layer, layers_[layer].tail_tokens());
     }
-    for (int n : chunks) {
-      if (!CompressAndPublish(layer, n)) break;  // a remainder over the budget stays dense
-      total += n;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (!CompressAndPublish(layer, chunks[i])) {  // a remainder over the budget stays dense
+        for (size_t j = i; j < chunks.size(); ++j) result.left_dense += chunks[j];
+        break;
+      }
+      result.compressed += chunks[i];
     }
     MutexLock lock(&mu_);
     layers_[layer].compressing = false;
     idle_cv_.notify_all();
   }
-  return total;
+  return result;
 }
 
 absl::StatusOr<int64_t> Session::Read(int layer, int64_t token_begin, int64_t count,

@@ -131,9 +131,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out);
 
   // Compresses every eligible token now (all but the newest dense_window of each layer;
-  // per-channel: whole groups only) and returns once published. Returns the tokens
-  // compressed (summed over layers).
-  int64_t Flush();
+  // per-channel: whole groups only) and returns once published, with the tokens compressed
+  // and those left dense because their chunk did not fit a budget (summed over layers).
+  FlushResult Flush();
 
   // Reads rows [token_begin, token_begin + count) of `layer` as [count, num_kv_heads,
   // head_dim] in the storage dtype, appended to k_out / v_out; compressed rows are

@@ -302,7 +302,7 @@ int SessionStore::EvictExpired(absl::Time now) {
   return static_cast<int>(victims.size());
 }
 
-absl::StatusOr<int64_t> SessionStore::Flush(const std::string& id) {
+absl::StatusOr<FlushResult> SessionStore::Flush(const std::string& id) {
   SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Get(id));
   return s->Flush();
 }

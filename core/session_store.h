@@ -101,7 +101,7 @@ class SessionStore {
 
   // Compresses every eligible token of a session now (Session::Flush). NotFound for an
   // unknown id.
-  absl::StatusOr<int64_t> Flush(const std::string& id);
+  absl::StatusOr<FlushResult> Flush(const std::string& id);
 
   // Runs every item of a decode step. All items are looked up and checked, then the bytes of
   // every new token are reserved; if any of that fails nothing is appended and that item's

@@ -114,6 +114,12 @@ struct SessionStats {
   DecodeCompute decode_compute_in_force = DecodeCompute::kFloat32;
 };
 
+// What Session::Flush did, in tokens summed over layers.
+struct FlushResult {
+  int64_t compressed = 0;
+  int64_t left_dense = 0;  // eligible, but their chunk did not fit a budget
+};
+
 // Everything a client can learn about a session.
 struct SessionInfo {
   std::string id;

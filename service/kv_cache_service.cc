@@ -69,6 +69,24 @@ class RecordedReactor : public Base {
   std::atomic<bool> cancelled_{false};
 };
 
+// A server stream that writes one message at a time: WriteNext() starts the next write or
+// finishes the call; a write the client does not take ends it.
+class StreamWriter : public RecordedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>> {
+ public:
+  using RecordedReactor::RecordedReactor;
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(absl::UnavailableError("client stopped reading"));
+      return;
+    }
+    WriteNext();
+  }
+
+ protected:
+  virtual void WriteNext() = 0;
+};
+
 // Finishes a streaming call at once with a status (requests rejected before the first
 // message).
 template <typename Base>
@@ -192,14 +210,12 @@ class DecodeStreamReactor final
 };
 
 // ReadKV: one message per layer and token range, each under the message size limit.
-class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>> {
+class ReadKvReactor final : public StreamWriter {
  public:
   // REQUIRES: the range was checked against the session (every layer holds token_end).
-  ReadKvReactor(KvCacheServiceImpl* svc, grpc::CallbackServerContext* ctx,
-                std::shared_ptr<Session> session, int layer_begin, int layer_end,
-                int64_t token_begin, int64_t token_count, int64_t rows_per_msg)
-      : RecordedReactor(svc->metrics(), "ReadKV"),
-        svc_(svc),
+  ReadKvReactor(KvCacheServiceImpl* svc, std::shared_ptr<Session> session, int layer_begin,
+                int layer_end, int64_t token_begin, int64_t token_count, int64_t rows_per_msg)
+      : StreamWriter(svc->metrics(), "ReadKV"),
         session_(std::move(session)),
         layer_(layer_begin),
         layer_end_(layer_end),
@@ -210,16 +226,8 @@ class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
     WriteNext();
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      FinishWith(absl::UnavailableError("client stopped reading"));
-      return;
-    }
-    WriteNext();
-  }
-
  private:
-  void WriteNext() {
+  void WriteNext() override {
     while (layer_ < layer_end_) {
       const int64_t layer_tokens = session_->tokens(layer_);
       const int64_t end =
@@ -254,7 +262,6 @@ class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
     FinishWith(absl::OkStatus());
   }
 
-  KvCacheServiceImpl* svc_;
   std::shared_ptr<Session> session_;
   int layer_;
   const int layer_end_;
@@ -270,25 +277,17 @@ class ReadKvReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc
 
 // ExportSession: the session's snapshot (core/snapshot.h) in pieces under the message
 // limit, each with its offset and CRC-32C; the snapshot checks itself as a whole too.
-class ExportReactor final : public RecordedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>> {
+class ExportReactor final : public StreamWriter {
  public:
   ExportReactor(KvCacheServiceImpl* svc, std::string snapshot, int64_t piece_bytes)
-      : RecordedReactor(svc->metrics(), "ExportSession"),
+      : StreamWriter(svc->metrics(), "ExportSession"),
         bytes_(std::move(snapshot)),
         piece_(piece_bytes) {
     WriteNext();
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      FinishWith(absl::UnavailableError("client stopped reading"));
-      return;
-    }
-    WriteNext();
-  }
-
  private:
-  void WriteNext() {
+  void WriteNext() override {
     if (done_) {
       FinishWith(absl::OkStatus());
       return;
@@ -600,7 +599,9 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Flush(grpc::CallbackServerContext*
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const bool queued = blocking_->TrySchedule([this, reactor, resp, start, s = *session] {
     v1::FlushResponse out;
-    out.set_tokens_compressed(s->Flush());
+    const FlushResult flushed = s->Flush();
+    out.set_tokens_compressed(flushed.compressed);
+    out.set_tokens_left_dense(flushed.left_dense);
     ToProto(s->Info().stats, out.mutable_stats());
     SerializeMessage(out, resp);
     metrics_->RecordRpc("Flush", grpc::StatusCode::OK, absl::Now() - start);
@@ -663,8 +664,8 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ReadKV(
   }
   const int layer_end = static_cast<int>(r.layer_count() == 0 ? session->layout().num_layers
                                                               : r.layer_begin() + r.layer_count());
-  return new ReadKvReactor(this, ctx, std::move(session), static_cast<int>(r.layer_begin()),
-                           layer_end, static_cast<int64_t>(r.token_begin()),
+  return new ReadKvReactor(this, std::move(session), static_cast<int>(r.layer_begin()), layer_end,
+                           static_cast<int64_t>(r.token_begin()),
                            static_cast<int64_t>(r.token_count()), rows_per_msg);
 }
 

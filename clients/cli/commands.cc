@@ -802,13 +802,15 @@ absl::Status CmdFlush(Context& ctx) {
   if (ctx.json) {
     JsonWriter w;
     w.BeginObject().Key("session_id").String(ctx.id());
-    w.Key("tokens_compressed").Uint(r.tokens_compressed()).Key("stats");
+    w.Key("tokens_compressed").Uint(r.tokens_compressed());
+    w.Key("tokens_left_dense").Uint(r.tokens_left_dense()).Key("stats");
     WriteStatsJson(r.stats(), w);
     w.EndObject();
     ctx.out << w.str() << "\n";
   } else {
     KeyValues kv;
     kv.Add("session", ctx.id()).Add("tokens_compressed", absl::StrCat(r.tokens_compressed()));
+    kv.Add("tokens_left_dense", absl::StrCat(r.tokens_left_dense()));
     AddStatsRows(r.stats(), kv);
     ctx.out << kv.Render();
   }

@@ -34,16 +34,20 @@ rpc_count() {
   exec 3<&-
 }
 
+# Milliseconds since the epoch. Bash's $SECONDS counts whole seconds from an arbitrary phase, so
+# "SECONDS - start >= 2" can hold after 1.01 s; EPOCHREALTIME (bash 5) has microseconds.
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $(( t / 1000 )); }
+
 log "waiting ${propagation}s for routing to stop sending new requests"
 sleep "$propagation"
 
-start=$SECONDS
+start=$(now_ms)
 last=$(rpc_count)
 if [ -z "$last" ]; then
   log "no /metrics on 127.0.0.1:$port; nothing to drain"
   exit 0
 fi
-quiet_since=$SECONDS
+quiet_since=$start
 while :; do
   sleep 1
   now=$(rpc_count)
@@ -51,14 +55,15 @@ while :; do
     log "/metrics stopped answering; done"
     exit 0
   fi
+  t=$(now_ms)
   if [ "$now" != "$last" ]; then
     last=$now
-    quiet_since=$SECONDS
-  elif [ $(( SECONDS - quiet_since )) -ge "$idle_needed" ]; then
-    log "no requests for ${idle_needed}s after $(( SECONDS - start ))s; drained"
+    quiet_since=$t
+  elif [ $(( t - quiet_since )) -ge $(( idle_needed * 1000 )) ]; then
+    log "no requests for ${idle_needed}s after $(( (t - start) / 1000 ))s; drained"
     exit 0
   fi
-  if [ $(( SECONDS - start )) -ge "$max_wait" ]; then
+  if [ $(( t - start )) -ge $(( max_wait * 1000 )) ]; then
     log "traffic still running after ${max_wait}s; giving up the wait (SIGTERM follows)"
     exit 0
   fi

@@ -57,7 +57,7 @@ TEST_P(FlushTest, CompressesAllButWindowKeepsTopKAndDecodesExactly) {
   OwnedTensor k = RandomTensor({1, tokens, 2, 64}, &rng);
   OwnedTensor v = RandomTensor({1, tokens, 2, 64}, &rng);
   ASSERT_TRUE(f.session->Append(0, k.view, v.view, TensorView{}).ok());
-  const int64_t compressed = f.session->Flush();
+  const int64_t compressed = f.session->Flush().compressed;
   const bool per_channel = kd == PruneDirection::kPerChannel || vd == PruneDirection::kPerChannel;
   int64_t want = std::max<int64_t>(0, tokens - 32);
   if (per_channel) {
@@ -307,6 +307,33 @@ TEST(PruningTest, DecodeRacingThePrunerAlwaysSeesAWholeState) {
     if (match == chunks) break;
   }
   EXPECT_EQ(*seen.rbegin(), chunks);  // the pruner finished meanwhile
+}
+
+// A Flush remainder shorter than a 32-row block releases no block: when the budget is full its
+// chunk does not fit, the rows stay dense and Flush reports them left dense, not compressed.
+TEST(PruningTest, FlushReportsARemainderTheBudgetCannotHold) {
+  const Layout layout{1, 2, 2, 64, DType::kFloat16};
+  const Policy policy =
+      Sparse(0.5, PruneDirection::kPerToken, PruneDirection::kPerToken, Scoring::kMagnitude);
+  const int64_t fixed = Session::FixedBytes(SessionInfo{"s", "t", layout, policy});
+  for (const bool full : {true, false}) {
+    // 60 rows take two blocks; dense_window 32 leaves a 28-row remainder, inside block 0.
+    const int64_t budget = fixed + 2 * LayerStore::BlockBytes(layout) + (full ? 0 : 1 << 20);
+    Fixture f(layout, budget, policy);
+    std::mt19937 rng(full ? 3 : 4);
+    OwnedTensor k = RandomTensor({1, 60, 2, 64}, &rng);
+    OwnedTensor v = RandomTensor({1, 60, 2, 64}, &rng);
+    ASSERT_TRUE(f.session->Append(0, k.view, v.view, TensorView{}).ok());
+    const int64_t used = f.env.budget->used();
+    const FlushResult r = f.session->Flush();
+    EXPECT_EQ(r.compressed, full ? 0 : 28) << full;
+    EXPECT_EQ(r.left_dense, full ? 28 : 0) << full;
+    const SessionStats st = f.session->Info().stats;
+    EXPECT_EQ(st.bytes_dense, (full ? 60 : 32) * layout.token_bytes()) << full;
+    EXPECT_EQ(st.bytes_accounted, f.env.budget->used()) << full;
+    if (full) EXPECT_EQ(f.env.budget->used(), used);
+    EXPECT_LE(f.env.budget->used(), budget) << full;
+  }
 }
 
 }  // namespace

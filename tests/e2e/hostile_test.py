@@ -37,15 +37,10 @@ def raw(channel, kind, method):
     return make(SERVICE + method, request_serializer=None, response_deserializer=None)
 
 
-def metric(server, name, **labels):
-    text = urllib.request.urlopen(server.metrics_url(), timeout=10).read().decode()
-    total = None
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all('%s="%s"' % (k, v) in line for k, v in labels.items()):
-            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total or 0.0
+
+
+def scraped(server, name, **labels):
+    return fx.scrape(server, name, **labels) or 0.0
 
 
 class Base(unittest.TestCase):
@@ -116,7 +111,7 @@ class WireTest(Base):
 
     def test_append_stream_with_a_bad_message_fails_naming_it(self):
         self.create("w-append")
-        before = metric(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
+        before = scraped(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
                         code="INVALID_ARGUMENT")
         good1 = self.append_msg("w-append", 5, seed=1).SerializeToString()
         good2 = self.append_msg("w-append", 7, seed=2).SerializeToString()
@@ -129,7 +124,7 @@ class WireTest(Base):
         # client has its status.
         after = before
         for _ in range(50):
-            after = metric(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
+            after = scraped(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
                            code="INVALID_ARGUMENT")
             if after > before:
                 break
@@ -153,9 +148,9 @@ class WireTest(Base):
 
     def test_cancelled_upload_is_counted_as_cancelled(self):
         self.create("w-cancel")
-        before = metric(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
+        before = scraped(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
                         code="CANCELLED")
-        ok_before = metric(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
+        ok_before = scraped(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
                            code="OK")
         gate = threading.Event()
 
@@ -169,13 +164,13 @@ class WireTest(Base):
         gate.set()
         deadline = time.time() + 5
         while time.time() < deadline:
-            got = metric(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
+            got = scraped(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
                          code="CANCELLED")
             if got > before:
                 break
             time.sleep(0.1)
         self.assertEqual(got - before, 1)
-        self.assertEqual(metric(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
+        self.assertEqual(scraped(self.server, "sparsekv_rpc_requests_total", method="AppendKV",
                                 code="OK"), ok_before)
 
     def test_decode_with_float32_k_and_float16_v_is_rejected(self):

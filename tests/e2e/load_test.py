@@ -97,7 +97,6 @@ import threading
 import time
 import traceback
 import unittest
-import urllib.request
 
 import numpy as np
 
@@ -129,25 +128,8 @@ RESULT = None  # filled by setUpModule
 
 # -- helpers ------------------------------------------------------------------------------
 
-def rss_bytes(pid, field="VmRSS"):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
-def binary_is_asan(path):
-    """True when the server binary links AddressSanitizer (its RSS says nothing then)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return b"__asan_init" in data or b"AddressSanitizer" in data
 
 
 def keep_count(sparsity, n):
@@ -914,7 +896,9 @@ class Worker(threading.Thread):
         layer = int(self.rng.integers(s.layers))
         kv = self.read_layer(s, layer)
         if kv is not None:
-            self.check_mirror(s, layer, *kv, after_flush=True, what="ReadKV after Flush")
+            # A remainder whose chunk did not fit the full budget stays dense, and Flush says so.
+            self.check_mirror(s, layer, *kv, after_flush=r.tokens_left_dense == 0,
+                              what="ReadKV after Flush")
         return None
 
     def op_read(self):
@@ -1098,7 +1082,7 @@ class Monitor(threading.Thread):
                                                               self.server.log_tail(3000)))
                 self.stop_event.set()
                 return
-            r = rss_bytes(self.pid)
+            r = fx.rss_bytes(self.pid)
             if r:
                 self.peak_rss = max(self.peak_rss, r)
             if i % 3 == 0:
@@ -1116,18 +1100,6 @@ class Monitor(threading.Thread):
             self.done.wait(0.2)
 
 
-def scrape(server, name):
-    try:
-        text = urllib.request.urlopen(server.metrics_url(), timeout=10).read().decode()
-    except OSError:
-        return None
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    return total if found else None
 
 
 def has_accounted():
@@ -1178,8 +1150,8 @@ def run_load():
 def load_and_check(res, server, flags):
     report = res["report"]
     pid = server.proc.pid
-    res["asan"] = binary_is_asan(SERVER_BIN)
-    res["rss_start"] = rss_bytes(pid)
+    res["asan"] = fx.binary_is_asan(SERVER_BIN)
+    res["rss_start"] = fx.rss_bytes(pid)
     print("load test: seed %d, %d threads, %.0f s, budget %d bytes, server pid %d, flags %s"
           % (SEED, THREADS, LOAD_SECONDS, BUDGET, pid, " ".join(flags)))
     sys.stdout.flush()
@@ -1200,13 +1172,13 @@ def load_and_check(res, server, flags):
     res["load_s"] = time.monotonic() - t0
     monitor.done.set()
     monitor.join(timeout=60)
-    res["peak_rss"] = max(monitor.peak_rss, rss_bytes(pid) or 0)
-    res["hwm"] = rss_bytes(pid, "VmHWM")
+    res["peak_rss"] = max(monitor.peak_rss, fx.rss_bytes(pid) or 0)
+    res["hwm"] = fx.rss_bytes(pid, "VmHWM")
     res["max_used"] = monitor.max_used
     res["alive_after_load"] = server.alive()
     res["workers"] = workers
-    res["pruned_chunks"] = scrape(server, "sparsekv_pruned_chunks_total")
-    res["slab_reserved_before_delete"] = scrape(server, "sparsekv_chunk_pool_reserved_bytes")
+    res["pruned_chunks"] = fx.scrape(server, "sparsekv_pruned_chunks_total")
+    res["slab_reserved_before_delete"] = fx.scrape(server, "sparsekv_chunk_pool_reserved_bytes")
     if not res["alive_after_load"]:
         res["shutdown"] = (server.stop(), 0.0)
         return res
@@ -1273,7 +1245,7 @@ def post_load_checks(res, server, reg, workers, report):
             break
         time.sleep(0.2)
     res["acct"] = acct
-    res["rss_before_delete"] = rss_bytes(pid)
+    res["rss_before_delete"] = fx.rss_bytes(pid)
     # 4. delete everything; budget use returns to 0
     freed = 0
     delete_errors = []
@@ -1298,10 +1270,10 @@ def post_load_checks(res, server, reg, workers, report):
     time.sleep(1.0)
     samples = []
     for _ in range(5):
-        samples.append(rss_bytes(pid))
+        samples.append(fx.rss_bytes(pid))
         time.sleep(0.5)
     res["rss_final"] = min(x for x in samples if x) if any(samples) else None
-    res["slab_reserved_after_delete"] = scrape(server, "sparsekv_chunk_pool_reserved_bytes")
+    res["slab_reserved_after_delete"] = fx.scrape(server, "sparsekv_chunk_pool_reserved_bytes")
 
 
 def summary(res):

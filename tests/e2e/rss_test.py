@@ -35,7 +35,6 @@ import os
 import sys
 import time
 import unittest
-import urllib.request
 
 import numpy as np
 
@@ -63,15 +62,6 @@ TIMEOUT = 120
 RESULT = {}
 
 
-def rss_bytes(pid, field="VmRSS"):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def settled_rss(pid):
@@ -80,23 +70,13 @@ def settled_rss(pid):
     time.sleep(0.5)
     samples = []
     for _ in range(5):
-        samples.append(rss_bytes(pid))
+        samples.append(fx.rss_bytes(pid))
         time.sleep(0.5)
     return min(x for x in samples if x)
 
 
-def binary_is_asan(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    return b"__asan_init" in data or b"AddressSanitizer" in data
 
 
-def scrape(server, name):
-    text = urllib.request.urlopen(server.metrics_url(), timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def mib(x):
@@ -185,8 +165,8 @@ def setUpModule():
     server = fx.ServerProcess(SERVER_BIN, PROTO_DIR, extra_flags=flags).start()
     RESULT["server"] = server
     pid = server.proc.pid
-    RESULT["asan"] = binary_is_asan(SERVER_BIN)
-    RESULT["start"] = rss_bytes(pid)
+    RESULT["asan"] = fx.binary_is_asan(SERVER_BIN)
+    RESULT["start"] = fx.rss_bytes(pid)
     t0 = time.monotonic()
     rng = np.random.default_rng(0)
     # fp16 bytes of N(0,1) values, enough for the largest message's K and V
@@ -195,18 +175,18 @@ def setUpModule():
     try:
         for c in range(CYCLES):
             fill_cycle(server.stub, c, block)
-            full = rss_bytes(pid)
-            slabs_full = scrape(server, "sparsekv_chunk_pool_reserved_bytes")
+            full = fx.rss_bytes(pid)
+            slabs_full = fx.scrape(server, "sparsekv_chunk_pool_reserved_bytes")
             used = delete_all(server.stub)
             RESULT["cycles"].append({"full": full, "after": settled_rss(pid), "used": used,
                                      "slabs_full": slabs_full,
-                                     "slabs_after": scrape(server,
+                                     "slabs_after": fx.scrape(server,
                                                            "sparsekv_chunk_pool_reserved_bytes")})
         many_sizes(server.stub)
         RESULT["many_used"] = delete_all(server.stub)
         RESULT["many_rss"] = settled_rss(pid)
-        RESULT["many_slabs"] = scrape(server, "sparsekv_chunk_pool_reserved_bytes")
-        RESULT["hwm"] = rss_bytes(pid, "VmHWM")
+        RESULT["many_slabs"] = fx.scrape(server, "sparsekv_chunk_pool_reserved_bytes")
+        RESULT["hwm"] = fx.rss_bytes(pid, "VmHWM")
         RESULT["error"] = None
     except grpc.RpcError as e:
         RESULT["error"] = "%s: %r" % (e.code().name, e.details())

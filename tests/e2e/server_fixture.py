@@ -170,6 +170,47 @@ class ServerProcess:
         return False
 
 
+# -- process and metrics probes -----------------------------------------------------------
+
+def rss_bytes(pid, field="VmRSS"):
+    """A /proc/PID/status memory field (VmRSS, VmHWM) in bytes; None if unreadable."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def binary_is_asan(path):
+    """True when the binary links AddressSanitizer (its RSS says nothing about the server)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return b"__asan_init" in data or b"AddressSanitizer" in data
+
+
+def scrape(server, name, **labels):
+    """The sum of the series of metric `name` whose labels include `labels`, from the
+    server's /metrics; None when there is no such series or the scrape fails."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(server.metrics_url(), timeout=10).read().decode()
+    except OSError:
+        return None
+    total = None
+    for line in text.splitlines():
+        if not (line.startswith(name + " ") or line.startswith(name + "{")):
+            continue
+        if all('%s="%s"' % (k, v) in line for k, v in labels.items()):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
 # -- dtype helpers ------------------------------------------------------------------------
 
 def bf16_round(x):

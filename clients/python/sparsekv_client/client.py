@@ -235,6 +235,8 @@ class AppendResult:
 class FlushResult:
     tokens_compressed: int
     stats: SessionStats
+    # eligible tokens left dense because their chunk did not fit the byte budget
+    tokens_left_dense: int = 0
 
 
 @dataclasses.dataclass
@@ -537,7 +539,7 @@ class Client:
     def flush(self, session_id, timeout=None) -> FlushResult:
         """Compresses every eligible token now; returns once the chunks are published."""
         r = self._unary("Flush", pb.FlushRequest(session_id=session_id), session_id, timeout)
-        return FlushResult(r.tokens_compressed, SessionStats.from_proto(r.stats))
+        return FlushResult(r.tokens_compressed, SessionStats.from_proto(r.stats), r.tokens_left_dense)
 
     def flush_many(self, session_ids, timeout=None) -> List[FlushResult]:
         """Flush of several sessions, issued concurrently (one RPC each)."""
@@ -551,7 +553,7 @@ class Client:
                 r = f.result()
             except grpc.RpcError as e:
                 raise SparsekvError.from_rpc_error(e) from None
-            out.append(FlushResult(r.tokens_compressed, SessionStats.from_proto(r.stats)))
+            out.append(FlushResult(r.tokens_compressed, SessionStats.from_proto(r.stats), r.tokens_left_dense))
         return out
 
     def read_kv_layers(self, session_id, layer_begin=0, layer_count=0, token_begin=0,

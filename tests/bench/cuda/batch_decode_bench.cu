@@ -31,6 +31,7 @@
 
 #include "kernels/compressed_format.h"
 #include "kernels/cuda/batch_decode.h"
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/dtype.h"
 
 namespace sparsekv::bench {
@@ -40,15 +41,6 @@ using kernels::DType;
 using kernels::SectionFormat;
 using kernels::SectionKind;
 namespace kc = kernels::cuda;
-
-#define CUDA_OK(expr)                                                                             \
-  do {                                                                                            \
-    const cudaError_t e_ = (expr);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
   const std::string key = "--" + name;

@@ -40,21 +40,13 @@
 
 #include "kernels/attention.h"
 #include "kernels/compressed_format.h"
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/dtype.h"
 
 namespace sparsekv::kernels::cuda {
 namespace {
 
 constexpr int kSkip = 77;
-
-#define CUDA_OK(expr)                                                                             \
-  do {                                                                                            \
-    const cudaError_t e_ = (expr);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 struct SegSpec {
   SectionKind k_kind, v_kind;
