@@ -211,10 +211,30 @@ absl::Status ValidateSectionFormat(const kernels::SectionFormat& f, const Layout
   return absl::OkStatus();
 }
 
-LayerImage LayerStore::Export() const {
-  LayerImage image;
+LayerImage LayerStore::Export() const { return FinishExport(layout_, BeginExport()); }
+
+LayerExport LayerStore::BeginExport() const {
+  LayerExport e;
+  e.snap = Snapshot();
+  e.tail_first_row = tail_.empty() ? 0 : tail_.front()->begin;
   const int heads = layout_.num_kv_heads;
-  for (const auto& c : *chunks_) {
+  e.tail_mass.resize(static_cast<size_t>(heads) * tail_tokens_);
+  int64_t t = 0;
+  for (const auto& b : tail_) {
+    for (int r = b->begin; r < b->rows; ++r, ++t) {
+      for (int h = 0; h < heads; ++h) {
+        e.tail_mass[static_cast<size_t>(h) * tail_tokens_ + t] = b->mass(h)[r];
+      }
+    }
+  }
+  e.q_energy = q_energy_;
+  e.queries_seen = queries_seen_;
+  return e;
+}
+
+LayerImage LayerStore::FinishExport(const Layout& layout, const LayerExport& e) {
+  LayerImage image;
+  for (const auto& c : *e.snap.chunks) {
     LayerImage::Chunk ic;
     ic.k_format = c->k_format();
     ic.v_format = c->v_format();
@@ -223,20 +243,26 @@ LayerImage LayerStore::Export() const {
     ic.data.assign(reinterpret_cast<const char*>(c->k(0)), c->bytes());
     image.chunks.push_back(std::move(ic));
   }
-  image.tail_tokens = tail_tokens_;
-  image.tail_first_row = tail_.empty() ? 0 : tail_.front()->begin;
-  Read(compressed_tokens_, tail_tokens_, &image.tail_k, &image.tail_v);
-  image.tail_mass.resize(static_cast<size_t>(heads) * tail_tokens_);
-  int64_t t = 0;
-  for (const auto& b : tail_) {
-    for (int r = b->begin; r < b->rows; ++r, ++t) {
+  image.tail_tokens = e.snap.tail_tokens;
+  image.tail_first_row = e.tail_first_row;
+  // [tail_tokens, kv_heads, head_dim] from the blocks' [kv_heads, rows, head_dim].
+  const int heads = layout.num_kv_heads;
+  const size_t row = static_cast<size_t>(layout.head_dim) * kernels::DTypeSize(layout.dtype);
+  image.tail_k.resize(static_cast<size_t>(e.snap.tail_tokens) * heads * row);
+  image.tail_v.resize(image.tail_k.size());
+  size_t t = 0;
+  for (const BlockRows& b : e.snap.tail) {
+    for (int r = b.begin; r < b.end; ++r, ++t) {
       for (int h = 0; h < heads; ++h) {
-        image.tail_mass[static_cast<size_t>(h) * tail_tokens_ + t] = b->mass(h)[r];
+        const size_t dst = (t * heads + h) * row;
+        std::memcpy(image.tail_k.data() + dst, b.block->k_row(h, r), row);
+        std::memcpy(image.tail_v.data() + dst, b.block->v_row(h, r), row);
       }
     }
   }
-  image.q_energy = q_energy_;
-  image.queries_seen = queries_seen_;
+  image.tail_mass = e.tail_mass;
+  image.q_energy = e.q_energy;
+  image.queries_seen = e.queries_seen;
   return image;
 }
 

@@ -71,6 +71,19 @@ struct LayerImage {
   bool queries_seen = false;
 };
 
+// A layer's image taken in two steps, so that the session lock is held only for the cheap one:
+// BeginExport (under the lock) keeps the published chunk list and tail rows by reference and
+// copies the statistics that later steps change in place (tail attention mass, query
+// energy); FinishExport copies the bytes without the lock (chunks are immutable and snapshot
+// rows of dense blocks never change).
+struct LayerExport {
+  LayerSnapshot snap;
+  int tail_first_row = 0;
+  std::vector<float> tail_mass;  // [kv_heads, tail_tokens]
+  std::vector<double> q_energy;  // [kv_heads, head_dim]
+  bool queries_seen = false;
+};
+
 // InvalidArgument unless `f` is a section format a chunk of `layout` can have: a known kind,
 // the layout's head_dim and dtype, 1..8192 tokens, group 32 or 64 dividing per-channel tokens,
 // 1 <= k <= n.
@@ -121,8 +134,12 @@ class LayerStore {
   // The blocks Publish of a chunk of the oldest `tokens` tail rows would release now.
   int64_t BlocksReleasedBy(int tokens) const;
 
-  // The layer as an image (chunks copied byte for byte).
+  // The layer as an image (chunks copied byte for byte): FinishExport(BeginExport()).
   LayerImage Export() const;
+  // O(tail rows + statistics); see LayerExport.
+  LayerExport BeginExport() const;
+  // O(layer bytes); needs no lock.
+  static LayerImage FinishExport(const Layout& layout, const LayerExport& e);
   // Fills an empty layer from `image`, chunks from `pools`. InvalidArgument naming the part
   // (and nothing changed) when a format does not fit the layout or a size disagrees with its
   // shape. Returns the dense blocks allocated (for the budget); the chunks' memory is

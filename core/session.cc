@@ -202,6 +202,7 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
                                 static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens,
                                 token_stride, head_stride);
       CommitLocked(n * block_bytes_);
+      ++generation_;
       blocks += n;
       TouchLocked();
       MaybeSchedule(layer);
@@ -272,6 +273,7 @@ absl::Status Session::AppendObserved(int layer_begin, const TensorView& k, const
     if (staged[i].seen) ApplyScoringLocked(layer, staged[i].snap, staged[i].mass, staged[i].energy);
     const int64_t n = layers_[layer].AppendStaged(staged[i].rows);
     CommitLocked(n * block_bytes_);
+    ++generation_;
     *blocks += n;
     TouchLocked();
     MaybeSchedule(layer);
@@ -302,6 +304,7 @@ void Session::ApplyScoringLocked(int layer, const LayerSnapshot& snap,
                                  const std::vector<float>& mass,
                                  const std::vector<double>& energy) {
   LayerStore& store = layers_[layer];
+  ++generation_;
   store.AddQueryEnergy(energy.data());
   if (mass.empty()) return;
   for (int h = 0; h < info_.layout.num_kv_heads; ++h) {
@@ -385,6 +388,7 @@ void Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutp
     }
     snap = layer.Snapshot();
     ++decode_steps_;
+    ++generation_;
     TouchLocked();
   }
   Settle(reserved, used);
@@ -464,6 +468,7 @@ bool Session::CompressAndPublish(int layer, int tokens) {
       }
     }
     layers_[layer].Publish(std::move(chunk));
+    ++generation_;
     bytes_ += net;
     if (!closed_ && net < 0) env_.budget->Release(info_.tenant, -net);
   }
@@ -516,15 +521,28 @@ absl::StatusOr<int64_t> Session::Read(int layer, int64_t token_begin, int64_t co
   return count;
 }
 
-SessionImage Session::Export() const {
+SessionImage Session::Export(uint64_t* generation) const {
   SessionImage image;
   image.info = info_;
-  MutexLock lock(&mu_);
-  image.info.last_access_time = last_access_;
-  image.decode_steps = decode_steps_;
-  image.layers.reserve(layers_.size());
-  for (const LayerStore& l : layers_) image.layers.push_back(l.Export());
+  std::vector<LayerExport> parts;
+  parts.reserve(info_.layout.num_layers);
+  {
+    MutexLock lock(&mu_);
+    image.info.last_access_time = last_access_;
+    image.decode_steps = decode_steps_;
+    if (generation != nullptr) *generation = generation_;
+    for (const LayerStore& l : layers_) parts.push_back(l.BeginExport());
+  }
+  image.layers.reserve(parts.size());
+  for (const LayerExport& p : parts) {
+    image.layers.push_back(LayerStore::FinishExport(info_.layout, p));
+  }
   return image;
+}
+
+uint64_t Session::generation() const {
+  MutexLock lock(&mu_);
+  return generation_;
 }
 
 absl::Status Session::Restore(const SessionImage& image) {
@@ -558,6 +576,7 @@ absl::Status Session::Restore(const SessionImage& image) {
       used += u;
     }
     decode_steps_ = image.decode_steps;
+    ++generation_;
   }
   Settle(need, used);
   if (st.ok()) {

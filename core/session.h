@@ -142,9 +142,16 @@ class Session : public std::enable_shared_from_this<Session> {
   absl::StatusOr<int64_t> Read(int layer, int64_t token_begin, int64_t count, std::string* k_out,
                                std::string* v_out) const;
 
-  // The session as an image (core/snapshot.h): each layer as it is at one instant (background
-  // compression may publish between layers; every layer stays whole).
-  SessionImage Export() const;
+  // The session as an image (core/snapshot.h), every layer as it was at one instant. The
+  // session lock is held only to take references to the published chunks and tail rows and to
+  // copy the statistics (O(tail rows)); the bytes are copied after it is released, so an
+  // export of a large session does not stall its decode steps. `generation`, when not null,
+  // receives generation() at that instant.
+  SessionImage Export(uint64_t* generation = nullptr) const;
+  // Counts the changes to what Export returns (appends, decode steps, scoring statistics,
+  // published chunks, Restore): equal values mean equal images. For checkpoints that write
+  // only what changed.
+  uint64_t generation() const;
   // Fills the layers of a session that holds no tokens yet from `image` (same layout), with
   // its scoring statistics and counters. ResourceExhausted over a budget; InvalidArgument
   // when a layer's contents do not fit the layout (LayerStore::Restore). On error the caller
@@ -208,6 +215,7 @@ class Session : public std::enable_shared_from_this<Session> {
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;  // reserved, not yet committed
   bool closed_ ABSL_GUARDED_BY(mu_) = false;  // Close() ran: the budget holds nothing of ours
   int64_t decode_steps_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;  // see generation()
   absl::Time last_access_ ABSL_GUARDED_BY(mu_);
 };
 

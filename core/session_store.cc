@@ -237,6 +237,14 @@ ListSessionsResult SessionStore::List(const std::string& tenant, int page_size,
   return result;
 }
 
+std::vector<std::shared_ptr<Session>> SessionStore::All() const {
+  std::vector<std::shared_ptr<Session>> all;
+  MutexLock lock(&mu_);
+  all.reserve(sessions_.size());
+  for (const auto& [id, session] : sessions_) all.push_back(session);
+  return all;
+}
+
 absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
   SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(id, options_.limits.max_id_bytes));
   std::shared_ptr<Session> victim;

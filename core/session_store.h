@@ -109,6 +109,9 @@ class SessionStore {
   absl::Status DecodeBatch(const std::vector<DecodeInput>& items,
                            std::vector<DecodeOutput>* outputs);
 
+  // Every live session, ordered by id (snapshots to disk). Not an access: TTLs go on.
+  std::vector<std::shared_ptr<Session>> All() const;
+
   // Removes sessions idle for longer than their TTL; returns how many.
   int EvictExpired(absl::Time now);
 
