@@ -53,6 +53,12 @@ ABSL_FLAG(int, decode_spin_us, 250,
           "sleeping thread costs ~100 us on a VM); 0 = never poll");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long running RPCs may take to finish");
+ABSL_FLAG(std::string, snapshot_dir, "",
+          "Directory of session snapshots (one file per session): restored at start before "
+          "serving, written on SIGTERM/SIGINT after running calls finish; empty = off");
+ABSL_FLAG(absl::Duration, checkpoint_interval, absl::ZeroDuration(),
+          "With --snapshot_dir: how often sessions changed since their last write are written "
+          "in the background, bounding what a crash loses; 0 = only at shutdown");
 ABSL_FLAG(std::string, ready_file, "",
           "If set, written once serving: lines grpc_port=N and metrics_port=M (for scripts "
           "that start the server on port 0)");
@@ -74,6 +80,9 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // Over a file size limit a write fails with EFBIG, reported like a full disk, instead of
+  // killing the server.
+  signal(SIGXFSZ, SIG_IGN);
 
   sparsekv::service::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
@@ -101,6 +110,15 @@ int main(int argc, char** argv) {
   options.store.pruner_threads = absl::GetFlag(FLAGS_pruner_threads);
   options.store.decode_threads = absl::GetFlag(FLAGS_decode_threads);
   options.store.decode_spin_us = absl::GetFlag(FLAGS_decode_spin_us);
+  options.snapshot_dir = absl::GetFlag(FLAGS_snapshot_dir);
+  options.checkpoint_interval = absl::GetFlag(FLAGS_checkpoint_interval);
+  if (options.checkpoint_interval < absl::ZeroDuration() ||
+      (options.checkpoint_interval > absl::ZeroDuration() && options.snapshot_dir.empty())) {
+    std::fprintf(stderr,
+                 "sparsekv-server: --checkpoint_interval needs --snapshot_dir and must "
+                 "be >= 0\n");
+    return 2;
+  }
 
   auto server = sparsekv::service::Server::Start(options);
   if (!server.ok()) {

@@ -116,6 +116,29 @@ Metrics::Metrics(const SessionStore* store, BuildInfo build)
                          .Help("K/V tensor bytes received by AppendKV, as sent on the wire.")
                          .Register(*registry_)
                          .Add({});
+  auto& writes = prometheus::BuildCounter()
+                     .Name("sparsekv_snapshot_writes_total")
+                     .Help(
+                         "Session files written to --snapshot_dir (checkpoints and the shutdown "
+                         "write), by result; an error leaves the session's previous file.")
+                     .Register(*registry_);
+  snapshot_writes_ok_ = &writes.Add({{"result", "ok"}});
+  snapshot_writes_error_ = &writes.Add({{"result", "error"}});
+  auto& restores = prometheus::BuildCounter()
+                       .Name("sparsekv_snapshot_restores_total")
+                       .Help(
+                           "Session files read from --snapshot_dir at start-up, by result; a "
+                           "skipped file was renamed NAME.bad.")
+                       .Register(*registry_);
+  snapshot_restores_ok_ = &restores.Add({{"result", "ok"}});
+  snapshot_restores_skipped_ = &restores.Add({{"result", "skipped"}});
+  snapshot_last_write_seconds_ = &prometheus::BuildGauge()
+                                      .Name("sparsekv_snapshot_last_write_seconds")
+                                      .Help(
+                                          "Duration of the last pass that wrote sessions to "
+                                          "--snapshot_dir.")
+                                      .Register(*registry_)
+                                      .Add({});
   prometheus::BuildGauge()
       .Name("sparsekv_build_info")
       .Help("Build and kernel selection of this server; value is always 1.")
@@ -138,6 +161,17 @@ std::string Metrics::Serialize() const {
     for (auto& f : c->Collect()) families.push_back(std::move(f));
   }
   return prometheus::TextSerializer().Serialize(families);
+}
+
+void Metrics::RecordSnapshotWrite(int64_t ok, int64_t failed, absl::Duration took) {
+  snapshot_writes_ok_->Increment(static_cast<double>(ok));
+  snapshot_writes_error_->Increment(static_cast<double>(failed));
+  snapshot_last_write_seconds_->Set(absl::ToDoubleSeconds(took));
+}
+
+void Metrics::RecordSnapshotRestore(int64_t ok, int64_t skipped) {
+  snapshot_restores_ok_->Increment(static_cast<double>(ok));
+  snapshot_restores_skipped_->Increment(static_cast<double>(skipped));
 }
 
 void Metrics::RecordRpc(const std::string& method, grpc::StatusCode code, absl::Duration latency) {

@@ -9,6 +9,7 @@
 #include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
+#include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
@@ -45,6 +46,11 @@ class Metrics {
   // Token rows (layers x tokens) appended by AppendKV or decode steps.
   void AddAppendedRows(int64_t n) { appended_rows_->Increment(static_cast<double>(n)); }
   void AddReceivedBytes(int64_t n) { received_bytes_->Increment(static_cast<double>(n)); }
+  // One pass of writing sessions to the snapshot directory (a checkpoint or the shutdown
+  // write): session files written and failed, and how long the pass took.
+  void RecordSnapshotWrite(int64_t ok, int64_t failed, absl::Duration took);
+  // The start-up restore: session files loaded and skipped.
+  void RecordSnapshotRestore(int64_t ok, int64_t skipped);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -54,6 +60,11 @@ class Metrics {
   prometheus::Counter* decode_items_;
   prometheus::Counter* appended_rows_;
   prometheus::Counter* received_bytes_;
+  prometheus::Counter* snapshot_writes_ok_;
+  prometheus::Counter* snapshot_writes_error_;
+  prometheus::Counter* snapshot_restores_ok_;
+  prometheus::Counter* snapshot_restores_skipped_;
+  prometheus::Gauge* snapshot_last_write_seconds_;
 };
 
 // Method names of the service, in proto order (used to pre-create label sets so that every

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <exception>
 #include <fstream>
 #include <utility>
@@ -45,6 +46,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   s->store_ = std::make_unique<SessionStore>(options.store);
   s->build_ = CurrentBuildInfo(s->store_->backend());
   s->metrics_ = std::make_unique<Metrics>(s->store_.get(), s->build_);
+  if (!options.snapshot_dir.empty()) {
+    // Before serving: no client can create a session under a restored session's id first.
+    s->snapshots_ = std::make_unique<SnapshotDir>(options.snapshot_dir);
+    const RestoreReport report = s->snapshots_->Restore(s->store_.get());
+    s->metrics_->RecordSnapshotRestore(report.restored,
+                                       static_cast<int64_t>(report.skipped.size()));
+    std::fprintf(stderr, "sparsekv-server: snapshots in %s: %s\n", options.snapshot_dir.c_str(),
+                 report.ToString().c_str());
+  }
   ServiceLimits limits;
   limits.max_message_bytes = options.max_message_bytes;
   s->service_ =
@@ -80,7 +90,44 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
     const std::vector<int> ports = s->exposer_->GetListeningPorts();
     s->metrics_port_ = ports.empty() ? 0 : ports.front();
   }
+  s->serving_ = true;
+  if (s->snapshots_ && options.checkpoint_interval > absl::ZeroDuration()) {
+    Server* raw = s.get();
+    s->checkpointer_ = std::thread(
+        [raw, interval = options.checkpoint_interval] { raw->CheckpointLoop(interval); });
+  }
   return s;
+}
+
+void Server::CheckpointLoop(absl::Duration interval) {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(checkpoint_mu_);
+      checkpoint_cv_.wait_for(lock, absl::ToChronoNanoseconds(interval),
+                              [this] { return stop_checkpoints_; });
+      if (stop_checkpoints_) return;
+    }
+    WriteSnapshots("checkpoint");
+  }
+}
+
+void Server::WriteSnapshots(const char* why) {
+  const WriteReport r = snapshots_->Write(*store_);
+  metrics_->RecordSnapshotWrite(r.written, r.failed, r.duration);
+  const bool shutdown = std::string_view(why) == "shutdown";
+  const absl::Time now = absl::Now();
+  // A full disk fails every pass: say so when it starts, then once a minute, not every pass.
+  bool log = shutdown;
+  if (r.failed > 0 && (!last_write_failed_ || now - last_failure_log_ >= absl::Minutes(1))) {
+    log = true;
+    last_failure_log_ = now;
+  }
+  if (r.failed == 0 && last_write_failed_) log = true;  // recovered
+  last_write_failed_ = r.failed > 0;
+  if (log) {
+    std::fprintf(stderr, "sparsekv-server: %s to %s: %s\n", why, snapshots_->dir().c_str(),
+                 r.ToString().c_str());
+  }
 }
 
 void Server::Shutdown(absl::Duration grace) {
@@ -91,6 +138,16 @@ void Server::Shutdown(absl::Duration grace) {
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(absl::ToInt64Milliseconds(grace)));
   grpc_server_->Wait();
+  if (checkpointer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(checkpoint_mu_);
+      stop_checkpoints_ = true;
+    }
+    checkpoint_cv_.notify_all();
+    checkpointer_.join();
+  }
+  // No call runs any more: this write is the exact set of sessions.
+  if (snapshots_ && serving_) WriteSnapshots("shutdown");
   exposer_.reset();
 }
 

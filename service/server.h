@@ -1,5 +1,6 @@
-// Assembles the sparsekv server: session store, gRPC service (+ health and reflection) and the
-// Prometheus exposer. Used by main.cc and by in-process tests.
+// Assembles the sparsekv server: session store, gRPC service (+ health and reflection), the
+// Prometheus exposer, and with a snapshot directory the restore at start, periodic
+// checkpoints and the write at shutdown. Used by main.cc and by in-process tests.
 //
 // Thread-compatible: Start once, then Shutdown once from any thread.
 #ifndef SPARSEKV_SERVICE_SERVER_H_
@@ -8,12 +9,16 @@
 #include <grpcpp/grpcpp.h>
 #include <prometheus/exposer.h>
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/session_store.h"
+#include "core/snapshot_dir.h"
 #include "service/kv_cache_service.h"
 #include "service/metrics.h"
 
@@ -24,6 +29,12 @@ struct ServerOptions {
   std::string metrics_listen = "0.0.0.0:9464";  // HTTP /metrics; empty = no exposer
   int max_message_bytes = 64 << 20;             // gRPC receive limit per message
   SessionStoreOptions store;
+  // Sessions are restored from here before serving and written here at Shutdown (README
+  // "Restart without loss"); empty = neither.
+  std::string snapshot_dir;
+  // With snapshot_dir: how often a background thread writes the sessions changed since their
+  // last write; zero = only at Shutdown.
+  absl::Duration checkpoint_interval = absl::ZeroDuration();
 };
 
 // Memory this process may use: the smaller of physical memory and the cgroup (v2 or v1)
@@ -32,8 +43,9 @@ int64_t AvailableMemoryBytes();
 
 class Server {
  public:
-  // Binds both ports and starts serving. InvalidArgument for a malformed address,
-  // Unavailable when a port cannot be bound.
+  // Restores the sessions of options.snapshot_dir (one line on stderr: restored and skipped
+  // files, and why; never fatal), then binds both ports and starts serving. InvalidArgument
+  // for a malformed address, Unavailable when a port cannot be bound.
   static absl::StatusOr<std::unique_ptr<Server>> Start(ServerOptions options);
   ~Server();  // Shutdown() if not done yet
 
@@ -43,11 +55,18 @@ class Server {
   Metrics& metrics() { return *metrics_; }
   SessionStore& store() { return *store_; }
 
-  // Stops accepting RPCs, lets running ones finish for up to `grace`, cancels the rest.
+  // Stops accepting RPCs, lets running ones finish for up to `grace`, cancels the rest, then
+  // writes every session to the snapshot directory (if any; errors are reported on stderr and
+  // in metrics, never fatal).
   void Shutdown(absl::Duration grace);
 
  private:
   Server() = default;
+
+  // One pass of SnapshotDir::Write, counted in metrics; `why` names it in log lines. Failures
+  // are logged always at shutdown, else when they start and then at most once a minute.
+  void WriteSnapshots(const char* why);
+  void CheckpointLoop(absl::Duration interval);
 
   BuildInfo build_;
   std::unique_ptr<SessionStore> store_;
@@ -58,6 +77,15 @@ class Server {
   int grpc_port_ = 0;
   int metrics_port_ = 0;
   bool shut_down_ = false;
+  bool serving_ = false;  // Start succeeded: the snapshot directory is ours to write
+
+  std::unique_ptr<SnapshotDir> snapshots_;
+  std::thread checkpointer_;
+  std::mutex checkpoint_mu_;
+  std::condition_variable checkpoint_cv_;
+  bool stop_checkpoints_ = false;   // guarded by checkpoint_mu_
+  bool last_write_failed_ = false;  // only WriteSnapshots, serialised by SnapshotDir
+  absl::Time last_failure_log_ = absl::InfinitePast();  // likewise
 };
 
 // Version, git commit and the CPU kernel variant of this build.

@@ -47,12 +47,14 @@ def load_stubs(proto_dir):
 class ServerProcess:
     """Starts sparsekv-server on ephemeral ports and waits for its ready file.
 
-    Usage: with ServerProcess(bin, extra_flags=[...]) as s: s.stub.CreateSession(...)"""
+    Usage: with ServerProcess(bin, extra_flags=[...]) as s: s.stub.CreateSession(...)
+    `preexec_fn` runs in the child before exec (e.g. to set resource limits)."""
 
     READY_TIMEOUT_S = 15.0
 
-    def __init__(self, binary, proto_dir=None, extra_flags=()):
+    def __init__(self, binary, proto_dir=None, extra_flags=(), preexec_fn=None):
         self.binary = binary
+        self.preexec_fn = preexec_fn
         self.proto_dir = proto_dir
         self.extra_flags = list(extra_flags)
         self.proc = None
@@ -75,7 +77,8 @@ class ServerProcess:
         args = [self.binary, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
                 "--ready_file=" + ready] + self.extra_flags
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + self.READY_TIMEOUT_S
         while True:
             ports = self._read_ready(ready)
