@@ -2,10 +2,12 @@
 # Kubernetes preStop hook of sparsekv-server (the image installs it as sparsekv-prestop).
 #
 # Kubernetes runs it when a pod starts terminating and sends SIGTERM only after it returns.
-# Sessions cannot move to another replica yet (ExportSession/ImportSession are not built), so
-# draining means: let the Services and the ingress stop sending new requests here, then wait
-# until the requests and DecodeStream streams already under way have stopped, so that
-# SIGTERM's --shutdown_grace cuts none of them. It never fails the termination: every path
+# The hook moves no sessions: ExportSession/ImportSession can move one to another replica, but
+# nothing calls them on termination, and with --snapshot_dir the server itself writes its
+# sessions after SIGTERM for its next start. So draining means: let the Services and the
+# ingress stop sending new requests here, then wait until the requests and DecodeStream
+# streams already under way have stopped, so that SIGTERM's --shutdown_grace cuts none of them
+# and the sessions written afterwards hold everything they sent. It never fails the termination: every path
 # exits 0, at the latest after SPARSEKV_DRAIN_MAX_S.
 #
 # Environment (seconds):
