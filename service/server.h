@@ -83,9 +83,10 @@ class Server {
   std::thread checkpointer_;
   std::mutex checkpoint_mu_;
   std::condition_variable checkpoint_cv_;
-  bool stop_checkpoints_ = false;   // guarded by checkpoint_mu_
-  bool last_write_failed_ = false;  // only WriteSnapshots, serialised by SnapshotDir
-  absl::Time last_failure_log_ = absl::InfinitePast();  // likewise
+  bool stop_checkpoints_ = false;  // guarded by checkpoint_mu_
+  // Used by WriteSnapshots only: on the checkpoint thread, then at Shutdown after joining it.
+  bool last_write_failed_ = false;
+  absl::Time last_failure_log_ = absl::InfinitePast();
 };
 
 // Version, git commit and the CPU kernel variant of this build.
