@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 import numpy as np  # noqa: E402
 import sparsekv_client as sk  # noqa: E402
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK)
-                                  else None)
-if NGINX is None:
+# SPARSEKV_NGINX_BIN as for deploy/local's scripts (a path that does not exist shows the skip).
+NGINX = os.environ.get("SPARSEKV_NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
+if not os.access(NGINX, os.X_OK):
     print("SKIP: nginx is not installed (Debian package nginx; deploy/dev/setup.sh installs it)")
     sys.exit(77)
 
@@ -153,6 +153,7 @@ class Load:
                 if e.code not in RETRYABLE or time.monotonic() - t0 > 20:
                     with self.lock:
                         self.requests += 1
+                        self.retries += retries
                         self.failures.append("%s layer %d: %s after %d retries"
                                              % (sid, layer, e, retries))
                     return
@@ -171,6 +172,58 @@ class Load:
             if got != self.expected[(sid, layer)]:
                 self.failures.append("%s layer %d: answer differs from before the drain"
                                      % (sid, layer))
+
+
+class Writer:
+    """A client that appends one token to every layer of a few sessions per step through the
+    router (Decode with new_k/new_v), until stopped: the writes that must not be lost while
+    their sessions move. Only NOT_FOUND is retried (nothing was applied then); any other error
+    is a failed request."""
+
+    def __init__(self, target, sids, seed):
+        self.target, self.sids = target, sids
+        self.rng = np.random.default_rng(seed)
+        self.stop = threading.Event()
+        self.appended = {sid: 0 for sid in sids}  # tokens per layer acknowledged
+        self.requests = self.retries = 0
+        self.failures = []
+        self.thread = threading.Thread(target=self.run)
+
+    def start(self):
+        self.thread.start()
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+
+    def run(self):
+        client = sk.Client(self.target, timeout=10.0)
+        while not self.stop.is_set():
+            for sid in self.sids:
+                for layer in range(LAYERS):
+                    if not self.one(client, sid, layer):
+                        client.close()
+                        return
+                self.appended[sid] += 1
+        client.close()
+
+    def one(self, client, sid, layer):
+        nk = self.rng.standard_normal((KV_HEADS, HEAD_DIM), dtype=np.float32)
+        nv = self.rng.standard_normal((KV_HEADS, HEAD_DIM), dtype=np.float32)
+        q = self.rng.standard_normal((Q_HEADS, HEAD_DIM), dtype=np.float32)
+        t0 = time.monotonic()
+        self.requests += 1
+        while True:
+            try:
+                client.decode(sid, layer, q, new_k=nk.astype(np.float16),
+                              new_v=nv.astype(np.float16))
+                return True
+            except sk.SparsekvError as e:
+                if e.code != "NOT_FOUND" or time.monotonic() - t0 > 20:
+                    self.failures.append("append to %s layer %d: %s" % (sid, layer, e))
+                    return False
+                self.retries += 1
+                time.sleep(0.01)
 
 
 def run(cmd, env, timeout=120):
@@ -276,8 +329,16 @@ def main():
                          for sid in sids}
 
         # -- drain under load
-        load = Load(proxy, sids, queries, expected)
+        # Three of the drained replica's sessions get appends during the drain; the rest
+        # only reads, whose answers must not change.
+        writes = sorted(held[victim])[:3]
+        reads = [sid for sid in sids if sid not in writes]
+        rows_before = {sid: direct[victim].get_session(sid).stats.tokens_per_layer
+                       for sid in writes}
+        load = Load(proxy, reads, queries, expected)
+        writer = Writer(proxy, writes, seed + 1)
         load.start()
+        writer.start()
         time.sleep(1.0)  # traffic flowing before the reload
         before_drain = load.requests
         t0 = time.monotonic()
@@ -286,6 +347,7 @@ def main():
         during_drain = load.requests - before_drain
         time.sleep(1.0)  # and after it: the moved sessions answered by their new owners
         load.finish()
+        writer.finish()
         print(r.stdout, end="")
         check(r.returncode == 0, "drain.sh --keep %s exits 0 (%.1f s)" % (victim, drain_s),
               r.stdout[-2000:])
@@ -304,7 +366,7 @@ def main():
               % {n: len(after[n]) for n in rest},
               "duplicated %s, missing %s" % (dup, set(sids) - set(new_owner)))
         stayed_moved = [s for s in sids if owner[s] != victim and new_owner.get(s) != owner[s]]
-        check(not stayed_moved, "sessions of the other replicas did not move (consistent hash)",
+        check(not stayed_moved, "the drain moved only the drained replica's sessions",
               stayed_moved[:5])
         moved = [s for s in sids if owner[s] == victim]
         reported = dict(re.findall(r"moved (\S+) -> (\S+) ", r.stdout))
@@ -316,29 +378,58 @@ def main():
               "the drain's summary counts them", r.stdout[-300:])
 
         differs = []
+        log_mark = line_count(log)
         for sid in sids:
             for layer in range(LAYERS):
-                via_router = decode_bytes(router, sid, layer, queries[sid])
-                at_owner = decode_bytes(direct[new_owner[sid]], sid, layer, queries[sid])
-                if via_router != expected[(sid, layer)] or at_owner != expected[(sid, layer)]:
-                    differs.append((sid, layer))
+                try:
+                    via_router = decode_bytes(router, sid, layer, queries[sid])
+                    at_owner = decode_bytes(direct[new_owner[sid]], sid, layer, queries[sid])
+                except sk.SparsekvError as e:
+                    differs.append((sid, layer, e.code))
+                    continue
+                # The written sessions changed: through the router they must still answer
+                # what their replica answers.
+                want = at_owner if sid in writes else expected[(sid, layer)]
+                if via_router != want or at_owner != want:
+                    differs.append((sid, layer, "different answer"))
         check(not differs, "after the drain all %d sessions (%d moved) answer bit for bit as "
-              "before, through the router and on their replica" % (SESSIONS, len(moved)),
-              differs[:5])
-        stats_differ = [s for s in moved
+              "before (the %d written ones as their replica does), through the router and on "
+              "their replica" % (SESSIONS, len(moved), len(writes)), differs[:5])
+        rows_after = {sid: direct[new_owner[sid]].get_session(sid).stats.tokens_per_layer
+                      for sid in writes}
+        lost = {sid: (rows_before[sid], writer.appended[sid], rows_after[sid]) for sid in writes
+                if rows_after[sid] != [n + writer.appended[sid] for n in rows_before[sid]]}
+        check(not lost and not writer.failures and min(writer.appended.values()) > 0,
+              "appends during the drain: all %d acknowledged tokens per layer are on the moved "
+              "sessions (%d requests, %d NOT_FOUND retries), none failed"
+              % (sum(writer.appended.values()), writer.requests, writer.retries),
+              "tokens per layer before, appended, after: %s; failures %s"
+              % (lost, writer.failures[:3]))
+        # The consistent hash: the ids of the replicas that stay still route to them, and the
+        # moved ids to where the drain put them.
+        time.sleep(0.2)
+        upstreams = routed_upstreams(log, log_mark)
+        wrong = {sid: u for sid, u in upstreams.items()
+                 if sid in new_owner and u != {addr_of[new_owner[sid]]}}
+        check(len(upstreams) == SESSIONS and not wrong,
+              "nginx's access log after the drain: every session's decodes went to the replica "
+              "holding it", "%d sessions logged, wrong: %s" % (len(upstreams),
+                                                                list(wrong.items())[:3]))
+        moved_reads = [s for s in moved if s not in writes]
+        stats_differ = [s for s in moved_reads
                         if direct[new_owner[s]].get_session(s).stats.tokens_total
                         != tokens_before[s]]
-        check(not stats_differ and all(tokens_before[s] > 0 for s in moved),
-              "moved sessions keep their token counts", stats_differ[:5])
+        check(not stats_differ and all(tokens_before[s] > 0 for s in moved_reads),
+              "moved read-only sessions keep their token counts", stats_differ[:5])
 
         print("load: %d requests (%d during the %.1f s drain), %d retries %s over %d requests, "
               "longest retried request %.3f s, %d failed"
               % (load.requests, during_drain, drain_s, load.retries, load.retries_by_code,
                  load.retried_requests, load.longest_retry_s, len(load.failures)))
-        check(during_drain > 0 and all(load.by_session.get(s, 0) > 0 for s in moved),
+        check(during_drain > 0 and all(load.by_session.get(s, 0) > 0 for s in moved_reads),
               "the load ran during the drain and decoded every moved session",
               "%d during the drain; moved sessions never decoded: %s"
-              % (during_drain, [s for s in moved if not load.by_session.get(s)][:5]))
+              % (during_drain, [s for s in moved_reads if not load.by_session.get(s)][:5]))
         check(not load.failures, "no request failed under load (%d requests, %d retried)"
               % (load.requests, load.retried_requests), load.failures[:5])
 
@@ -351,6 +442,9 @@ def main():
         print("%.1f s" % (time.monotonic() - t_start))
 
 
-main()
+try:
+    main()
+except Exception as e:  # noqa: BLE001 -- a crash is one more failure, and the summary still prints
+    bad("unexpected %s: %s" % (type(e).__name__, e))
 print("%d passed, %d failed" % (passed, failed))
 sys.exit(1 if failed else 0)
