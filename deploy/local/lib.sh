@@ -16,7 +16,7 @@ SERVER_BIN=${SPARSEKV_SERVER_BIN:-$REPO_ROOT/build/bin/sparsekv-server}
 CLI_BIN=${SPARSEKV_CLI_BIN:-$REPO_ROOT/build/bin/sparsekv}
 NGINX_BIN=${SPARSEKV_NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 # Seconds old nginx workers may keep open calls after a reload (see nginx.conf.in).
-SHUTDOWN_S=${SPARSEKV_ROUTER_SHUTDOWN_S:-10}
+SHUTDOWN_S=${SPARSEKV_ROUTER_SHUTDOWN_S:-5}
 
 die() {
   echo "$(basename "$0"): $*" >&2

@@ -46,6 +46,8 @@ if not os.access(NGINX, os.X_OK):
 SESSIONS = 50
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, TOKENS = 2, 2, 8, 64, 200
 RETRYABLE = ("NOT_FOUND", "UNAVAILABLE")
+# How long nginx's old workers keep open calls after the drain's reload (a DecodeStream).
+SHUTDOWN_S = 3
 
 passed = failed = 0
 
@@ -226,6 +228,56 @@ class Writer:
                 time.sleep(0.01)
 
 
+class StreamLoad:
+    """One DecodeStream through the router, opened before the drain for a session that moves,
+    stepping until stopped, each answer compared with the answer before the drain. The router
+    keeps an open stream on the replica it started on until nginx's old worker closes it
+    (worker_shutdown_timeout); the client then opens a new stream and repeats the step
+    (counted as a reopen). NOT_FOUND answers on a stream are retried on that stream."""
+
+    def __init__(self, target, sid, q, expected):
+        self.target, self.sid, self.q, self.expected = target, sid, q, expected
+        self.stop = threading.Event()
+        self.steps = self.reopens = self.retries = 0
+        self.failures = []
+        self.thread = threading.Thread(target=self.run)
+
+    def start(self):
+        self.thread.start()
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+
+    def run(self):
+        client = sk.Client(self.target, timeout=10.0)
+        stream = client.decode_stream(out_dtype="float32", session_id=self.sid)
+        t_fail = None
+        while not self.stop.is_set() and len(self.failures) < 5:
+            try:
+                out, lse = stream.decode(self.sid, 0, self.q, want_lse=True)
+            except sk.SparsekvError as e:
+                t_fail = t_fail or time.monotonic()
+                if e.code not in RETRYABLE or time.monotonic() - t_fail > 20:
+                    self.failures.append("stream step: %s" % e)
+                    return
+                if e.request_id is None:  # the whole stream ended: open another
+                    stream.cancel()
+                    stream = client.decode_stream(out_dtype="float32", session_id=self.sid)
+                    self.reopens += 1
+                else:
+                    self.retries += 1
+                time.sleep(0.01)
+                continue
+            t_fail = None
+            self.steps += 1
+            if out.tobytes() + lse.tobytes() != self.expected:
+                self.failures.append("stream step: answer differs from before the drain")
+            time.sleep(0.02)
+        stream.cancel()
+        client.close()
+
+
 def run(cmd, env, timeout=120):
     return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
@@ -237,7 +289,7 @@ def main():
     env = dict(os.environ,
                SPARSEKV_LOCAL_DIR=state, SPARSEKV_PROXY_PORT="0",
                SPARSEKV_SERVER_BIN=SERVER, SPARSEKV_CLI_BIN=CLI, SPARSEKV_NGINX_BIN=NGINX,
-               SPARSEKV_ROUTER_SHUTDOWN_S="5",
+               SPARSEKV_ROUTER_SHUTDOWN_S=str(SHUTDOWN_S),
                # 2 shared cores: no spinning decode workers, small fixed budgets.
                SPARSEKV_SERVER_FLAGS="--decode_spin_us=0 --decode_threads=0 "
                                      "--host_budget_bytes=1073741824")
@@ -333,12 +385,17 @@ def main():
         # only reads, whose answers must not change.
         writes = sorted(held[victim])[:3]
         reads = [sid for sid in sids if sid not in writes]
+        streamed = sorted(held[victim])[3] if len(held[victim]) > 3 else None
         rows_before = {sid: direct[victim].get_session(sid).stats.tokens_per_layer
                        for sid in writes}
         load = Load(proxy, reads, queries, expected)
         writer = Writer(proxy, writes, seed + 1)
+        streams = (StreamLoad(proxy, streamed, queries[streamed], expected[(streamed, 0)])
+                   if streamed else None)
         load.start()
         writer.start()
+        if streams:
+            streams.start()
         time.sleep(1.0)  # traffic flowing before the reload
         before_drain = load.requests
         t0 = time.monotonic()
@@ -348,6 +405,8 @@ def main():
         time.sleep(1.0)  # and after it: the moved sessions answered by their new owners
         load.finish()
         writer.finish()
+        if streams:
+            streams.finish()
         print(r.stdout, end="")
         check(r.returncode == 0, "drain.sh --keep %s exits 0 (%.1f s)" % (victim, drain_s),
               r.stdout[-2000:])
@@ -430,6 +489,14 @@ def main():
               "the load ran during the drain and decoded every moved session",
               "%d during the drain; moved sessions never decoded: %s"
               % (during_drain, [s for s in moved_reads if not load.by_session.get(s)][:5]))
+        if streams:
+            check(not streams.failures and streams.reopens >= 1 and streams.steps > 0
+                  and drain_s >= SHUTDOWN_S - 0.5,
+                  "a DecodeStream open across the drain: kept by the old router worker, the "
+                  "drain waited %.1f s for it (shutdown timeout %d s), cut, reopened %d times, "
+                  "%d steps bit for bit as before, %d NOT_FOUND retries"
+                  % (drain_s, SHUTDOWN_S, streams.reopens, streams.steps, streams.retries),
+                  streams.failures[:3])
         check(not load.failures, "no request failed under load (%d requests, %d retried)"
               % (load.requests, load.retried_requests), load.failures[:5])
 
