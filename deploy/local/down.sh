@@ -5,6 +5,7 @@
 #
 # usage: deploy/local/down.sh
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 [[ -f $STATE_DIR/replicas ]] || { echo "down.sh: nothing recorded in $STATE_DIR"; exit 0; }
@@ -28,7 +29,7 @@ if pid=$(router_pid); then
   kill -TERM "$pid"  # fast shutdown: open calls are cut, as the replicas stop anyway
   pids+=("$pid")
 fi
-while read -r name addr pid metrics state; do
+while read -r _name _addr pid _metrics _state; do
   # A recycled pid could belong to someone else: only signal a sparsekv-server.
   if kill -0 "$pid" 2>/dev/null && [[ $(ps -o comm= -p "$pid") == sparsekv-serve* ]]; then
     kill -TERM "$pid"

@@ -15,12 +15,16 @@
 #      its x-session-id header (so nginx itself delivers it to the replica that owns the id
 #      now), checked to be on exactly one of the remaining replicas, then deleted on NAME.
 # Between 1 and the end of a session's import, a call for that session reaches its new owner
-# before the session does and gets NOT_FOUND: clients retry NOT_FOUND (and UNAVAILABLE) with a
-# short backoff during a drain instead of recreating the session (a recreated session would
-# make the import fail with ALREADY_EXISTS; the drain then keeps NAME's copy and reports it).
+# before the session does and gets NOT_FOUND: milliseconds plus the copy when no call is open
+# through the old workers, up to the shutdown timeout (SPARSEKV_ROUTER_SHUTDOWN_S, 5 s) when a
+# DecodeStream is (nginx cuts it then: UNAVAILABLE, the client opens a new one). Clients retry
+# NOT_FOUND and UNAVAILABLE with a short backoff for longer than that, instead of recreating
+# the session (a recreated session would make the import fail with ALREADY_EXISTS; the drain
+# then keeps NAME's copy and reports it).
 # If step 3 fails, NAME stays out of the router with the sessions not yet moved: fix the
 # cause and run drain.sh NAME again (it resumes at step 3).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 keep=0

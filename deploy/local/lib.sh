@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced: the scripts use the variables set here
 # Shared by up.sh, drain.sh and down.sh (sourced, not run): where the state lives and how the
 # router config is rendered.
 #
@@ -65,9 +66,9 @@ replica_addrs() {
 # are NOT_FOUND (or a CreateSession lands on a replica the id does not hash to).
 render_router_config() {
   local servers="" addr user_line=""
-  for addr in $(awk '$5 == "active" { print $2 }' "$STATE_DIR/replicas"); do
+  while read -r addr; do
     servers+="    server $addr max_fails=0;"$'\n'
-  done
+  done < <(awk '$5 == "active" { print $2 }' "$STATE_DIR/replicas")
   [[ -n $servers ]] || die "no active replica to route to"
   servers=${servers%$'\n'}
   [[ $(id -u) -eq 0 ]] && user_line="user $(id -un) $(id -gn);"

@@ -14,6 +14,7 @@
 #                           build/bin/sparsekv-server, build/bin/sparsekv, nginx on PATH)
 # Prints the router's address and the replicas; their state is in $SPARSEKV_LOCAL_DIR/replicas.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 N=${1:-}
