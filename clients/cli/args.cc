@@ -69,6 +69,11 @@ ABSL_FLAG(std::string, out, "",
 ABSL_FLAG(std::string, in, "", "import: the snapshot file to read");
 ABSL_FLAG(std::string, to, "", "migrate: the server (HOST:PORT) that takes the session over");
 ABSL_FLAG(bool, keep, false, "migrate: keep the session on the source server too");
+ABSL_FLAG(std::string, via, "",
+          "drain: the router (HOST:PORT) that routes by x-session-id; sessions are imported "
+          "through it");
+ABSL_FLAG(std::string, peers, "",
+          "drain: the replicas the router routes to now, HOST:PORT,... (without --server)");
 ABSL_FLAG(float, scale, 0.0f, "softmax scale (0: 1/sqrt(head_dim))");
 ABSL_FLAG(int32_t, show, 8, "values per head in the human-readable output");
 
@@ -178,6 +183,12 @@ const std::vector<CommandSpec>& Commands() {
        1,
        {"to", "keep"},
        "move a session to another server (--to), bit-identical; deleted here unless --keep"},
+      {"drain",
+       "",
+       0,
+       0,
+       {"via", "peers"},
+       "move every session off --server to the replicas a router (--via) now sends them to"},
       {"info", "", 0, 0, {}, "show server information"},
       {"health", "", 0, 0, {}, "check server health (exit status 0 only when SERVING)"},
       {"bench",

@@ -28,6 +28,8 @@ ABSL_DECLARE_FLAG(bool, json);
 ABSL_DECLARE_FLAG(std::string, in);
 ABSL_DECLARE_FLAG(std::string, to);
 ABSL_DECLARE_FLAG(bool, keep);
+ABSL_DECLARE_FLAG(std::string, via);
+ABSL_DECLARE_FLAG(std::string, peers);
 // create / list.
 ABSL_DECLARE_FLAG(uint32_t, layers);
 ABSL_DECLARE_FLAG(uint32_t, kv_heads);

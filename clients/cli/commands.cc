@@ -21,12 +21,13 @@
 #include "clients/cli/args.h"
 #include "clients/cli/bench.h"
 #include "clients/cli/demo.h"
+#include "clients/cli/drain.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
+#include "clients/cli/snapshot_transfer.h"
 #include "clients/cli/table.h"
 #include "clients/cli/tensor_util.h"
 #include "clients/cpp/kv_cache_client.h"
-#include "common/crc32c.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
 
@@ -400,37 +401,6 @@ absl::Status CmdDelete(Context& ctx) {
     ctx.out << "deleted " << ctx.id() << " (" << r.bytes_freed() << " bytes freed)\n";
   }
   return absl::OkStatus();
-}
-
-// A snapshot as transfer pieces of at most 1 MiB, each with its offset and CRC-32C.
-std::vector<v1::SessionChunk> SnapshotPieces(const std::string& bytes) {
-  constexpr size_t kPiece = 1 << 20;
-  std::vector<v1::SessionChunk> pieces;
-  for (size_t off = 0; off < bytes.size(); off += kPiece) {
-    v1::SessionChunk c;
-    c.set_format_version(1);
-    c.set_offset(off);
-    c.set_data(bytes.substr(off, kPiece));
-    c.set_crc32c(Crc32c(c.data()));
-    c.set_last(off + kPiece >= bytes.size());
-    pieces.push_back(std::move(c));
-  }
-  return pieces;
-}
-
-absl::StatusOr<std::string> ExportBytes(KvCacheClient* client, const std::string& id) {
-  SPARSEKV_ASSIGN_OR_RETURN(std::vector<v1::SessionChunk> pieces, client->ExportSession(id));
-  std::string bytes;
-  for (const v1::SessionChunk& c : pieces) {
-    if (c.offset() != bytes.size() || Crc32c(c.data()) != c.crc32c()) {
-      return absl::DataLossError("export arrived damaged (offset or checksum)");
-    }
-    bytes += c.data();
-  }
-  if (pieces.empty() || !pieces.back().last()) {
-    return absl::DataLossError("export ended before its last piece");
-  }
-  return bytes;
 }
 
 void PrintMoved(Context& ctx, const char* verb, const v1::Session& s, size_t bytes) {
@@ -865,6 +835,8 @@ absl::Status CmdBenchCommand(Context& ctx) { return CmdBench(ctx.inv, ctx.out, *
 
 absl::Status CmdDemoCommand(Context& ctx) { return CmdDemo(ctx.inv, ctx.out, *ctx.err); }
 
+absl::Status CmdDrainCommand(Context& ctx) { return CmdDrain(ctx.inv, ctx.out, *ctx.err); }
+
 absl::Status CmdHealth(Context& ctx) {
   SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
   SPARSEKV_ASSIGN_OR_RETURN(HealthStatus health, ctx.client->CheckHealth());
@@ -938,11 +910,12 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
   Context ctx{*inv, out, absl::GetFlag(FLAGS_json), nullptr, &err};
   using Handler = absl::Status (*)(Context&);
   static const auto* handlers = new std::map<std::string, Handler>{
-      {"create", CmdCreate}, {"list", CmdList},          {"get", CmdGet},
-      {"delete", CmdDelete}, {"append", CmdAppend},      {"attend", CmdAttend},
-      {"read", CmdRead},     {"flush", CmdFlush},        {"info", CmdInfo},
-      {"export", CmdExport}, {"import", CmdImport},      {"migrate", CmdMigrate},
-      {"health", CmdHealth}, {"bench", CmdBenchCommand}, {"demo", CmdDemoCommand},
+      {"create", CmdCreate},      {"list", CmdList},          {"get", CmdGet},
+      {"delete", CmdDelete},      {"append", CmdAppend},      {"attend", CmdAttend},
+      {"read", CmdRead},          {"flush", CmdFlush},        {"info", CmdInfo},
+      {"export", CmdExport},      {"import", CmdImport},      {"migrate", CmdMigrate},
+      {"health", CmdHealth},      {"bench", CmdBenchCommand}, {"demo", CmdDemoCommand},
+      {"drain", CmdDrainCommand},
   };
   const absl::Status status = handlers->at(inv->command)(ctx);
   const int code = ExitCodeFor(status);

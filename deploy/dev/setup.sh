@@ -14,6 +14,9 @@ packages=(
   prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
   # tests: Python client written from the .proto, promtool for /metrics
   python3 python3-grpcio python3-grpc-tools python3-numpy python3-matplotlib prometheus openssl
+  # local scale-out (deploy/local) and its test: nginx routes gRPC by x-session-id. The
+  # scripts run their own nginx with their own config; they do not use the system service.
+  nginx
 )
 
 missing=()
