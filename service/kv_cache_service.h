@@ -1,8 +1,9 @@
-// The gRPC KvCacheService on the callback API. Every unary handler has the same thin shape:
-// parse the request bytes -> check shutdown/deadline -> convert and validate the request ->
-// call core/ -> convert the status -> record metrics. Streams use small self-owning reactors.
-// Handlers take raw bytes (service/wire.h) so that unparseable requests and stream messages
-// get a status that says so.
+// The gRPC KvCacheService on the callback API: the transport around service/handlers.h. Every
+// unary method has the same thin shape: parse the request bytes -> the handler (with the call's
+// deadline and cancellation as its CancelCheck) -> serialize -> convert the status -> record
+// metrics. Streams use small self-owning reactors around the handlers' call objects. Methods
+// take raw bytes (service/wire.h) so that unparseable requests and stream messages get a
+// status that says so.
 //
 // Thread-safe: gRPC calls handlers concurrently from its own threads.
 #ifndef SPARSEKV_SERVICE_KV_CACHE_SERVICE_H_
@@ -17,6 +18,7 @@
 #include "absl/time/time.h"
 #include "core/executor.h"
 #include "core/session_store.h"
+#include "service/handlers.h"
 #include "service/metrics.h"
 #include "sparsekv/v1/kv_cache.grpc.pb.h"
 
@@ -37,17 +39,6 @@ using RawKvCacheService = v1::KvCacheService::WithRawCallbackMethod_CreateSessio
                                             v1::KvCacheService::WithRawCallbackMethod_GetServerInfo<
                                                 v1::KvCacheService::Service>>>>>>>>>>>>;
 
-struct ServiceLimits {
-  // Largest message accepted and sent (reported by GetServerInfo); ReadKV and ListSessions
-  // size their responses under it.
-  int64_t max_message_bytes = 64 << 20;
-  // Largest K+V payload per ReadKV response message; stays under gRPC's default 4 MiB client
-  // receive limit so that clients need no special channel settings.
-  int64_t read_chunk_bytes = 2 << 20;
-  // Threads for calls that may block (Flush), kept off gRPC's callback threads.
-  int blocking_threads = 2;
-};
-
 class KvCacheServiceImpl final : public RawKvCacheService {
  public:
   // `store` and `metrics` must outlive the service.
@@ -56,7 +47,7 @@ class KvCacheServiceImpl final : public RawKvCacheService {
   ~KvCacheServiceImpl() override;
 
   // From now on new requests get UNAVAILABLE; running ones finish.
-  void BeginShutdown() { shutting_down_.store(true); }
+  void BeginShutdown() { handlers_.BeginShutdown(); }
 
   using Bytes = grpc::ByteBuffer;
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx, const Bytes* req,
@@ -82,18 +73,8 @@ class KvCacheServiceImpl final : public RawKvCacheService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx, const Bytes* req,
                                           Bytes* resp) override;
 
-  // Runs one decode request (unary or one stream message). Public for the stream reactor.
-  absl::Status RunDecode(const v1::DecodeRequest& req, v1::DecodeResponse* resp);
-  // Applies one AppendKV message, all or nothing; `cancel` may abandon it before it is
-  // applied. Returns the token rows appended.
-  absl::StatusOr<int64_t> RunAppend(const v1::AppendKVRequest& req, std::string* session_id,
-                                    const CancelCheck& cancel);
-  // UNAVAILABLE while shutting down.
-  absl::Status CheckServing() const;
-
-  SessionStore* store() { return store_; }
-  Metrics* metrics() { return metrics_; }
-  const ServiceLimits& limits() const { return limits_; }
+  Handlers& handlers() { return handlers_; }
+  Metrics* metrics() { return handlers_.metrics(); }
 
  private:
   // Parses `req` as Request, runs `body(request, &response)`, serializes the response into
@@ -105,11 +86,7 @@ class KvCacheServiceImpl final : public RawKvCacheService {
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const char* method,
                                         absl::Time start, const absl::Status& status);
 
-  SessionStore* const store_;
-  Metrics* const metrics_;
-  const BuildInfo build_;
-  const ServiceLimits limits_;
-  std::atomic<bool> shutting_down_{false};
+  Handlers handlers_;
   std::unique_ptr<BoundedExecutor> blocking_;
 };
 

@@ -12,6 +12,7 @@
 #include <grpcpp/support/proto_buffer_writer.h>
 
 #include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -29,6 +30,18 @@ absl::Status ParseMessage(const grpc::ByteBuffer& bytes, Message* msg, const std
   if (!msg->ParseFromZeroCopyStream(&reader)) {
     return absl::InvalidArgumentError(absl::StrCat(where.empty() ? "request" : where, " (",
                                                    bytes.Length(), " bytes) does not parse as ",
+                                                   Message::descriptor()->full_name()));
+  }
+  return absl::OkStatus();
+}
+
+// The same for bytes in memory (tests/fuzz's direct driver, which has no gRPC call).
+template <typename Message>
+absl::Status ParseMessage(std::string_view bytes, Message* msg, const std::string& where) {
+  msg->Clear();
+  if (!msg->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+    return absl::InvalidArgumentError(absl::StrCat(where.empty() ? "request" : where, " (",
+                                                   bytes.size(), " bytes) does not parse as ",
                                                    Message::descriptor()->full_name()));
   }
   return absl::OkStatus();

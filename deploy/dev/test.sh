@@ -5,9 +5,10 @@
 #   2. ASan+UBSan build + all tests again.
 #   3. TSan build of the core/ and kernels/ tests (TSan is unusable on gRPC code: Debian's
 #      gRPC is not instrumented).
-#   4. libFuzzer build (clang-14, ASan+UBSan) of tests/fuzz/service_fuzz: replays the crash
-#      regressions, then fuzzes every RPC for 2 minutes from the committed seeds; any crash,
-#      leak, sanitizer report or broken invariant fails it.
+#   4. libFuzzer build (clang-14, ASan+UBSan) of tests/fuzz/request_fuzz and service_fuzz:
+#      replays the crash regressions on both, then fuzzes every RPC from the committed seeds,
+#      90 s without the gRPC transport and 60 s through it; any crash, leak, sanitizer report or
+#      broken invariant fails it.
 # Set SPARSEKV_QUICK=1 to run stage 1 only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,7 +43,7 @@ TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -L 
 stage "libFuzzer build (clang-14, ASan+UBSan) and a bounded fuzz run"
 CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DSPARSEKV_SANITIZE=ON -DSPARSEKV_FUZZ=ON -DSPARSEKV_BUILD_BENCHMARKS=OFF >/dev/null
-cmake --build build-fuzz -j"$jobs" --target service_fuzz
+cmake --build build-fuzz -j"$jobs" --target service_fuzz request_fuzz
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # -entropic=0: the entropic schedule's bookkeeping took ~40% of the CPU here (every input runs
 # thousands of instrumented edges on several threads).
@@ -52,8 +53,13 @@ regressions=(tests/fuzz/regressions/*)
 shopt -u nullglob
 if [ ${#regressions[@]} -gt 0 ]; then
   build-fuzz/bin/service_fuzz "${fuzz_args[@]}" "${regressions[@]}"
+  build-fuzz/bin/request_fuzz "${fuzz_args[@]}" "${regressions[@]}"
 fi
 # New inputs go to a scratch corpus (the committed seeds stay as they are).
 rm -rf build-fuzz/fuzz-corpus && mkdir -p build-fuzz/fuzz-corpus
-build-fuzz/bin/service_fuzz "${fuzz_args[@]}" -max_total_time=120 -print_final_stats=1 \
+# First without the transport (service/handlers.h called directly: many more executions per
+# second), then through gRPC from what that found (the reactors, cancellation, framing).
+build-fuzz/bin/request_fuzz "${fuzz_args[@]}" -max_total_time=90 -print_final_stats=1 \
+  build-fuzz/fuzz-corpus tests/fuzz/corpus
+build-fuzz/bin/service_fuzz "${fuzz_args[@]}" -max_total_time=60 -print_final_stats=1 \
   build-fuzz/fuzz-corpus tests/fuzz/corpus

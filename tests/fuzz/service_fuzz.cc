@@ -51,13 +51,17 @@
 #include <vector>
 
 #include "common/crc32c.h"
+#include "common/status_macros.h"
 #include "core/session_store.h"
 #include "core/snapshot.h"
 #include "google/protobuf/stubs/logging.h"
 #include "kernels/dtype.h"
+#include "service/grpc_status.h"
+#include "service/handlers.h"
 #include "service/kv_cache_service.h"
 #include "service/metrics.h"
 #include "service/server.h"
+#include "service/wire.h"
 #include "sparsekv/v1/kv_cache.pb.h"
 #include "tests/fuzz/fuzz_format.h"
 
@@ -105,9 +109,10 @@ struct CallResult {
   bool cancelled = false;  // the input cancelled the call
 };
 
-class Harness {
+// The server's parts: the session store and metrics as the real server builds them.
+class ServerParts {
  public:
-  Harness() {
+  ServerParts() {
     SessionStoreOptions o;
     o.limits.max_layers = kMaxLayers;
     o.limits.max_kv_heads = kMaxHeads;
@@ -123,13 +128,27 @@ class Harness {
     o.decode_threads = 1;  // split decode steps (merge path) without burning a spinning core
     o.decode_spin_us = 0;
     store_ = std::make_unique<SessionStore>(o);
-    const service::BuildInfo build = service::CurrentBuildInfo(store_->backend());
-    metrics_ = std::make_unique<service::Metrics>(store_.get(), build);
-    service::ServiceLimits limits;
-    limits.max_message_bytes = kMaxMessageBytes;
-    limits.read_chunk_bytes = kReadChunkBytes;
-    service_ =
-        std::make_unique<service::KvCacheServiceImpl>(store_.get(), metrics_.get(), build, limits);
+    build_ = service::CurrentBuildInfo(store_->backend());
+    metrics_ = std::make_unique<service::Metrics>(store_.get(), build_);
+    limits_.max_message_bytes = kMaxMessageBytes;
+    limits_.read_chunk_bytes = kReadChunkBytes;
+  }
+
+ protected:
+  std::unique_ptr<SessionStore> store_;
+  std::unique_ptr<service::Metrics> metrics_;
+  service::BuildInfo build_;
+  service::ServiceLimits limits_;
+};
+
+#ifndef SPARSEKV_FUZZ_DIRECT
+// Through gRPC: the real KvCacheServiceImpl in an in-process grpc::Server, called through a
+// GenericStub with raw bytes (service_fuzz).
+class Harness : public ServerParts {
+ public:
+  Harness() {
+    service_ = std::make_unique<service::KvCacheServiceImpl>(store_.get(), metrics_.get(), build_,
+                                                             limits_);
     grpc::ServerBuilder builder;
     builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
     builder.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -239,13 +258,177 @@ class Harness {
     return out;
   }
 
-  std::unique_ptr<SessionStore> store_;
-  std::unique_ptr<service::Metrics> metrics_;
   std::unique_ptr<service::KvCacheServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::GenericStub> stub_;
   grpc::CompletionQueue cq_;
 };
+
+#else
+// Without a transport: the same request logic (service/handlers.h) called directly with the
+// bytes a client would send, parsed the way the gRPC service parses them (request_fuzz). The
+// statuses and responses are the ones the gRPC reactors would send; a cancelled call stops
+// at a fixed point (unary: before the handler; client streams: after half of the messages;
+// DecodeStream: after half of the requests; server streams: after the first message) and
+// reports CANCELLED, as the client of a cancelled gRPC call sees it.
+class Harness : public ServerParts {
+ public:
+  Harness() : h_(store_.get(), metrics_.get(), build_, limits_) {}
+
+  CallResult Call(Method m, const std::vector<std::string>& msgs, bool cancel) {
+    CallResult r;
+    r.cancelled = cancel;
+    const std::string_view first = msgs.empty() ? std::string_view() : msgs[0];
+    const size_t sent = cancel ? msgs.size() / 2 : msgs.size();
+    absl::Status st;
+    switch (m) {
+      case kCreateSession:
+        st = Unary<v1::CreateSessionRequest, v1::Session>(
+            first, cancel, &r, [&](const auto& q, auto* o) { return h_.CreateSession(q, {}, o); });
+        break;
+      case kGetSession:
+        st = Unary<v1::GetSessionRequest, v1::Session>(
+            first, cancel, &r, [&](const auto& q, auto* o) { return h_.GetSession(q, o); });
+        break;
+      case kListSessions:
+        st = Unary<v1::ListSessionsRequest, v1::ListSessionsResponse>(
+            first, cancel, &r, [&](const auto& q, auto* o) { return h_.ListSessions(q, o); });
+        break;
+      case kDeleteSession:
+        st = Unary<v1::DeleteSessionRequest, v1::DeleteSessionResponse>(
+            first, cancel, &r, [&](const auto& q, auto* o) { return h_.DeleteSession(q, o); });
+        break;
+      case kDecode:
+        st = Unary<v1::DecodeRequest, v1::DecodeResponse>(
+            first, cancel, &r, [&](const auto& q, auto* o) { return h_.Decode(q, {}, o); });
+        break;
+      case kFlush:
+        st = Unary<v1::FlushRequest, v1::FlushResponse>(
+            first, cancel, &r, [&](const auto& q, auto* o) -> absl::Status {
+              absl::StatusOr<std::shared_ptr<Session>> s = h_.FlushTarget(q, {});
+              if (!s.ok()) return s.status();
+              service::Handlers::FlushNow(**s, o);
+              return absl::OkStatus();
+            });
+        break;
+      case kGetServerInfo:
+        st = Unary<v1::GetServerInfoRequest, v1::ServerInfo>(first, cancel, &r,
+                                                             [&](const auto&, auto* o) {
+                                                               h_.ServerInfo(o);
+                                                               return absl::OkStatus();
+                                                             });
+        break;
+      case kAppendKV: {
+        service::AppendCall call(&h_);
+        v1::AppendKVRequest req;
+        for (size_t i = 0; st.ok() && i < sent; ++i) {
+          const absl::Status parsed =
+              service::ParseMessage(msgs[i], &req, service::StreamMessage(call.messages()));
+          st = call.Take(parsed, req, {});
+        }
+        if (st.ok() && !cancel) {
+          v1::AppendKVResponse out;
+          st = call.Finish(&out);
+          if (st.ok()) r.responses.push_back(out.SerializeAsString());
+        }
+        break;
+      }
+      case kDecodeStream: {
+        v1::DecodeRequest req;
+        v1::DecodeResponse out;
+        for (size_t i = 0; i < sent; ++i) {
+          const absl::Status parsed =
+              service::ParseMessage(msgs[i], &req, service::StreamMessage(i));
+          if (!parsed.ok()) {
+            st = service::Handlers::DecodeStreamBroken(parsed, static_cast<int64_t>(i));
+            break;
+          }
+          h_.DecodeStreamMessage(req, &out);
+          r.responses.push_back(out.SerializeAsString());
+        }
+        break;
+      }
+      case kReadKV: {
+        v1::ReadKVRequest req;
+        st = service::ParseMessage(first, &req, "");
+        if (!st.ok()) break;
+        absl::StatusOr<std::unique_ptr<service::ReadCall>> call =
+            service::ReadCall::Start(&h_, req);
+        if (!call.ok()) {
+          st = call.status();
+          break;
+        }
+        v1::ReadKVResponse out;
+        while ((*call)->Next(&out, &st)) {
+          r.responses.push_back(out.SerializeAsString());
+          if (cancel) break;
+        }
+        break;
+      }
+      case kExportSession: {
+        v1::ExportSessionRequest req;
+        st = service::ParseMessage(first, &req, "");
+        if (!st.ok()) break;
+        absl::StatusOr<std::unique_ptr<service::ExportCall>> call =
+            service::ExportCall::Start(&h_, req);
+        if (!call.ok()) {
+          st = call.status();
+          break;
+        }
+        v1::SessionChunk out;
+        while ((*call)->Next(&out)) {
+          r.responses.push_back(out.SerializeAsString());
+          if (cancel) break;
+        }
+        break;
+      }
+      case kImportSession: {
+        service::ImportCall call(&h_);
+        v1::SessionChunk piece;
+        size_t i = 0;
+        for (; st.ok() && !call.complete() && i < sent; ++i) {
+          const absl::Status parsed =
+              service::ParseMessage(msgs[i], &piece, service::StreamMessage(call.pieces()));
+          st = call.Take(parsed, piece);
+        }
+        if (st.ok() && !cancel) {
+          if (call.complete()) {
+            v1::Session out;
+            st = call.Finish(&out);
+            if (st.ok()) r.responses.push_back(out.SerializeAsString());
+          } else {
+            st = call.EndedEarly();
+          }
+        }
+        break;
+      }
+      default:
+        Fail("unknown method %d", static_cast<int>(m));
+    }
+    r.status = cancel ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client")
+                      : service::ToGrpcStatus(st);
+    if (!r.status.ok() && kMethods[m].kind == Kind::kUnary) r.responses.clear();
+    return r;
+  }
+
+  SessionStore& store() { return *store_; }
+
+ private:
+  // Parses `bytes` as Request and runs `body`; a cancelled call runs nothing.
+  template <typename Request, typename Response, typename Body>
+  static absl::Status Unary(std::string_view bytes, bool cancel, CallResult* r, Body body) {
+    if (cancel) return absl::CancelledError("cancelled by the client");
+    Request req;
+    Response out;
+    SPARSEKV_RETURN_IF_ERROR(service::ParseMessage(bytes, &req, ""));
+    SPARSEKV_RETURN_IF_ERROR(body(req, &out));
+    r->responses.push_back(out.SerializeAsString());
+    return absl::OkStatus();
+  }
+
+  service::Handlers h_;
+};
+#endif
 
 Harness* harness = nullptr;
 
@@ -989,6 +1172,7 @@ void SyncModel(World& w, bool check) {
 // still be applying a message it had read (nothing tells the client when it is done). Waits
 // until the sessions' token counts stop changing, then adopts them.
 void SettleAfterCancel(World& w) {
+#ifndef SPARSEKV_FUZZ_DIRECT  // the direct driver's cancelled call has already stopped
   std::vector<int64_t> prev;
   for (int attempt = 0; attempt < 200; ++attempt) {
     std::vector<int64_t> now;
@@ -1000,6 +1184,7 @@ void SettleAfterCancel(World& w) {
     prev = std::move(now);
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+#endif
   SyncModel(w, /*check=*/false);
 }
 
