@@ -26,11 +26,9 @@
 namespace sparsekv::cli {
 namespace {
 
-// The routing key the router hashes (deploy/local/nginx.conf.in, deploy/k8s ingress).
-constexpr char kSessionHeader[] = "x-session-id";
-
-// KvCacheClient sends no routing header; the drain's import must, so that the router picks
-// the replica. Only the one call the drain makes through the router.
+// KvCacheClient::ImportSession cannot route (the pieces carry no session id); the drain's
+// import must, so that the router picks the replica (deploy/local/nginx.conf.in, deploy/k8s
+// ingress hash kSessionHeader). Only the one call the drain makes through the router.
 class RoutedImporter {
  public:
   RoutedImporter(const std::string& target, absl::Duration timeout)

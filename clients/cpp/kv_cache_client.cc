@@ -168,9 +168,13 @@ KvCacheClient::KvCacheClient(std::shared_ptr<grpc::Channel> channel, absl::Durat
 
 KvCacheClient::~KvCacheClient() = default;
 
-std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext() const {
+std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext(
+    const std::string& session_id) const {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(DeadlineAfter(timeout_));
+  // The routing key of a consistent-hash router (nginx, ingress-nginx, gRPC ring hash): calls
+  // of one session reach the replica that holds it.
+  if (!session_id.empty()) context->AddMetadata(kSessionHeader, session_id);
   return context;
 }
 
@@ -182,7 +186,7 @@ absl::Status KvCacheClient::WaitForConnected() {
 
 absl::StatusOr<v1::Session> KvCacheClient::CreateSession(const v1::CreateSessionRequest& request) {
   v1::Session response;
-  auto context = NewContext();
+  auto context = NewContext(request.session_id());
   absl::Status status = FromGrpcStatus(stub_->CreateSession(context.get(), request, &response));
   if (!status.ok()) return status;
   return response;
@@ -192,7 +196,7 @@ absl::StatusOr<v1::Session> KvCacheClient::GetSession(const std::string& session
   v1::GetSessionRequest request;
   request.set_session_id(session_id);
   v1::Session response;
-  auto context = NewContext();
+  auto context = NewContext(session_id);
   absl::Status status = FromGrpcStatus(stub_->GetSession(context.get(), request, &response));
   if (!status.ok()) return status;
   return response;
@@ -232,7 +236,7 @@ absl::StatusOr<v1::DeleteSessionResponse> KvCacheClient::DeleteSession(
   v1::DeleteSessionRequest request;
   request.set_session_id(session_id);
   v1::DeleteSessionResponse response;
-  auto context = NewContext();
+  auto context = NewContext(session_id);
   absl::Status status = FromGrpcStatus(stub_->DeleteSession(context.get(), request, &response));
   if (!status.ok()) return status;
   return response;
@@ -240,7 +244,7 @@ absl::StatusOr<v1::DeleteSessionResponse> KvCacheClient::DeleteSession(
 
 absl::StatusOr<v1::DecodeResponse> KvCacheClient::Decode(const v1::DecodeRequest& request) {
   v1::DecodeResponse response;
-  auto context = NewContext();
+  auto context = NewContext(request.items_size() > 0 ? request.items(0).session_id() : "");
   absl::Status status = FromGrpcStatus(stub_->Decode(context.get(), request, &response));
   if (!status.ok()) return status;
   return response;
@@ -250,7 +254,7 @@ absl::StatusOr<v1::FlushResponse> KvCacheClient::Flush(const std::string& sessio
   v1::FlushRequest request;
   request.set_session_id(session_id);
   v1::FlushResponse response;
-  auto context = NewContext();
+  auto context = NewContext(session_id);
   absl::Status status = FromGrpcStatus(stub_->Flush(context.get(), request, &response));
   if (!status.ok()) return status;
   return response;
@@ -268,16 +272,18 @@ absl::StatusOr<v1::ServerInfo> KvCacheClient::GetServerInfo() {
 absl::StatusOr<v1::AppendKVResponse> KvCacheClient::AppendKV(
     const std::function<bool(v1::AppendKVRequest*)>& next) {
   v1::AppendKVResponse response;
-  auto context = NewContext();
+  // The first message names the session the stream is routed by.
+  v1::AppendKVRequest request;
+  bool more = next(&request);
+  auto context = NewContext(more ? request.session_id() : "");
   std::unique_ptr<grpc::ClientWriter<v1::AppendKVRequest>> writer =
       stub_->AppendKV(context.get(), &response);
-  v1::AppendKVRequest request;
-  while (true) {
-    request.Clear();
-    if (!next(&request)) break;
+  while (more) {
     // Write fails once the server has ended the call (typically with an error); Finish
     // then returns that error.
     if (!writer->Write(request)) break;
+    request.Clear();
+    more = next(&request);
   }
   writer->WritesDone();
   absl::Status status = FromGrpcStatus(writer->Finish());
@@ -298,7 +304,7 @@ absl::StatusOr<v1::AppendKVResponse> KvCacheClient::AppendKV(
 absl::Status KvCacheClient::ReadKV(
     const v1::ReadKVRequest& request,
     const std::function<absl::Status(const v1::ReadKVResponse&)>& on_response) {
-  auto context = NewContext();
+  auto context = NewContext(request.session_id());
   std::unique_ptr<grpc::ClientReader<v1::ReadKVResponse>> reader =
       stub_->ReadKV(context.get(), request);
   v1::ReadKVResponse response;
@@ -330,7 +336,7 @@ absl::StatusOr<std::vector<v1::SessionChunk>> KvCacheClient::ExportSession(
     const std::string& session_id) {
   v1::ExportSessionRequest request;
   request.set_session_id(session_id);
-  auto context = NewContext();
+  auto context = NewContext(session_id);
   std::unique_ptr<grpc::ClientReader<v1::SessionChunk>> reader =
       stub_->ExportSession(context.get(), request);
   std::vector<v1::SessionChunk> chunks;

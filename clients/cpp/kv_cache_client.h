@@ -89,6 +89,9 @@ class DecodeStream {
 //
 // Thread-safety: all methods may be called concurrently from several threads, except
 // set_timeout, which must not race with calls.
+// Metadata key every session-scoped call carries: the routing key of a consistent-hash router.
+inline constexpr char kSessionHeader[] = "x-session-id";
+
 class KvCacheClient {
  public:
   // Connects lazily to `target` ("HOST:PORT", or any gRPC target URI) over an insecure
@@ -156,7 +159,8 @@ class KvCacheClient {
 
  private:
   // Returns a context whose deadline is the client's timeout from now.
-  std::unique_ptr<grpc::ClientContext> NewContext() const;
+  // A context with the default deadline and, for a session's calls, its routing header.
+  std::unique_ptr<grpc::ClientContext> NewContext(const std::string& session_id = "") const;
 
   std::string target_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -360,6 +360,38 @@ def main():
               "nginx's access log: every session's decodes went to the replica holding it",
               "%d sessions logged, wrong: %s" % (len(upstreams), list(wrong.items())[:3]))
 
+        # -- the CLI routes by session too: a session it creates and appends to through the
+        # router lives on the replica the router sends that id to (where the Python client,
+        # which sends the header, finds it)
+        cli_sids = ["cli-%08x" % rnd.getrandbits(32) for _ in range(12)]
+        cli_failed = []
+        for sid in cli_sids:
+            r = run([CLI, "--server=" + proxy, "create", "--id", sid, "--layers", "1",
+                     "--kv_heads", "1", "--q_heads", "1", "--head_dim", "8"], env)
+            if r.returncode != 0:
+                cli_failed.append((sid, r.stdout))
+        held_now = holdings(direct)
+        where = {sid: [n for n, ids in held_now.items() if sid in ids] for sid in cli_sids}
+        spread = {tuple(w) for w in where.values()}
+        found = []
+        for sid in cli_sids:
+            try:
+                router.get_session(sid)
+                found.append(sid)
+            except sk.SparsekvError:
+                pass
+        check(not cli_failed and all(len(w) == 1 for w in where.values())
+              and len(found) == len(cli_sids) and len(spread) > 1,
+              "sessions created with the CLI through the router: each on one replica, spread "
+              "over %d, found by a client that routes by id" % len(spread),
+              "failed %s, placement %s, found %s" % (cli_failed[:2], where, found))
+        for sid in cli_sids:
+            for c in direct.values():
+                try:
+                    c.delete_session(sid)
+                except sk.SparsekvError:
+                    pass
+
         # -- drain refuses a replica the router still routes to, and changes nothing
         names = sorted(replicas)
         victim = max(names, key=lambda n: counts[n])  # the most sessions to move
