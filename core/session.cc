@@ -610,6 +610,9 @@ SessionInfo Session::Info() const {
       st.pruning_backlog_tokens += eligible / plan_.chunk_tokens() * plan_.chunk_tokens();
   }
   st.bytes_dense_equivalent = st.tokens_total * info_.layout.token_bytes();
+  st.compressed_elements = elements;
+  st.kept_k = k_kept;
+  st.kept_v = v_kept;
   if (elements > 0) {
     st.achieved_sparsity_k = static_cast<float>(1.0 - static_cast<double>(k_kept) / elements);
     st.achieved_sparsity_v = static_cast<float>(1.0 - static_cast<double>(v_kept) / elements);

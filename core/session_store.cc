@@ -315,6 +315,21 @@ absl::StatusOr<FlushResult> SessionStore::Flush(const std::string& id) {
   return s->Flush();
 }
 
+FormStats SessionStore::Forms() const {
+  FormStats f;
+  for (const std::shared_ptr<Session>& s : All()) {
+    const SessionStats st = s->Info().stats;
+    f.bytes_dense += st.bytes_dense;
+    f.bytes_compressed += st.bytes_compressed;
+    f.bytes_accounted += st.bytes_accounted;
+    f.bytes_dense_equivalent += st.bytes_dense_equivalent;
+    f.compressed_elements += st.compressed_elements;
+    f.kept_k += st.kept_k;
+    f.kept_v += st.kept_v;
+  }
+  return f;
+}
+
 StoreStats SessionStore::Stats() const {
   StoreStats s;
   const SessionEnv::Counters& c = *env_.counters;

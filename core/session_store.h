@@ -74,6 +74,17 @@ struct StoreStats {
   int64_t slab_reserved_bytes = 0;    // chunk memory taken from the system
 };
 
+// What the live sessions hold, by form, summed over sessions (SessionStore::FormStats).
+struct FormStats {
+  int64_t bytes_dense = 0;             // dense K/V rows (tails, dense chunks)
+  int64_t bytes_compressed = 0;        // compressed chunks: values and bitmaps
+  int64_t bytes_accounted = 0;         // everything charged: the above, slack, statistics, metadata
+  int64_t bytes_dense_equivalent = 0;  // the same tokens stored dense
+  int64_t compressed_elements = 0;     // elements of K (= of V) in compressed chunks
+  int64_t kept_k = 0;
+  int64_t kept_v = 0;
+};
+
 class SessionStore {
  public:
   explicit SessionStore(SessionStoreOptions options);
@@ -111,6 +122,8 @@ class SessionStore {
 
   // Every live session, ordered by id (snapshots to disk). Not an access: TTLs go on.
   std::vector<std::shared_ptr<Session>> All() const;
+  // Sums every live session's stats: O(sessions x layers), for metrics scrapes, not per request.
+  FormStats Forms() const;
 
   // Removes sessions idle for longer than their TTL; returns how many.
   int EvictExpired(absl::Time now);

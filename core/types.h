@@ -104,6 +104,11 @@ struct SessionStats {
   int64_t bytes_accounted = 0;
   float achieved_sparsity_k = 0.0f;
   float achieved_sparsity_v = 0.0f;
+  // What the achieved sparsities are computed from: elements of K (= of V) in compressed
+  // chunks, and how many of them each keeps.
+  int64_t compressed_elements = 0;
+  int64_t kept_k = 0;
+  int64_t kept_v = 0;
   Scoring scoring_in_force_k = Scoring::kMagnitude;
   Scoring scoring_in_force_v = Scoring::kMagnitude;
   int64_t pruning_backlog_tokens = 0;

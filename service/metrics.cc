@@ -5,6 +5,8 @@
 #include <prometheus/metric_family.h>
 #include <prometheus/text_serializer.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "service/grpc_status.h"
@@ -57,25 +59,62 @@ class StoreCollector final : public prometheus::Collectable {
     out.push_back(Single(
         "sparsekv_chunk_pool_reserved_bytes", "Memory reserved by the compressed-chunk slab pools.",
         prometheus::MetricType::Gauge, static_cast<double>(s.slab_reserved_bytes), {}));
+    // By form: what compression saves is dense_equivalent / (dense + compressed), computed
+    // from these, not guessed; "metadata" is the rest of what the budget is charged
+    // (dense-block slack, pool rounding, scoring statistics, ids and labels).
+    const FormStats f = store_->Forms();
+    const double other = static_cast<double>(
+        std::max<int64_t>(0, f.bytes_accounted - f.bytes_dense - f.bytes_compressed));
+    out.push_back(Family("sparsekv_kv_form_bytes",
+                         "Bytes the live sessions hold, by form: dense rows, compressed chunks "
+                         "(values and bitmaps), metadata (slack, statistics, ids).",
+                         prometheus::MetricType::Gauge,
+                         {{{{"tier", "host"}, {"form", "dense"}}, double(f.bytes_dense)},
+                          {{{"tier", "host"}, {"form", "compressed"}}, double(f.bytes_compressed)},
+                          {{{"tier", "host"}, {"form", "metadata"}}, other}}));
+    out.push_back(Single("sparsekv_kv_dense_equivalent_bytes",
+                         "Bytes the live sessions' tokens would take stored dense.",
+                         prometheus::MetricType::Gauge, double(f.bytes_dense_equivalent),
+                         {{"tier", "host"}}));
+    out.push_back(Single("sparsekv_compressed_elements",
+                         "Elements of K (as many of V) in compressed chunks: the denominator of "
+                         "the achieved sparsity.",
+                         prometheus::MetricType::Gauge, double(f.compressed_elements), {}));
+    out.push_back(
+        Family("sparsekv_compressed_kept_elements",
+               "Elements compressed chunks keep, by tensor; achieved sparsity = 1 - "
+               "kept / sparsekv_compressed_elements.",
+               prometheus::MetricType::Gauge,
+               {{{{"tensor", "k"}}, double(f.kept_k)}, {{{"tensor", "v"}}, double(f.kept_v)}}));
     return out;
   }
 
  private:
+  using Labels = std::vector<prometheus::ClientMetric::Label>;
+
   static prometheus::MetricFamily Single(const char* name, const char* help,
-                                         prometheus::MetricType type, double value,
-                                         std::vector<prometheus::ClientMetric::Label> labels) {
+                                         prometheus::MetricType type, double value, Labels labels) {
+    return Family(name, help, type, {{std::move(labels), value}});
+  }
+
+  // One family, one series per (labels, value).
+  static prometheus::MetricFamily Family(const char* name, const char* help,
+                                         prometheus::MetricType type,
+                                         std::vector<std::pair<Labels, double>> series) {
     prometheus::MetricFamily f;
     f.name = name;
     f.help = help;
     f.type = type;
-    prometheus::ClientMetric m;
-    m.label = std::move(labels);
-    if (type == prometheus::MetricType::Counter) {
-      m.counter.value = value;
-    } else {
-      m.gauge.value = value;
+    for (auto& [labels, value] : series) {
+      prometheus::ClientMetric m;
+      m.label = std::move(labels);
+      if (type == prometheus::MetricType::Counter) {
+        m.counter.value = value;
+      } else {
+        m.gauge.value = value;
+      }
+      f.metric.push_back(std::move(m));
     }
-    f.metric.push_back(std::move(m));
     return f;
   }
 

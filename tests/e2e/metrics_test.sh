@@ -172,6 +172,17 @@ call("ListSessions", "OK", lambda: stub.ListSessions(pb2.ListSessionsRequest(), 
 call("ReadKV", "OK", lambda: list(stub.ReadKV(pb2.ReadKVRequest(session_id="m-0"), timeout=10)))
 call("GetServerInfo", "OK", lambda: stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=10))
 call("Flush", "OK", lambda: stub.Flush(pb2.FlushRequest(session_id="m-0"), timeout=10))
+# m-3: 100 tokens of which Flush compresses all but the newest 32 (K 70%, V 50% sparse), so
+# that the form gauges have compressed bytes to show.
+call("CreateSession", "OK", lambda: stub.CreateSession(pb2.CreateSessionRequest(
+    session_id="m-3", layout=layout, policy=pb2.Policy(k=pb2.TensorPolicy(sparsity=0.7),
+                                                       v=pb2.TensorPolicy(sparsity=0.5))),
+    timeout=10))
+k3 = rng.standard_normal((2, 100, 2, 64)).astype(np.float32)
+req3 = pb2.AppendKVRequest(session_id="m-3", k=fx.make_tensor(pb2, k3),
+                           v=fx.make_tensor(pb2, k3))
+call("AppendKV", "OK", lambda: stub.AppendKV(iter([req3]), timeout=10))
+call("Flush", "OK", lambda: stub.Flush(pb2.FlushRequest(session_id="m-3"), timeout=10))
 call("Flush", "NOT_FOUND", lambda: stub.Flush(pb2.FlushRequest(session_id="nope"), timeout=10))
 call("ExportSession", "OK", lambda: list(stub.ExportSession(
     pb2.ExportSessionRequest(session_id="m-0"), timeout=10)))
@@ -187,16 +198,20 @@ listed = []
 call("ListSessions", "OK", lambda: listed.append(stub.ListSessions(pb2.ListSessionsRequest(),
                                                                    timeout=10)))
 accounted = sum(s.stats.bytes_accounted for s in listed[0].sessions)
+forms = {f: sum(getattr(s.stats, f) for s in listed[0].sessions)
+         for f in ("bytes_dense", "bytes_compressed", "bytes_dense_equivalent")}
+stats3 = [s.stats for s in listed[0].sessions if s.id == "m-3"][0]
 extra = {
     # items served: 1 + 2 (Decode) + 2 good stream messages
     "sparsekv_decode_items_total": 5,
     # rows = layers x tokens appended
-    "sparsekv_appended_token_rows_total": 20,
-    # K and V as sent: 2 x 2*10*2*64 float32
-    "sparsekv_appended_bytes_total": 2 * k.nbytes,
-    "sparsekv_sessions": 2,
+    "sparsekv_appended_token_rows_total": 20 + 200,
+    # K and V as sent: 2 x 2*10*2*64 float32, then 2 x 2*100*2*64
+    "sparsekv_appended_bytes_total": 2 * k.nbytes + 2 * k3.nbytes,
+    "sparsekv_sessions": 3,
 }
-print(json.dumps({"rpc": expect, "extra": extra, "accounted": accounted}))
+print(json.dumps({"rpc": expect, "extra": extra, "accounted": accounted, "forms": forms,
+                  "sparsity": [stats3.achieved_sparsity_k, stats3.achieved_sparsity_v]}))
 PYEOF
 then
   bad "RPC calls did not go as planned: $(cat "$TMP/calls.err")"
@@ -303,6 +318,33 @@ if kvb != plan["accounted"] or kvb <= 2 * 10 * 2 * 64 * 2 * 2:
           '%d (> the payload)' % (kvb, plan["accounted"]))
 else:
     print('PASS: sparsekv_kv_bytes{tier="host"} = %d' % kvb)
+
+# By form: the sums of the sessions' stats; metadata is the rest of what they are charged.
+f = plan["forms"]
+got = {form: value(after, "sparsekv_kv_form_bytes", tier="host", form=form)
+       for form in ("dense", "compressed", "metadata")}
+want = {"dense": f["bytes_dense"], "compressed": f["bytes_compressed"],
+        "metadata": plan["accounted"] - f["bytes_dense"] - f["bytes_compressed"]}
+if got != want or want["compressed"] <= 0 or want["metadata"] <= 0:
+    print("FAIL: sparsekv_kv_form_bytes %s, expected %s (all > 0)" % (got, want))
+else:
+    print("PASS: sparsekv_kv_form_bytes by form = the sessions' stats %s" % want)
+deq = value(after, "sparsekv_kv_dense_equivalent_bytes", tier="host")
+# 2 layers x (10 + 100) tokens x 2 heads x 64 x 2 (K, V) x 2 bytes (float16)
+if deq != f["bytes_dense_equivalent"] or deq != 2 * 110 * 2 * 64 * 2 * 2:
+    print("FAIL: sparsekv_kv_dense_equivalent_bytes = %s, expected %d" % (
+        deq, 2 * 110 * 2 * 64 * 2 * 2))
+else:
+    print("PASS: sparsekv_kv_dense_equivalent_bytes = %d" % deq)
+# m-3 alone has compressed chunks: 1 - kept / elements is its achieved sparsity.
+el = value(after, "sparsekv_compressed_elements")
+kept = [value(after, "sparsekv_compressed_kept_elements", tensor=t) for t in ("k", "v")]
+sp = [1 - x / el if el else None for x in kept]
+if not el or any(s is None or abs(s - w) > 1e-6 for s, w in zip(sp, plan["sparsity"])):
+    print("FAIL: achieved sparsity from the metrics %s (elements %s, kept %s), the session "
+          "says %s" % (sp, el, kept, plan["sparsity"]))
+else:
+    print("PASS: achieved sparsity from the metrics = the session's %s" % plan["sparsity"])
 PYEOF
 while IFS= read -r line; do
   case "$line" in
