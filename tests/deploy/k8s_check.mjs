@@ -7,8 +7,10 @@
 //     mounted ConfigMaps exist and Secrets not shipped are optional, the ServiceMonitor selects
 //     exactly one Service, the PrometheusRule equals deploy/prometheus/sparsekv.rules.yml, the
 //     ingress hashes on the header the gRPC service config hashes on, the termination grace
-//     covers the preStop drain and the shutdown grace, the server flags fit the pod's
-//     resources, the pod runs as the image's USER, the GPU overlay asks for a GPU;
+//     covers the preStop drain, the shutdown grace and the snapshot write allowance, the
+//     server flags fit the pod's resources, --snapshot_dir is a writable per-pod volume large
+//     enough for the budget, the startup probe waits long enough for its restore, the pod runs
+//     as the image's USER, the GPU overlay asks for a GPU;
 //   - writes each overlay's server flags file to OUT_DIR/<overlay>.flags, for the caller to
 //     start the real server with it.
 // Usage: node k8s_check.mjs NPM_DIR REPO_ROOT OUT_DIR OVERLAY=RENDERED.yaml...
@@ -56,6 +58,13 @@ function quantity(q) {
 }
 const seconds = (d) => { const m = String(d).match(/^(\d+)(ms|s|m)$/); return m ? +m[1] * { ms: 1e-3, s: 1, m: 60 }[m[2]] : NaN; };
 const portOf = (addr) => +String(addr).split(":").pop();
+// Snapshot directory rates measured by snapshot_bench on a local ext4 disk
+// (tests/bench/RESULTS.md section 10): SnapshotDir::Write 0.19 GB/s (bound by fsync),
+// SnapshotDir::Restore 0.44 GB/s. The manifests size the shutdown write allowance and the
+// startup probe's window from the byte budget at these rates.
+const SNAPSHOT_WRITE_BYTES_PER_S = 0.19e9;
+const SNAPSHOT_RESTORE_BYTES_PER_S = 0.44e9;
+const ALLOWANCE_ANNOTATION = "sparsekv/snapshot-write-allowance-seconds";
 
 const rules = yaml.load(read("deploy/prometheus/sparsekv.rules.yml"));
 const dockerUids = ["cpu", "cuda"].map((f) => +(read(`deploy/docker/Dockerfile.${f}`).match(/^USER (\d+)/m) ?? [])[1]);
@@ -148,16 +157,20 @@ for (const arg of rendered) {
     `${P} pods run as non-root uid ${sc.runAsUser}, the Dockerfiles' USER (${dockerUids})`);
   check(c.securityContext?.allowPrivilegeEscalation === false && c.securityContext?.readOnlyRootFilesystem === true
     && c.securityContext?.capabilities?.drop?.includes("ALL"), `${P} container drops privileges, read-only root`);
+  // Volumes are owned by root unless fsGroup hands them to the server's group.
+  check(sc.fsGroup === sc.runAsGroup && sc.runAsGroup !== undefined && sc.runAsGroup !== 0,
+    `${P} fsGroup ${sc.fsGroup} is the server's group (${sc.runAsGroup}): it can write its volume`);
 
   // -- volumes: ConfigMaps shipped, Secrets optional
   const volumes = Object.fromEntries(pod.spec.volumes.map((v) => [v.name, v]));
+  const claims = Object.fromEntries((sts.spec.volumeClaimTemplates ?? []).map((v) => [v.metadata.name, v]));
   for (const v of pod.spec.volumes) {
     if (v.configMap) check(one("ConfigMap", v.configMap.name), `${P} volume ${v.name}: ConfigMap ${v.configMap.name} is shipped`);
     if (v.secret) check(one("Secret", v.secret.secretName) || v.secret.optional === true,
       `${P} volume ${v.name}: Secret ${v.secret.secretName} is optional (auth/TLS not built yet)`);
   }
-  const mounts = c.volumeMounts.filter((m) => !volumes[m.name]);
-  check(mounts.length === 0, `${P} every volumeMount names a volume`);
+  const mounts = c.volumeMounts.filter((m) => !volumes[m.name] && !claims[m.name]);
+  check(mounts.length === 0, `${P} every volumeMount names a volume or a volumeClaimTemplate`);
   check(["tokens", "tls"].every((n) => volumes[n]?.secret),
     `${P} token and TLS Secrets are referenced`);
 
@@ -185,13 +198,35 @@ for (const arg of rendered) {
   check(+flags.decode_threads >= 1 && +flags.decode_threads + 1 <= cpus,
     `${P} --decode_threads=${flags.decode_threads} fits the ${cpus}-CPU request with a CPU to spare`);
 
-  // -- termination: preStop drain + shutdown grace
+  // -- snapshots: --snapshot_dir on the pod's own writable volume, sized for the budget
+  const snapMount = c.volumeMounts.find((m) => m.mountPath === flags.snapshot_dir);
+  const claim = snapMount && claims[snapMount.name];
+  check(claim && !snapMount.readOnly && !volumes[snapMount.name],
+    `${P} --snapshot_dir=${flags.snapshot_dir} is a writable mount of volumeClaimTemplate ${snapMount?.name} (one volume per pod)`);
+  const storage = quantity(claim?.spec.resources?.requests?.storage);
+  check(isDeepStrictEqual(claim?.spec.accessModes, ["ReadWriteOnce"]) && storage >= budget,
+    `${P} snapshot volume ReadWriteOnce, ${claim?.spec.resources?.requests?.storage} >= the ${(budget / 2 ** 30).toFixed(1)} GiB budget it may have to hold`);
+  check(seconds(flags.checkpoint_interval) > 0,
+    `${P} --checkpoint_interval=${flags.checkpoint_interval}: a crash loses at most one interval of changes`);
+  check(sts.spec.persistentVolumeClaimRetentionPolicy?.whenScaled === "Delete",
+    `${P} a replica scaled away deletes its volume (no stale sessions on a later scale-up)`);
+  const startup = c.startupProbe ?? {};
+  const startupWindow = (startup.periodSeconds ?? 10) * (startup.failureThreshold ?? 3);
+  const restoreS = budget / SNAPSHOT_RESTORE_BYTES_PER_S;
+  check(startupWindow >= 1.5 * restoreS,
+    `${P} startup probe window ${startupWindow} s >= 1.5 x restoring the whole budget at 0.44 GB/s (${restoreS.toFixed(0)} s)`);
+
+  // -- termination: preStop drain + shutdown grace + the shutdown snapshot write
   const pre = c.lifecycle?.preStop?.exec?.command ?? [];
   check(pre[0] === "/usr/local/bin/sparsekv-prestop" && prestopInstalled,
     `${P} preStop runs the hook deploy/docker/build.sh installs`, pre.join(" "));
-  const needed = +env.SPARSEKV_DRAIN_PROPAGATION_S + +env.SPARSEKV_DRAIN_MAX_S + seconds(flags.shutdown_grace);
+  const allowance = +(pod.metadata.annotations?.[ALLOWANCE_ANNOTATION] ?? NaN);
+  const writeS = budget / SNAPSHOT_WRITE_BYTES_PER_S;
+  check(allowance >= writeS,
+    `${P} ${ALLOWANCE_ANNOTATION} ${allowance} >= writing the whole budget at 0.19 GB/s (${writeS.toFixed(0)} s)`);
+  const needed = +env.SPARSEKV_DRAIN_PROPAGATION_S + +env.SPARSEKV_DRAIN_MAX_S + seconds(flags.shutdown_grace) + allowance;
   check(pod.spec.terminationGracePeriodSeconds > needed,
-    `${P} terminationGracePeriodSeconds ${pod.spec.terminationGracePeriodSeconds} > drain propagation + max wait + --shutdown_grace (${needed})`);
+    `${P} terminationGracePeriodSeconds ${pod.spec.terminationGracePeriodSeconds} > drain propagation + max wait + --shutdown_grace + snapshot write allowance (${needed})`);
 
   // -- monitoring
   const sm = one("ServiceMonitor");

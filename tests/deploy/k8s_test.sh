@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders both Kubernetes overlays with `kubectl kustomize`, validates them offline
 # (k8s_check.mjs), then starts the real server with each overlay's ConfigMap flags file and
-# checks that it serves with the byte budget the file sets. Skipped (77) where kubectl or
+# checks that it serves with the byte budget the file sets and uses its snapshot directory (a
+# temporary one in place of the volume's mount path). Skipped (77) where kubectl or
 # Node.js is missing (neither is a Debian 12 package of deploy/dev/setup.sh).
 # Usage: k8s_test.sh REPO_ROOT NPM_DIR SERVER_BIN
 set -u
@@ -35,13 +36,15 @@ while IFS= read -r line; do
 done <"$TMP/check.out"
 grep -q ' passed, ' "$TMP/check.out" || { bad "k8s_check.mjs did not finish"; cat "$TMP/check.out"; }
 
-# The flags the pods will read, given to the real server (listen addresses overridden).
+# The flags the pods will read, given to the real server (listen addresses and the snapshot
+# directory overridden: later flags win).
 for overlay in cpu gpu; do
   f=$TMP/flags/$overlay.flags
   [ -f "$f" ] || { bad "$overlay: no flags file extracted"; continue; }
   rm -f "$TMP/ready"
+  rm -rf "$TMP/snapshots"; mkdir "$TMP/snapshots"
   "$SERVER" --flagfile="$f" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 \
-    --ready_file="$TMP/ready" >"$TMP/server.log" 2>&1 &
+    --snapshot_dir="$TMP/snapshots" --ready_file="$TMP/ready" >"$TMP/server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 100); do [ -s "$TMP/ready" ] && break; kill -0 $SERVER_PID 2>/dev/null || break; sleep 0.1; done
   port=$(sed -n 's/^metrics_port=//p' "$TMP/ready" 2>/dev/null)
@@ -52,7 +55,18 @@ for overlay in cpu gpu; do
   else
     bad "$overlay: server with $f: budget '$got', want '$want': $(tail -3 "$TMP/server.log")"
   fi
-  kill $SERVER_PID; wait $SERVER_PID 2>/dev/null; SERVER_PID=""
+  if grep -q "snapshots in $TMP/snapshots: restored 0" "$TMP/server.log" \
+    && grep -q -- '--checkpoint_interval=' "$f"; then
+    ok "$overlay: the server restores from --snapshot_dir at start, with --checkpoint_interval"
+  else
+    bad "$overlay: no restore from --snapshot_dir logged: $(tail -3 "$TMP/server.log")"
+  fi
+  kill $SERVER_PID; wait $SERVER_PID; rc=$?; SERVER_PID=""
+  if [ $rc = 0 ] && grep -q "shutdown to $TMP/snapshots" "$TMP/server.log"; then
+    ok "$overlay: SIGTERM: the server writes its snapshots and exits 0"
+  else
+    bad "$overlay: SIGTERM: exit $rc, log: $(tail -3 "$TMP/server.log")"
+  fi
 done
 
 echo "$PASSED passed, $FAILED failed"

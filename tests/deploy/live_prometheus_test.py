@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """The dashboard and the alert rules against a real Prometheus scraping a loaded server.
 
-Starts sparsekv-server on ephemeral ports, a real Prometheus with deploy/prometheus/prometheus.yml
-(target, intervals and rule path rewritten for the test) scraping it every second, drives load
-with the `sparsekv` CLI (sessions that stay, a mixed bench that prunes, and calls that fail),
-then asks Prometheus, through /api/v1:
+Starts sparsekv-server on ephemeral ports with a snapshot directory that holds one good and one
+damaged session file (restored and skipped at start) and 1 s checkpoints, a real Prometheus with
+deploy/prometheus/prometheus.yml (target, intervals and rule path rewritten for the test)
+scraping it every second, drives load with the `sparsekv` CLI (sessions that stay, a mixed
+bench that prunes, and calls that fail), then asks Prometheus, through /api/v1:
   - every dashboard panel query, with $__rate_interval, $namespace and $instance expanded, once
     for "All" and once for this instance: it must succeed and return at least one finite value;
   - every template variable (label_values) must list this target's namespace and instance;
   - every alert rule: loaded from the committed file (all of them), evaluated with health "ok",
     its expression accepted by the query API, and the signal under each threshold comparison
     returning data;
-  - every metric name the dashboard and the rules use must be one the server exports.
+  - every metric name the dashboard and the rules use must be one the server exports;
+  - the snapshot series hold what happened: 1 file restored, 1 skipped, checkpoint writes with
+    no error and a last write duration, and SparsekvSnapshotRestoresSkipped firing.
 Usage: live_prometheus_test.py SERVER_BIN CLI_BIN REPO_ROOT
 Prints PASS/FAIL lines and "N passed, M failed"; exits 1 on any failure.
 """
@@ -156,12 +159,15 @@ def top_level_split(expr, words):
 
 
 def signals(expr):
-    """What each alert compares: for `A > x and B > y` the queries A and B; absent(X) -> X."""
+    """What each alert compares: for `A > x and B > y` the queries A and B; absent(X) -> X;
+    X offset 1h -> X (the short-lived test Prometheus holds no data that old: the selector
+    must match what the server exports now)."""
     out = []
     for operand in top_level_split(expr, ["and", "unless", "or"]):
         lhs = top_level_split(operand, ["==", "!=", ">=", "<=", ">", "<"])[0]
         m = re.fullmatch(r"absent\((.*)\)", lhs, re.S)
-        out.append(m.group(1) if m else lhs)
+        lhs = m.group(1) if m else lhs
+        out.append(re.sub(r"\s+offset\s+\w+$", "", lhs))
     return out
 
 
@@ -187,15 +193,51 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(tmp, procs):
-    # -- server: a byte budget so that the budget panels and the capacity alert have data
-    ready = os.path.join(tmp, "ready")
+def start_server(procs, tmp, name, flags):
+    """Starts sparsekv-server on free ports; returns (process, {grpc_port, metrics_port})."""
+    ready = os.path.join(tmp, name + ".ready")
     server = procs.start([SERVER, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                          "--ready_file=" + ready, "--host_budget_bytes=1073741824",
-                          "--decode_spin_us=0"], os.path.join(tmp, "server.log"))
+                          "--ready_file=" + ready] + flags, os.path.join(tmp, name + ".log"))
     ports = wait_for(lambda: dict(l.split("=") for l in open(ready).read().split()), 15)
-    if not check(ports and server.poll() is None, "server started"):
-        print(open(os.path.join(tmp, "server.log")).read()[-2000:])
+    if not check(ports and server.poll() is None, name + " started"):
+        print(open(os.path.join(tmp, name + ".log")).read()[-2000:])
+        return server, None
+    return server, ports
+
+
+def seed_snapshots(procs, tmp, snapshots):
+    """A snapshot directory with one good session file ("seeded", written by a server's
+    shutdown) and a damaged copy of it: the server under test restores one and skips one."""
+    server, ports = start_server(procs, tmp, "seeder", ["--snapshot_dir=" + snapshots])
+    if not ports:
+        return False
+    cli = [CLI, "--server=127.0.0.1:" + ports["grpc_port"], "--timeout=20s"]
+    r = subprocess.run(cli + ["create", "--id", "seeded", "--layers", "1", "--kv_heads", "1",
+                              "--q_heads", "1", "--head_dim", "64"],
+                       capture_output=True, text=True, timeout=60)
+    server.terminate()
+    rc = server.wait(timeout=30)
+    files = sorted(f for f in os.listdir(snapshots) if f.endswith(".skv"))
+    if not check(r.returncode == 0 and rc == 0 and len(files) == 1,
+                 "seeder wrote one session file at shutdown", (r.stderr[-300:], rc, files)):
+        return False
+    data = bytearray(open(os.path.join(snapshots, files[0]), "rb").read())
+    data[len(data) // 2] ^= 0xFF  # fails its record's checksum: DATA_LOSS, skipped
+    open(os.path.join(snapshots, "damaged.skv"), "wb").write(bytes(data))
+    return True
+
+
+def run(tmp, procs):
+    snapshots = os.path.join(tmp, "snapshots")
+    os.mkdir(snapshots)
+    if not seed_snapshots(procs, tmp, snapshots):
+        return 1
+    # -- server: a byte budget so that the budget panels and the capacity alert have data;
+    # the seeded snapshot directory and 1 s checkpoints for the snapshot panels and alerts
+    server, ports = start_server(procs, tmp, "server", [
+        "--host_budget_bytes=1073741824", "--decode_spin_us=0", "--snapshot_dir=" + snapshots,
+        "--checkpoint_interval=1s"])
+    if not ports:
         return 1
     grpc, metrics = ports["grpc_port"], ports["metrics_port"]
     target = "127.0.0.1:" + metrics
@@ -343,8 +385,31 @@ def run(tmp, procs):
             check(n > 0, f"{name}: signal returns data: {' '.join(s.split())[:110]}",
                   res.get("error") or "empty result")
     # the signal split really splits (a broken splitter would pass every rule unchanged)
-    check(signals('a > 1 and (b{x=">"} > 2) > 3 unless absent(c)') == ["a", '(b{x=">"} > 2)', "c"],
+    check(signals('a > 1 and (b{x=">"} > 2) > 3 unless absent(c) or d offset 1h') ==
+          ["a", '(b{x=">"} > 2)', "c", "d"],
           "alert signal extraction splits at top-level comparisons and set operators")
+
+    # -- snapshots: the series say what the server did with its directory
+    def value(expr):
+        res = query(expr, at)["data"]["result"]
+        return float(res[0]["value"][1]) if len(res) == 1 else None
+
+    restored = (value('sparsekv_snapshot_restores_total{result="ok"}'),
+                value('sparsekv_snapshot_restores_total{result="skipped"}'))
+    check(restored == (1.0, 1.0), "snapshot restores at start: 1 ok, 1 skipped (the damaged file)",
+          restored)
+    written = (value('sparsekv_snapshot_writes_total{result="ok"}'),
+               value('sparsekv_snapshot_writes_total{result="error"}'),
+               value("sparsekv_snapshot_last_write_seconds"))
+    check(written[0] and written[0] >= 2 and written[1] == 0 and written[2] and written[2] > 0,
+          "checkpoints wrote the loaded sessions (ok, error, last write seconds)", written)
+    check(os.path.exists(os.path.join(snapshots, "damaged.skv.bad")),
+          "the skipped file was renamed damaged.skv.bad")
+    firing = wait_for(lambda: [a for a in get_json(prom_url + "/api/v1/alerts")["data"]["alerts"]
+                               if a["labels"]["alertname"] == "SparsekvSnapshotRestoresSkipped"
+                               and a["state"] == "firing"], 10, 0.2)
+    check(firing and firing[0]["labels"].get("instance") == target,
+          "SparsekvSnapshotRestoresSkipped fires for the server that skipped a file", firing)
 
     if failed:
         print("--- server log (tail) ---\n" + open(os.path.join(tmp, "server.log")).read()[-1500:])

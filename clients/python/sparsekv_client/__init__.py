@@ -12,7 +12,7 @@ Needs grpcio, protobuf (any version >= 3.20) and numpy; no generated stubs (see 
 
 from .client import (AppendResult, Client, DecodeItem, DecodeResult, DecodeStream, FlushResult,
                      Layout, Policy, ServerInfo, SessionInfo, SessionStats, SparsekvError,
-                     TensorPolicy, TlsOptions)
+                     TensorPolicy, TlsOptions, crc32c, snapshot_pieces)
 from .tensors import from_tensor, to_tensor
 from ._proto import pb
 
@@ -20,4 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = ["AppendResult", "Client", "DecodeItem", "DecodeResult", "DecodeStream",
            "FlushResult", "Layout", "Policy", "ServerInfo", "SessionInfo", "SessionStats",
-           "SparsekvError", "TensorPolicy", "TlsOptions", "from_tensor", "to_tensor", "pb"]
+           "SparsekvError", "TensorPolicy", "TlsOptions", "crc32c", "from_tensor",
+           "snapshot_pieces", "to_tensor", "pb"]

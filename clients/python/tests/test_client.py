@@ -414,6 +414,125 @@ class DataTest(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 # TLS against a Python gRPC server (sparsekv-server has no TLS flags yet)
 
+class SnapshotTest(unittest.TestCase):
+    """export_session / import_session / migrate between the module's server and a second
+    one: the copy reads and decodes bit for bit like the original; damaged streams are
+    refused and add nothing."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server_b = LocalServer(SERVER_BIN, flags=["--decode_threads=1"]).start()
+        cls.b = sk.Client(cls.server_b.target, timeout=20)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.b.close()
+        cls.server_b.__exit__(None, None, None)
+
+    def make_session(self):
+        """A session with compressed chunks, a dense tail and decode steps behind it."""
+        s = sid("snap")
+        CLIENT.create_session(2, 2, 8, 64, dtype="float16", session_id=s, labels={"m": "x"},
+                              policy=sk.Policy(k=sk.TensorPolicy(0.7),
+                                               v=sk.TensorPolicy(0.5, "per_channel"),
+                                               chunk_tokens=64, dense_window=16))
+        CLIENT.append_kv(s, rnd((2, 300, 2, 64), 1), rnd((2, 300, 2, 64), 2),
+                         obs_q=rnd((2, 4, 8, 64), 3))
+        CLIENT.flush(s)
+        for t in range(6):  # 3 steps per layer: read_kv needs equal layer lengths
+            CLIENT.decode(s, t % 2, rnd((8, 64), 10 + t), new_k=rnd((2, 64), 20 + t),
+                          new_v=rnd((2, 64), 30 + t))
+        self.assertGreater(CLIENT.get_session(s).stats.chunks, 0)
+        return s
+
+    def assert_same(self, a, b, s):
+        """Identical read-back bytes, and identical answers to the same next decode steps
+        (each appends a token, so both copies must also keep storing the same way)."""
+        ka, va = a.read_kv(s)
+        kb, vb = b.read_kv(s)
+        self.assertEqual((ka.dtype, ka.shape), (kb.dtype, kb.shape))
+        self.assertEqual(ka.tobytes(), kb.tobytes())
+        self.assertEqual(va.tobytes(), vb.tobytes())
+        for t in range(4):
+            args = (s, t % 2, rnd((8, 64), 100 + t))
+            kw = dict(new_k=rnd((2, 64), 200 + t), new_v=rnd((2, 64), 300 + t), want_lse=True)
+            oa, la = a.decode(*args, **kw)
+            ob, lb = b.decode(*args, **kw)
+            self.assertEqual(oa.tobytes(), ob.tobytes())
+            self.assertEqual(la.tobytes(), lb.tobytes())
+        ia, ib = a.get_session(s), b.get_session(s)
+        self.assertEqual((ia.layout, ia.policy, ia.labels, ia.stats.tokens_per_layer),
+                         (ib.layout, ib.policy, ib.labels, ib.stats.tokens_per_layer))
+
+    def test_export_import_on_another_server(self):
+        s = self.make_session()
+        snap = CLIENT.export_session(s)
+        self.assertTrue(snap.startswith(sk.client.SNAPSHOT_MAGIC))
+        pieces = list(sk.snapshot_pieces(snap, 10000))
+        self.assertEqual(len(pieces), -(-len(snap) // 10000))
+        self.assertEqual([p.last for p in pieces], [False] * (len(pieces) - 1) + [True])
+        info = self.b.import_session(snap, piece_bytes=10000)
+        self.assertEqual(info.id, s)
+        self.assert_same(CLIENT, self.b, s)
+        with self.assertRaises(sk.SparsekvError) as cm:  # the id is taken now
+            self.b.import_session(snap)
+        self.assertEqual(cm.exception.code, "ALREADY_EXISTS")
+
+    def test_import_after_delete(self):
+        s = self.make_session()
+        k0, v0 = CLIENT.read_kv(s)
+        snap = CLIENT.export_session(s)
+        CLIENT.delete_session(s)
+        CLIENT.import_session(snap)
+        k1, v1 = CLIENT.read_kv(s)
+        self.assertEqual((k0.tobytes(), v0.tobytes()), (k1.tobytes(), v1.tobytes()))
+
+    def test_migrate(self):
+        s = self.make_session()
+        k0, _ = CLIENT.read_kv(s)
+        out0, _ = CLIENT.decode(s, 1, rnd((8, 64), 7))
+        info = CLIENT.migrate(s, self.b)
+        self.assertEqual(info.id, s)
+        with self.assertRaises(sk.SparsekvError) as cm:
+            CLIENT.get_session(s)
+        self.assertEqual(cm.exception.code, "NOT_FOUND")
+        self.assertEqual(self.b.read_kv(s)[0].tobytes(), k0.tobytes())
+        self.assertEqual(self.b.decode(s, 1, rnd((8, 64), 7))[0].tobytes(), out0.tobytes())
+
+    def test_damaged_streams_refused_and_nothing_added(self):
+        s = self.make_session()
+        snap = CLIENT.export_session(s)
+        cases = []
+        pieces = list(sk.snapshot_pieces(snap, 4096))
+        bad = list(sk.snapshot_pieces(snap, 4096))
+        bad[1].data = bad[1].data[:100] + bytes([bad[1].data[100] ^ 1]) + bad[1].data[101:]
+        cases.append(("a piece whose bytes fail its CRC-32C", bad, "DATA_LOSS"))
+        cases.append(("pieces out of order", [pieces[1], pieces[0]] + pieces[2:], "DATA_LOSS"))
+        damaged = bytearray(snap)
+        damaged[len(snap) // 2] ^= 0xFF  # pieces carry good CRCs; the snapshot's own fail
+        cases.append(("a damaged snapshot", list(sk.snapshot_pieces(bytes(damaged))),
+                      "DATA_LOSS"))
+        cases.append(("bytes that are not a snapshot",
+                      list(sk.snapshot_pieces(b"not a snapshot")), "DATA_LOSS"))
+        cases.append(("another format version",
+                      list(sk.snapshot_pieces(snap, format_version=99)), "FAILED_PRECONDITION"))
+        cases.append(("no last piece", pieces[:-1], "INVALID_ARGUMENT"))
+        for what, stream, code in cases:
+            with self.subTest(what):
+                with self.assertRaises(sk.SparsekvError) as cm:
+                    self.b.import_session_pieces(stream, session_id=s)
+                self.assertEqual(cm.exception.code, code, cm.exception.message)
+                self.assertEqual(cm.exception.status, getattr(grpc.StatusCode, code))
+                with self.assertRaises(sk.SparsekvError) as cm:
+                    self.b.get_session(s)
+                self.assertEqual(cm.exception.code, "NOT_FOUND")
+
+    def test_export_unknown_session(self):
+        with self.assertRaises(sk.SparsekvError) as cm:
+            CLIENT.export_session("no-such-session")
+        self.assertEqual(cm.exception.code, "NOT_FOUND")
+
+
 def _openssl(args, cwd):
     subprocess.run(["openssl"] + args, cwd=cwd, check=True, capture_output=True)
 

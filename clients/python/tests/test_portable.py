@@ -65,6 +65,34 @@ class Fake:
             self.tokens += int(m.k.shape[0] * m.k.shape[1])
         return pb.AppendKVResponse(messages=n, tokens_appended=self.tokens)
 
+    # ExportSession of SNAP in 3 pieces, damaged as the session id asks; ImportSession joins
+    # the pieces it gets and answers with their count and size in the labels.
+    SNAP = b"SKVSNAP\0\x07\x00\x00\x00" + bytes(range(256)) * 3
+
+    def export(self, req, ctx):
+        pieces = list(sk.snapshot_pieces(self.SNAP, 300))
+        mode = req.session_id
+        if mode == "crc":
+            pieces[1].crc32c ^= 1
+        elif mode == "gap":
+            del pieces[1]
+        elif mode == "nolast":
+            del pieces[-1]
+        elif mode == "afterlast":
+            pieces.append(pieces[-1])
+        elif mode == "version":
+            pieces[2].format_version = 8
+        yield from pieces
+
+    def import_(self, it, ctx):
+        pieces = list(it)
+        m = pb.Session(id="imported")
+        m.labels["pieces"] = ",".join("%d:%d:%d:%d:%d" % (
+            p.offset, len(p.data), p.format_version, p.last, p.crc32c == sk.crc32c(p.data))
+            for p in pieces)
+        m.labels["bytes"] = str(len(b"".join(p.data for p in pieces)))
+        return m
+
     def read(self, req, ctx):
         for layer in range(2):
             m = pb.ReadKVResponse(layer=layer)
@@ -87,7 +115,11 @@ class PortableTest(unittest.TestCase):
             "AppendKV": grpc.stream_unary_rpc_method_handler(
                 f.append, pb.AppendKVRequest.FromString, _ser),
             "ReadKV": grpc.unary_stream_rpc_method_handler(
-                f.read, pb.ReadKVRequest.FromString, _ser)})
+                f.read, pb.ReadKVRequest.FromString, _ser),
+            "ExportSession": grpc.unary_stream_rpc_method_handler(
+                f.export, pb.ExportSessionRequest.FromString, _ser),
+            "ImportSession": grpc.stream_unary_rpc_method_handler(
+                f.import_, pb.SessionChunk.FromString, _ser)})
         cls.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         cls.server.add_generic_rpc_handlers((h,))
         port = cls.server.add_insecure_port("127.0.0.1:0")
@@ -128,6 +160,27 @@ class PortableTest(unittest.TestCase):
                 st.decode("bad", 0, np.ones((2, 4)))
             self.assertEqual(cm.exception.code, "NOT_FOUND")
             self.assertEqual(st.step([sk.DecodeItem("a", 1, np.ones((2, 4)))])[0].out[0, 0], 2)
+
+    def test_export_checks_each_piece(self):
+        self.assertEqual(sk.crc32c(b"123456789"), 0xE3069283)  # the CRC-32C check value
+        self.assertEqual(sk.crc32c(b"6789", sk.crc32c(b"12345")), 0xE3069283)
+        self.assertEqual(self.client.export_session("good"), Fake.SNAP)
+        for mode in ("crc", "gap", "nolast", "afterlast", "version"):
+            with self.subTest(mode):
+                with self.assertRaises(sk.SparsekvError) as cm:
+                    self.client.export_session(mode)
+                self.assertEqual(cm.exception.code, "DATA_LOSS")
+
+    def test_import_splits_into_pieces(self):
+        info = self.client.import_session(Fake.SNAP, piece_bytes=300)
+        n = len(Fake.SNAP)
+        want = ["%d:%d:7:%d:1" % (o, min(300, n - o), o + 300 >= n) for o in range(0, n, 300)]
+        self.assertEqual(info.labels["pieces"].split(","), want)  # version 7 from the header
+        self.assertEqual(info.labels["bytes"], str(n))
+        info = self.client.import_session(b"", format_version=3)
+        self.assertEqual(info.labels["pieces"], "0:0:3:1:1")  # one empty last piece
+        with self.assertRaises(ValueError):
+            list(sk.snapshot_pieces(Fake.SNAP, 0))
 
 
 if __name__ == "__main__":
