@@ -11,6 +11,69 @@
 #include "kernels/finite_check.h"
 
 namespace sparsekv {
+namespace {
+
+// Index of the first unstorable value in `n` stored elements at `data`, as the append check.
+int64_t FirstUnstorable(DType dtype, const char* data, size_t n) {
+  return kernels::FindUnstorable(dtype, data, n, dtype);
+}
+
+// The values a session image brings, checked as an append's are: with reject_nonfinite no NaN
+// or Inf among the stored K/V (a snapshot from a server that stores them, or damaged content
+// whose checksums were recomputed); the scoring statistics always finite and >= 0, since one
+// NaN would bias the layer's output-aware pruning for good. Chunks whose size does not match
+// their formats are left to LayerStore::Restore, which refuses them.
+absl::Status CheckImageValues(const SessionImage& image, const Layout& l, bool reject_nonfinite) {
+  const size_t esize = DTypeSize(l.dtype);
+  for (size_t li = 0; li < image.layers.size(); ++li) {
+    const LayerImage& layer = image.layers[li];
+    for (float m : layer.tail_mass) {
+      if (!(m >= 0.0f) || !std::isfinite(m)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", li, ": tail attention mass ", m, " (must be finite and >= 0)"));
+      }
+    }
+    for (double e : layer.q_energy) {
+      if (!(e >= 0.0) || !std::isfinite(e)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", li, ": query energy ", e, " (must be finite and >= 0)"));
+      }
+    }
+    if (!reject_nonfinite) continue;
+    for (const std::string* t : {&layer.tail_k, &layer.tail_v}) {
+      const int64_t bad = FirstUnstorable(l.dtype, t->data(), t->size() / esize);
+      if (bad >= 0) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", li, ": dense tail ",
+                                                       t == &layer.tail_k ? "K" : "V", " element ",
+                                                       bad, " is not finite"));
+      }
+    }
+    for (size_t ci = 0; ci < layer.chunks.size(); ++ci) {
+      const LayerImage::Chunk& c = layer.chunks[ci];
+      if (!ValidateSectionFormat(c.k_format, l, "K").ok() ||
+          !ValidateSectionFormat(c.v_format, l, "V").ok() ||
+          c.data.size() != CompressedChunk::Bytes(c.k_format, c.v_format, l.num_kv_heads)) {
+        continue;
+      }
+      size_t offset = 0;
+      for (int h = 0; h < l.num_kv_heads; ++h) {
+        for (const kernels::SectionFormat* f : {&c.k_format, &c.v_format}) {
+          const int64_t bad = FirstUnstorable(l.dtype, c.data.data() + offset + f->bitmap_bytes(),
+                                              f->values_bytes() / esize);
+          if (bad >= 0) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("layer ", li, ": chunk ", ci, " KV head ", h, " ",
+                             f == &c.k_format ? "K" : "V", " kept value ", bad, " is not finite"));
+          }
+          offset += f->bytes();
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 Session::Session(SessionInfo info, SessionEnv env)
     : env_(std::move(env)),
@@ -559,6 +622,7 @@ absl::Status Session::Restore(const SessionImage& image) {
           sizeof(CompressedChunk));
     }
   }
+  SPARSEKV_RETURN_IF_ERROR(CheckImageValues(image, info_.layout, env_.limits.reject_nonfinite));
   SPARSEKV_RETURN_IF_ERROR(Reserve(need));
   int64_t used = 0;
   absl::Status st;

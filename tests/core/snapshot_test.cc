@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <functional>
 #include <random>
 
 #include "core/session_store.h"
@@ -160,6 +162,61 @@ TEST(SnapshotTest, ContentsThatDoNotFitAreRefusedAndAddNothing) {
   EXPECT_EQ(tight.Import(image).status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(tight.Stats().bytes_used, 0);
   EXPECT_EQ(tight.Stats().sessions, 0);
+}
+
+// Values an import brings are checked as an append's are (the fuzzer found a snapshot whose
+// content was changed with every checksum recomputed storing NaN): with reject_nonfinite no
+// NaN in dense tails or kept chunk values; scoring statistics finite and >= 0 always.
+TEST(SnapshotTest, NonFiniteValuesAreRefused) {
+  std::mt19937 rng(11);
+  SessionStore a(Options());
+  const SessionImage clean = *ParseSnapshot(
+      SerializeSnapshot(Filled(&a, DType::kFloat16, &rng)->Export()), SessionLimits());
+  ASSERT_FALSE(clean.layers[1].tail_k.empty());
+  ASSERT_FALSE(clean.layers[1].chunks.empty());
+  const char kNan16[2] = {0x00, 0x7e};  // fp16 quiet NaN, little-endian
+  struct Damage {
+    const char* name;
+    const char* message;  // part of the refusal
+    bool value;           // stored K/V (refused only with reject_nonfinite)
+    std::function<void(SessionImage*)> apply;
+  };
+  const std::vector<Damage> damages = {
+      {"tail K", "dense tail K element 3", true,
+       [&](SessionImage* im) { im->layers[1].tail_k.replace(6, 2, kNan16, 2); }},
+      {"chunk V value", "chunk 0 KV head 1 V kept value 0", true,
+       [&](SessionImage* im) {
+         LayerImage::Chunk& c = im->layers[1].chunks[0];
+         const size_t at = c.k_format.bytes() + c.v_format.bytes() + c.k_format.bytes() +
+                           c.v_format.bitmap_bytes();
+         c.data.replace(at, 2, kNan16, 2);
+       }},
+      {"tail mass", "tail attention mass", false,
+       [](SessionImage* im) { im->layers[0].tail_mass.at(0) = std::nanf(""); }},
+      {"query energy", "query energy", false,
+       [](SessionImage* im) { im->layers[0].q_energy.at(0) = -1.0; }},
+  };
+  for (const bool reject : {true, false}) {
+    SessionStoreOptions o = Options();
+    o.limits.reject_nonfinite = reject;
+    SessionStore b(o);
+    for (const Damage& d : damages) {
+      SessionImage image = clean;
+      d.apply(&image);
+      absl::StatusOr<SessionInfo> got = b.Import(image);
+      if (d.value && !reject) {
+        EXPECT_TRUE(got.ok()) << d.name << ": " << got.status();
+        ASSERT_TRUE(b.Delete("snap").ok());
+        continue;
+      }
+      EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << d.name;
+      EXPECT_NE(got.status().message().find(d.message), std::string::npos)
+          << d.name << ": " << got.status().message();
+      EXPECT_EQ(b.Stats().sessions, 0) << d.name;
+      EXPECT_EQ(b.Stats().bytes_used, 0) << d.name;
+    }
+    EXPECT_TRUE(b.Import(clean).ok());  // the undamaged image still imports
+  }
 }
 
 TEST(SnapshotTest, StringsThatAreNotUtf8AreRefused) {

@@ -2109,6 +2109,9 @@ void RunStructured(Reader& in) {
   for (int ops = 0; ops < 24 && !in.empty(); ++ops) {
     const int op = in.Byte() % kNumOps;
     Reader sub = in.Slice();
+    // SPARSEKV_FUZZ_TRACE=1: the operation sequence of an input, to read a crash reproducer.
+    static const bool trace = std::getenv("SPARSEKV_FUZZ_TRACE") != nullptr;
+    if (trace) std::fprintf(stderr, "op %d: %d\n", ops, op);
     switch (op) {
       case kOpAppend:
         RunAppend(w, sub);
