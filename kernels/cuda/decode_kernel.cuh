@@ -12,15 +12,20 @@
 //      ahead of the step computed. The dense kernel stages dense rows the same way, into a padded
 //      [16][2*D+16 bytes] tile; the mixed kernel copies dense rows (the short dense tail) into its
 //      K/V tiles when it computes the step.
-//   2. Per-token K and V are expanded into dense [16][2*D+16 bytes] tiles: lane = (row, 32-bit
-//      bitmap word), K and V interleaved. Ranks come from byte-wise popcounts (SWAR) and, inside
-//      a byte, from a multiply that spreads its bits to bytes, so the eight slots of a byte load
-//      their values independently (unconditional 2-byte loads, masked afterwards) and leave as
-//      one 16-byte store. When the keep count is a multiple of 8 (rows of packed values a
-//      multiple of 16 bytes apart, e.g. k = 64: 128 bytes), lanes take words and bytes in a
-//      row-dependent order so that their loads spread over the banks (measured: 1.60 -> 0.99 ms
-//      at sparsity 0.5, batch 16 x 32k). Per-channel sections expand from global memory (slow
-//      path: correctness first).
+//   2. Per-token K and V are expanded into dense [16][2*D+16 bytes] tiles. Full steps whose K and
+//      V keep the same count k (the server's chunks) expand by scatter (ScatterPerToken): the
+//      tiles are zero-filled and lane = (row, K or V) stores its row's k kept values at their
+//      channels, so the cost is O(k) per row instead of O(D). Other steps (partial tiles, a
+//      single per-token tensor, different keeps, a row with an empty bitmap word before kept
+//      ones) and all steps with SPARSEKV_DECODE_SCATTER_MAX_KEEP=0 expand slot by slot:
+//      lane = (row, 32-bit bitmap word), K and V interleaved. Ranks come from byte-wise popcounts
+//      (SWAR) and, inside a byte, from a multiply that spreads its bits to bytes, so the eight
+//      slots of a byte load their values independently (unconditional 2-byte loads, masked
+//      afterwards) and leave as one 16-byte store. When the keep count is a multiple of 8 (rows of
+//      packed values a multiple of 16 bytes apart, e.g. k = 64: 128 bytes), lanes take words and
+//      bytes in a row-dependent order so that their loads spread over the banks (measured: 1.60 ->
+//      0.99 ms at sparsity 0.5, batch 16 x 32k). Per-channel sections expand from global memory
+//      (slow path: correctness first).
 //   3. S^T [16 tokens, 8] = K [16, D] x Q'^T [D, 8] with mma.m16n8k16 (fp32 accumulate). The 8
 //      columns are (hi, lo) parts of 4 query heads, so S = col 2h + col 2h+1 exactly; a group
 //      of 8 uses two 8-column tiles (NT = 2).
