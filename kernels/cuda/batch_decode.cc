@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernels/cuda/decode_dispatch.h"
 
@@ -182,6 +183,15 @@ cudaError_t PlanBatchDecode(const BatchDecodeShape& shape, bool dense_kernel,
 
 cudaError_t BatchDecode(const BatchDecodeParams& p, cudaStream_t stream) {
   if (!ValidShape(p.shape)) return cudaErrorInvalidValue;
+  static const int env_max_keep = [] {
+    const char* v = std::getenv("SPARSEKV_DECODE_SCATTER_MAX_KEEP");
+    return v != nullptr && *v != '\0' ? std::atoi(v) : -1;
+  }();
+  if (env_max_keep >= 0) {
+    BatchDecodeParams q = p;
+    q.scatter_max_keep = env_max_keep;
+    return Dispatch(false, &q, p.shape, p.smem_bytes, stream, nullptr);
+  }
   return Dispatch(false, &p, p.shape, p.smem_bytes, stream, nullptr);
 }
 

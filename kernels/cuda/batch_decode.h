@@ -138,6 +138,11 @@ struct BatchDecodeParams {
   int num_blocks = 0;
   int stage_bytes = 0;  // plan.stage_bytes
   int smem_bytes = 0;   // plan.smem_bytes
+  // Per-token steps whose K and V keep at most this many elements per row expand by scatter
+  // (cost O(kept)); the others expand slot by slot (cost O(head_dim)). BatchDecode replaces it
+  // with the environment variable SPARSEKV_DECODE_SCATTER_MAX_KEEP when that is set (0: slot
+  // expansion everywhere, for comparison).
+  int scatter_max_keep = 256;
 };
 
 // Fills segments[].tile_begin and *plan: splits the sum over items and KV heads of their tiles

@@ -12,15 +12,20 @@
 //      ahead of the step computed. The dense kernel stages dense rows the same way, into a padded
 //      [16][2*D+16 bytes] tile; the mixed kernel copies dense rows (the short dense tail) into its
 //      K/V tiles when it computes the step.
-//   2. Per-token K and V are expanded into dense [16][2*D+16 bytes] tiles: lane = (row, 32-bit
-//      bitmap word), K and V interleaved. Ranks come from byte-wise popcounts (SWAR) and, inside
-//      a byte, from a multiply that spreads its bits to bytes, so the eight slots of a byte load
-//      their values independently (unconditional 2-byte loads, masked afterwards) and leave as
-//      one 16-byte store. When the keep count is a multiple of 8 (rows of packed values a
-//      multiple of 16 bytes apart, e.g. k = 64: 128 bytes), lanes take words and bytes in a
-//      row-dependent order so that their loads spread over the banks (measured: 1.60 -> 0.99 ms
-//      at sparsity 0.5, batch 16 x 32k). Per-channel sections expand from global memory (slow
-//      path: correctness first).
+//   2. Per-token K and V are expanded into dense [16][2*D+16 bytes] tiles. Full steps whose K and
+//      V keep the same count k (the server's chunks) expand by scatter (ScatterPerToken): the
+//      tiles are zero-filled and lane = (row, K or V) stores its row's k kept values at their
+//      channels, so the cost is O(k) per row instead of O(D). Other steps (partial tiles, a
+//      single per-token tensor, different keeps, a row with an empty bitmap word before kept
+//      ones) and all steps with SPARSEKV_DECODE_SCATTER_MAX_KEEP=0 expand slot by slot:
+//      lane = (row, 32-bit bitmap word), K and V interleaved. Ranks come from byte-wise popcounts
+//      (SWAR) and, inside a byte, from a multiply that spreads its bits to bytes, so the eight
+//      slots of a byte load their values independently (unconditional 2-byte loads, masked
+//      afterwards) and leave as one 16-byte store. When the keep count is a multiple of 8 (rows of
+//      packed values a multiple of 16 bytes apart, e.g. k = 64: 128 bytes), lanes take words and
+//      bytes in a row-dependent order so that their loads spread over the banks (measured: 1.60 ->
+//      0.99 ms at sparsity 0.5, batch 16 x 32k). Per-channel sections expand from global memory
+//      (slow path: correctness first).
 //   3. S^T [16 tokens, 8] = K [16, D] x Q'^T [D, 8] with mma.m16n8k16 (fp32 accumulate). The 8
 //      columns are (hi, lo) parts of 4 query heads, so S = col 2h + col 2h+1 exactly; a group
 //      of 8 uses two 8-column tiles (NT = 2).
@@ -401,6 +406,97 @@ __device__ __forceinline__ void ExpandStep(const PerTokenSrc& a, const PerTokenS
   }
 }
 
+// Scatter expansion (issue #13): cost O(kept elements) instead of O(channels). For a full step
+// (16 rows) whose K and V are both per-token with the same keep count k: lane = (row = lane %
+// 16, tensor = lane / 16) walks the k kept elements of its row in increasing channel order and
+// stores each value into the zero-filled tile, so every lane does exactly k iterations (no
+// divergence). The current bitmap word is held bit-reversed so that bfind yields the lowest
+// remaining channel; the next word is loaded one word ahead. Needs every row's nonzero words to
+// be contiguous from word 0 (no all-zero word before a kept element) and exactly k bits per row;
+// returns false (nothing written) when some row of the warp is not so, and the caller expands
+// the step with ExpandStep.
+__device__ __forceinline__ uint32_t Bfind(uint32_t x) {
+  uint32_t r;
+  asm("bfind.u32 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
+template <int D>
+__device__ __forceinline__ bool ScatterPerToken(const PerTokenSrc& a, const PerTokenSrc& b,
+                                                int lane) {
+  constexpr int kWords = D / 32;
+  constexpr int kPitch = TilePitch(D);
+  const int row = lane & 15;
+  const bool second = lane >= 16;
+  const int keep = a.keep;  // == b.keep (the caller checks)
+  const uint8_t* bm = (second ? b.bm : a.bm) + row * (D / 8);
+  uint32_t w[kWords];
+  if constexpr (kWords == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(bm);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int q = 0; q < kWords / 4; ++q) {
+      const uint4 v = *reinterpret_cast<const uint4*>(bm + 16 * q);
+      w[4 * q] = v.x;
+      w[4 * q + 1] = v.y;
+      w[4 * q + 2] = v.z;
+      w[4 * q + 3] = v.w;
+    }
+  }
+  uint32_t nz = 0;
+  int bits = 0;
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) {
+    nz |= (w[j] != 0u ? 1u : 0u) << j;
+    bits += __popc(w[j]);
+  }
+  const bool ok = (nz & (nz + 1u)) == 0u && bits == keep;
+  if (!__all_sync(0xffffffffu, ok)) return false;
+
+  // Zero both tiles' payload (the 16 padding bytes of a row are never read).
+  constexpr int kRowChunks = D / 8;
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = lane; i < 16 * kRowChunks; i += 32) {
+    const int off = (i / kRowChunks) * kPitch + (i % kRowChunks) * 16;
+    *reinterpret_cast<uint4*>(a.buf + off) = z;
+    *reinterpret_cast<uint4*>(b.buf + off) = z;
+  }
+  __syncwarp();
+
+  const uint16_t* vals =
+      reinterpret_cast<const uint16_t*>((second ? b.vals : a.vals) + row * keep * 2);
+  // Channel 32 * word + 31 - p (p: bit of the reversed word) is at wbase - 2 * p.
+  uint8_t* wbase = (second ? b.buf : a.buf) + row * kPitch + 62;
+  uint32_t x = __brev(w[0]);
+  uint32_t next = w[1];
+  // Word 2 onwards (reads run at most two words past the row: inside the staged bitmap region).
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(bm) + 2;
+  auto put = [&](uint16_t v) {
+    const uint32_t p = Bfind(x);
+    x ^= 1u << p;
+    *reinterpret_cast<uint16_t*>(wbase - 2 * static_cast<int>(p)) = v;
+    if (x == 0u) {
+      x = __brev(next);
+      next = *wp;
+      ++wp;
+      wbase += 64;
+    }
+  };
+  // Values are loaded four at a time, ahead of their stores.
+  int e = 0;
+  for (; e + 4 <= keep; e += 4) {
+    uint16_t v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = vals[e + j];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) put(v[j]);
+  }
+  for (; e < keep; ++e) put(vals[e]);
+  return true;
+}
+
 // Expands tokens [row0, row0 + 16) of a per-channel section (global memory) into buf; rows >=
 // `rows` become zeros. Lane = channel (mod 32).
 template <int D>
@@ -586,7 +682,12 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<D, NT>))
           CpAsyncWait<0>();
         }
         const bool kt = cc.k_kind == kKindPerToken, vt = cc.v_kind == kKindPerToken;
-        if (kt && vt) {
+        if (kt && vt && rows == kDecodeTileTokens && cc.k_keep == cc.v_keep &&
+            cc.k_keep <= p.scatter_max_keep &&
+            ScatterPerToken<D>(per_token(cc, slot, cc.k_keep, kbuf),
+                               per_token(cc, vslot, cc.v_keep, vbuf), lane)) {
+          // Expanded by scatter.
+        } else if (kt && vt) {
           ExpandStep<D, true>(per_token(cc, slot, cc.k_keep, kbuf),
                               per_token(cc, vslot, cc.v_keep, vbuf), rows, lane);
         } else if (kt) {

@@ -4,18 +4,25 @@
 # on the test binary (--quick sizes), the benchmark and the PyTorch SDPA baseline in the same
 # run, and merges them into a table. Logs go to OUT_DIR (default $OUT, else /tmp/sparsekv_gpu):
 #   build.log test.log sanitizer.log bench.log bench.jsonl baseline.jsonl report.md
+#   (legacy: bench_legacy.jsonl, the compressed modes again with the slot-by-slot expansion,
+#   SPARSEKV_DECODE_SCATTER_MAX_KEEP=0, for a before/after in the same run)
 # Usage: bash tests/bench/cuda/run_on_device.sh [OUT_DIR]
-# Env: BUILD_DIR (default build-gpu), STEPS (default "build test bench baseline sanitize").
+# Env: BUILD_DIR (default build-gpu), STEPS (default "build test bench baseline legacy
+# sanitize"), BUDGET_S (default 470: steps are cut short or skipped so that the script ends
+# within it), BENCH_ARGS (extra benchmark flags, e.g. "--only 16x32768").
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 out=${1:-${OUT:-/tmp/sparsekv_gpu}}
 build=${BUILD_DIR:-build-gpu}
-steps=${STEPS:-build test bench baseline sanitize}
+steps=${STEPS:-build test bench baseline legacy sanitize}
 mkdir -p "$out"
 start=$(date +%s)
 status=0
 has() { [[ " $steps " == *" $1 "* ]]; }
 note() { echo "[$(( $(date +%s) - start ))s] $*"; }
+deadline=$(( start + ${BUDGET_S:-470} ))
+# Seconds a step may take: its own limit, or what is left of the budget (minus a margin).
+lim() { local left=$(( deadline - $(date +%s) - 5 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem \
     --format=csv; nvcc --version | tail -2; } > "$out/report.md" 2>&1
@@ -31,7 +38,7 @@ fi
 
 if has test; then
   note "GPU tests (ctest -L gpu)"
-  timeout 300 ctest --test-dir "$build" -L gpu --output-on-failure -V > "$out/test.log" 2>&1 ||
+  timeout "$(lim 200)" ctest --test-dir "$build" -L gpu --output-on-failure -V > "$out/test.log" 2>&1 ||
     status=1
   grep -E "batch_decode_test:|max error|PASSED|FAILED|FAIL |tests passed|Skipped|Passed|Failed" \
     "$out/test.log" | head -40
@@ -39,26 +46,40 @@ fi
 
 if has bench; then
   note "benchmark"
-  timeout 300 "$build/bin/cuda_batch_decode_bench" --iters "${ITERS:-30}" \
-    --json "$out/bench.jsonl" > "$out/bench.log" 2>&1 || status=1
+  timeout "$(lim 150)" "$build/bin/cuda_batch_decode_bench" --iters "${ITERS:-30}" \
+    ${BENCH_ARGS:-} --json "$out/bench.jsonl" > "$out/bench.log" 2>&1 || status=1
   grep "^|" "$out/bench.log"
 fi
 
 if has baseline; then
   note "PyTorch SDPA baseline"
-  PYTHONUNBUFFERED=1 timeout 240 python3 tests/bench/cuda/sdpa_baseline.py \
+  PYTHONUNBUFFERED=1 timeout "$(lim 120)" python3 tests/bench/cuda/sdpa_baseline.py \
     --iters "${ITERS:-30}" --json "$out/baseline.jsonl" >> "$out/bench.log" 2>&1 || status=1
+fi
+
+if has legacy; then
+  note "benchmark, slot-by-slot expansion (SPARSEKV_DECODE_SCATTER_MAX_KEEP=0)"
+  SPARSEKV_DECODE_SCATTER_MAX_KEEP=0 timeout "$(lim 120)" "$build/bin/cuda_batch_decode_bench" \
+    --iters "${ITERS:-30}" --modes s0.5,s0.7 ${BENCH_ARGS:-} --json "$out/bench_legacy.jsonl" \
+    > "$out/bench_legacy.log" 2>&1 || status=1
+  grep "^|" "$out/bench_legacy.log"
 fi
 
 if [ -s "$out/bench.jsonl" ] && [ -s "$out/baseline.jsonl" ]; then
   python3 tests/bench/cuda/report.py "$out/bench.jsonl" "$out/baseline.jsonl" >> "$out/report.md"
+  if [ -s "$out/bench_legacy.jsonl" ]; then
+    { echo; echo "Slot-by-slot expansion (SPARSEKV_DECODE_SCATTER_MAX_KEEP=0), same run:"; echo
+      grep '"mode": *"dense"' "$out/bench.jsonl" | cat - "$out/bench_legacy.jsonl" > "$out/legacy_merged.jsonl"
+      python3 tests/bench/cuda/report.py "$out/legacy_merged.jsonl" "$out/baseline.jsonl"
+    } >> "$out/report.md"
+  fi
   echo; tail -n +6 "$out/report.md"
 fi
 
 if has ncu; then
   note "ncu profile: sparse 0.7 and dense at batch 16, context 32k"
   for m in s0.7; do
-    timeout 200 ncu --clock-control none --kernel-name regex:BatchDecodeKernel --launch-skip 4 \
+    timeout "$(lim 200)" ncu --clock-control none --kernel-name regex:BatchDecodeKernel --launch-skip 4 \
       --launch-count 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
       --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
       --section LaunchStats "$build/bin/cuda_batch_decode_bench" --only 16x32768 --modes "$m" \
@@ -71,10 +92,10 @@ if has sanitize; then
   note "compute-sanitizer memcheck + racecheck (--quick)"
   {
     echo "=== memcheck"
-    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    timeout "$(lim 120)" compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$build/bin/cuda_batch_decode_test" --quick; echo "memcheck rc=$?"
     echo "=== racecheck"
-    timeout 200 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
+    timeout "$(lim 120)" compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
       "$build/bin/cuda_batch_decode_test" --quick; echo "racecheck rc=$?"
   } > "$out/sanitizer.log" 2>&1
   grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"

@@ -173,6 +173,9 @@ Batch MakeBatch(const Case& c, const std::vector<int>& lengths, int layout_seed,
       }
     }
     b.max_v.push_back(max_v);
+    std::vector<float> zero_mid(d, 1.0f), zero_last(d, 1.0f);
+    for (int j = 32; j < 64; ++j) zero_mid[j] = 0.0f;
+    for (int j = d - 32; j < d; ++j) zero_last[j] = 0.0f;
     int row = 0;
     for (const SegSpec& s : specs) {
       SectionFormat kf = MakeSectionFormat(s.k_kind, c.sparsity, d, s.tokens, s.group, c.dtype);
@@ -191,9 +194,14 @@ Batch MakeBatch(const Case& c, const std::vector<int>& lengths, int layout_seed,
       for (int h = 0; h < H; ++h) {
         ks[h].resize(kf.bytes());
         vs[h].resize(vf.bytes());
-        CompressSection(kf, krows[h].data() + static_cast<size_t>(row) * d, nullptr, nullptr,
+        // KV head 1 of two items in three prunes with channel weights that are zero on one
+        // 32-channel word, so its per-token rows keep nothing there: the middle word [32, 64)
+        // (the scatter expansion falls back to the slot expansion) or the last word (scatter).
+        const float* cw = nullptr;
+        if (h == 1 && i % 3 != 0) cw = (i % 3 == 1 ? zero_mid : zero_last).data();
+        CompressSection(kf, krows[h].data() + static_cast<size_t>(row) * d, nullptr, cw,
                         ks[h].data());
-        CompressSection(vf, vrows[h].data() + static_cast<size_t>(row) * d, nullptr, nullptr,
+        CompressSection(vf, vrows[h].data() + static_cast<size_t>(row) * d, nullptr, cw,
                         vs[h].data());
       }
       b.ksec.push_back(std::move(ks));
