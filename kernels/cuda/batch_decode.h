@@ -140,9 +140,10 @@ struct BatchDecodeParams {
   int smem_bytes = 0;   // plan.smem_bytes
   // Per-token steps whose K and V keep at most this many elements per row expand by scatter
   // (cost O(kept)); the others expand slot by slot (cost O(head_dim)). BatchDecode replaces it
-  // with the environment variable SPARSEKV_DECODE_SCATTER_MAX_KEEP when that is set (0: slot
-  // expansion everywhere, for comparison).
-  int scatter_max_keep = 256;
+  // with the environment variable SPARSEKV_DECODE_SCATTER_MAX_KEEP when that is set. Default 0
+  // (slot expansion everywhere, the measured path of tests/bench/RESULTS.md section 8) until the
+  // scatter path has been tested and timed on a GPU; the GPU test runs both.
+  int scatter_max_keep = 0;
 };
 
 // Fills segments[].tile_begin and *plan: splits the sum over items and KV heads of their tiles

@@ -13,11 +13,12 @@
 //      [16][2*D+16 bytes] tile; the mixed kernel copies dense rows (the short dense tail) into its
 //      K/V tiles when it computes the step.
 //   2. Per-token K and V are expanded into dense [16][2*D+16 bytes] tiles. Full steps whose K and
-//      V keep the same count k (the server's chunks) expand by scatter (ScatterPerToken): the
+//      V keep the same count k (the server's chunks) can expand by scatter (ScatterPerToken,
+//      when k <= BatchDecodeParams::scatter_max_keep; default 0 = off until measured on a GPU): the
 //      tiles are zero-filled and lane = (row, K or V) stores its row's k kept values at their
 //      channels, so the cost is O(k) per row instead of O(D). Other steps (partial tiles, a
 //      single per-token tensor, different keeps, a row with an empty bitmap word before kept
-//      ones) and all steps with SPARSEKV_DECODE_SCATTER_MAX_KEEP=0 expand slot by slot:
+//      ones) and all steps by default expand slot by slot:
 //      lane = (row, 32-bit bitmap word), K and V interleaved. Ranks come from byte-wise popcounts
 //      (SWAR) and, inside a byte, from a multiply that spreads its bits to bytes, so the eight
 //      slots of a byte load their values independently (unconditional 2-byte loads, masked

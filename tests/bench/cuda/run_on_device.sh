@@ -4,7 +4,8 @@
 # on the test binary (--quick sizes), the benchmark and the PyTorch SDPA baseline in the same
 # run, and merges them into a table. Logs go to OUT_DIR (default $OUT, else /tmp/sparsekv_gpu):
 #   build.log test.log sanitizer.log bench.log bench.jsonl baseline.jsonl report.md
-#   (legacy: bench_legacy.jsonl, the compressed modes again with the slot-by-slot expansion,
+#   (bench: per-token steps expanded by scatter, SPARSEKV_DECODE_SCATTER_MAX_KEEP=256; legacy:
+#   bench_legacy.jsonl, the compressed modes again with the slot-by-slot expansion, the default,
 #   SPARSEKV_DECODE_SCATTER_MAX_KEEP=0, for a before/after in the same run)
 # Usage: bash tests/bench/cuda/run_on_device.sh [OUT_DIR]
 # Env: BUILD_DIR (default build-gpu), STEPS (default "build test bench baseline legacy
@@ -45,8 +46,8 @@ if has test; then
 fi
 
 if has bench; then
-  note "benchmark"
-  timeout "$(lim 150)" "$build/bin/cuda_batch_decode_bench" --iters "${ITERS:-30}" \
+  note "benchmark, scatter expansion (SPARSEKV_DECODE_SCATTER_MAX_KEEP=256)"
+  SPARSEKV_DECODE_SCATTER_MAX_KEEP=256 timeout "$(lim 150)" "$build/bin/cuda_batch_decode_bench" --iters "${ITERS:-30}" \
     ${BENCH_ARGS:-} --json "$out/bench.jsonl" > "$out/bench.log" 2>&1 || status=1
   grep "^|" "$out/bench.log"
 fi

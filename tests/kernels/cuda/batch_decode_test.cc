@@ -372,7 +372,7 @@ struct Result {
 
 // Plans (on the host copy of the segments), uploads and runs one launch; returns outputs.
 Result Run(const Batch& b, DeviceBatch& db, const std::vector<DecodeItem>& dev_items,
-           bool dense_kernel, int num_sms) {
+           bool dense_kernel, int num_sms, int scatter_max_keep = 0) {
   const int H = b.shape.num_kv_heads, d = b.shape.head_dim, qh = H * b.shape.group;
   std::vector<DecodeSegment> segs = b.segments;
   BatchDecodePlan plan;
@@ -421,6 +421,7 @@ Result Run(const Batch& b, DeviceBatch& db, const std::vector<DecodeItem>& dev_i
   p.num_blocks = plan.num_blocks;
   p.stage_bytes = plan.stage_bytes;
   p.smem_bytes = plan.smem_bytes;
+  p.scatter_max_keep = scatter_max_keep;
   Result r;
   for (int rep = 0; rep < 2; ++rep) {
     for (size_t i = 0; i < dev_items.size(); ++i) {  // poison: NaN
@@ -564,10 +565,16 @@ int Main(int argc, char** argv) {
     DeviceBatch db;
     std::vector<DecodeItem> dev_items;
     Upload(b, &db, &dev_items);
-    for (int plan_sms : {sms, 2}) {
-      const Result r = Run(b, db, dev_items, false, plan_sms);
-      Check(c, b, dev_items, r, plan_sms == 2 ? "BatchDecode(2 SMs)" : "BatchDecode", &st);
-      ++st.batches;
+    // Both expansions of per-token steps: slot by slot (0) and by scatter (256: every keep).
+    for (int scatter : {0, 256}) {
+      for (int plan_sms : {sms, 2}) {
+        const Result r = Run(b, db, dev_items, false, plan_sms, scatter);
+        Check(c, b, dev_items, r,
+              scatter ? (plan_sms == 2 ? "BatchDecode(scatter, 2 SMs)" : "BatchDecode(scatter)")
+                      : (plan_sms == 2 ? "BatchDecode(2 SMs)" : "BatchDecode"),
+              &st);
+        ++st.batches;
+      }
     }
     bool all_dense = true;
     for (const DecodeSegment& s : b.segments) {
