@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -74,7 +75,13 @@ void AccumulateDenseMass(const DecodeAttentionParams& p, const float* lse, float
         for (int j = 0; j < d; ++j) {
           dot += p.q[h * d + j] * LoadAsFloat(p.dtype, span.k, static_cast<size_t>(r) * d + j);
         }
-        total += std::exp(dot * p.scale - lse[h]);
+        // A probability: at most 1. This dot product rounds differently from the kernel's
+        // score, and with extreme (finite) inputs it can overflow where the kernel's did not:
+        // inf - lse gives inf, inf - inf NaN. Clamped, the mass stays finite, so one extreme
+        // step cannot poison the layer's output-aware scoring (or its snapshot) for good.
+        float pr = std::exp(dot * p.scale - lse[h]);
+        if (std::isnan(pr)) pr = 0.0f;
+        total += std::min(pr, 1.0f);
       }
       mass[t] += total;
     }

@@ -196,6 +196,27 @@ TEST(DenseMassTest, SumsProbabilitiesOverGroupHeads) {
   EXPECT_NEAR(total, 4.0, 1e-4);
 }
 
+TEST(DenseMassTest, ExtremeScoresGiveFiniteBoundedMass) {
+  // Finite but extreme queries: this dot product overflows (+inf, and inf - inf = NaN when
+  // channels of both signs overflow). Each term is a probability: clamped to [0, 1], the mass
+  // stays finite (it seeds output-aware scoring and travels in snapshots). Found by the fuzzer.
+  Case c{4, 64, 0, 32, 50, SectionKind::kPerToken, SectionKind::kPerToken, 0.5, DType::kFloat16};
+  Cache cache;
+  Fill(c, 6, &cache);
+  std::vector<float> q(cache.q.size());
+  for (size_t i = 0; i < q.size(); ++i) q[i] = (i % 3 == 0 ? -3e38f : 3e38f);
+  DecodeAttentionParams p = cache.p;
+  p.q = q.data();
+  const std::vector<float> lse = {0.0f, 1e30f, -1e30f, 5.0f};
+  std::vector<float> mass(50, 0.0f);
+  AccumulateDenseMass(p, lse.data(), mass.data());
+  for (float m : mass) {
+    EXPECT_TRUE(std::isfinite(m)) << m;
+    EXPECT_GE(m, 0.0f);
+    EXPECT_LE(m, 4.0f);
+  }
+}
+
 class ThreadPoolTest : public ::testing::TestWithParam<int> {};  // spin in microseconds
 
 TEST_P(ThreadPoolTest, RunsEveryTaskOnce) {
