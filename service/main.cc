@@ -15,6 +15,13 @@
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address HOST:PORT; port 0 = any");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus /metrics listen address HOST:PORT; port 0 = any; empty = off");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate chain for TLS on the gRPC port (with --tls_key_file); empty = "
+          "plaintext");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA certificates: with them the gRPC port requires and verifies a client "
+          "certificate signed by one (mutual TLS)");
 ABSL_FLAG(int, max_message_bytes, 64 << 20,
           "Largest gRPC message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, host_budget_bytes, -1,
@@ -88,6 +95,9 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
   options.store.host_budget_bytes = absl::GetFlag(FLAGS_host_budget_bytes);
   if (options.store.host_budget_bytes < 0) {
     options.store.host_budget_bytes = sparsekv::service::AvailableMemoryBytes() / 2;
@@ -135,6 +145,11 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "sparsekv-server: host budget %lld bytes%s\n",
                static_cast<long long>(options.store.host_budget_bytes),
                options.store.host_budget_bytes == 0 ? " (unlimited)" : "");
+  std::fprintf(stderr, "sparsekv-server: gRPC port %s\n",
+               options.tls_cert_file.empty()
+                   ? "PLAINTEXT: any client that reaches it can read and change every session"
+               : options.tls_client_ca_file.empty() ? "TLS"
+                                                    : "mutual TLS (client certificates required)");
   const std::string ready = absl::GetFlag(FLAGS_ready_file);
   if (!ready.empty()) {
     // Write then rename so that a reader never sees a half-written file.

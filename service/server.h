@@ -28,6 +28,12 @@ struct ServerOptions {
   std::string listen = "0.0.0.0:50051";         // gRPC; port 0 picks a free port
   std::string metrics_listen = "0.0.0.0:9464";  // HTTP /metrics; empty = no exposer
   int max_message_bytes = 64 << 20;             // gRPC receive limit per message
+  // TLS on the gRPC port: PEM files of the server's certificate chain and key (both or
+  // neither; neither = plaintext), and of the CAs whose client certificates it requires
+  // (mutual TLS; empty = no client certificate asked for). Read once at start.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
   SessionStoreOptions store;
   // Sessions are restored from here before serving and written here at Shutdown (README
   // "Restart without loss"); empty = neither.
@@ -45,7 +51,8 @@ class Server {
  public:
   // Restores the sessions of options.snapshot_dir (one line on stderr: restored and skipped
   // files, and why; never fatal), then binds both ports and starts serving. InvalidArgument
-  // for a malformed address, Unavailable when a port cannot be bound.
+  // for a malformed address or TLS files that are missing, unreadable or half given,
+  // Unavailable when a port cannot be bound (or the certificate and key do not load).
   static absl::StatusOr<std::unique_ptr<Server>> Start(ServerOptions options);
   ~Server();  // Shutdown() if not done yet
 
