@@ -16,6 +16,14 @@ ABSL_FLAG(std::string, server, "localhost:50051", "sparsekv server address, HOST
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(10),
           "deadline of each call (and of connecting), e.g. 10s, 500ms, 2m");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of human-readable text");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "PEM CA certificates that sign the server's certificate: connect with TLS (empty and "
+          "no --tls_cert_file: plaintext)");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate chain for mutual TLS (with --tls_key_file)");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name to check the server certificate against instead of the --server host");
 
 ABSL_FLAG(uint32_t, layers, 0,
           "transformer layers of the session (create: required; bench, demo: defaults)");
@@ -135,7 +143,9 @@ void ResetFlag(const char* name) {
 }  // namespace
 
 const std::vector<const char*>& GlobalFlags() {
-  static const auto* flags = new std::vector<const char*>{"server", "timeout", "json"};
+  static const auto* flags =
+      new std::vector<const char*>{"server",        "timeout",      "json",           "tls_ca_file",
+                                   "tls_cert_file", "tls_key_file", "tls_server_name"};
   return *flags;
 }
 

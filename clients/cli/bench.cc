@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "clients/cli/channel.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/table.h"
@@ -129,15 +130,10 @@ class Bench {
   explicit Bench(const BenchOptions& o) : o_(o) {
     const uint32_t channels = o.channels == 0 ? std::max<uint32_t>(1, o.concurrency) : o.channels;
     for (uint32_t i = 0; i < channels; ++i) {
-      grpc::ChannelArguments args;
-      args.SetMaxReceiveMessageSize(-1);
-      args.SetMaxSendMessageSize(-1);
-      // Without this, channels to one target share one TCP connection (global subchannel
-      // pool), and --channels would not add connections.
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      // A connection each (else --channels would not add connections). RunBench opened one
+      // with the same flags first, so this cannot fail.
       clients_.push_back(std::make_unique<KvCacheClient>(
-          grpc::CreateCustomChannel(o.server, grpc::InsecureChannelCredentials(), args),
-          o.timeout));
+          *OpenChannel(o.server, /*own_connection=*/true), o.timeout, o.server));
     }
     id_prefix_ = absl::StrCat("bench-", o.workload, "-", getpid(), "-",
                               absl::Hex(std::random_device{}() & 0xffff), "-");
@@ -712,6 +708,7 @@ absl::StatusOr<BenchOptions> BenchOptionsFromFlags(const Invocation& inv) {
 absl::StatusOr<BenchReport> RunBench(const BenchOptions& options, std::ostream& progress_out) {
   BenchReport report;
   report.options = options;
+  SPARSEKV_RETURN_IF_ERROR(OpenChannel(options.server).status());  // TLS flags usable
   Bench b(options);
   SPARSEKV_RETURN_IF_ERROR(b.Connect());
   absl::StatusOr<v1::ServerInfo> info = b.client(0).GetServerInfo();

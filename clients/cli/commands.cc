@@ -20,6 +20,7 @@
 #include "absl/time/time.h"
 #include "clients/cli/args.h"
 #include "clients/cli/bench.h"
+#include "clients/cli/channel.h"
 #include "clients/cli/demo.h"
 #include "clients/cli/drain.h"
 #include "clients/cli/json_writer.h"
@@ -47,8 +48,8 @@ struct Context {
   // Connects to --server. Local argument checks come before this, so that a usage error is
   // reported as such even when no server runs. Returns UNAVAILABLE (exit 3) on failure.
   absl::Status Connect() {
-    client =
-        std::make_unique<KvCacheClient>(absl::GetFlag(FLAGS_server), absl::GetFlag(FLAGS_timeout));
+    SPARSEKV_ASSIGN_OR_RETURN(
+        client, OpenClient(absl::GetFlag(FLAGS_server), absl::GetFlag(FLAGS_timeout)));
     return WithExitCode(client->WaitForConnected(), kExitUnreachable);
   }
 
@@ -449,7 +450,9 @@ absl::Status CmdMigrate(Context& ctx) {
   const std::string to = absl::GetFlag(FLAGS_to);
   if (to.empty()) return WithExitCode(absl::InvalidArgumentError("--to is required"), kExitUsage);
   SPARSEKV_RETURN_IF_ERROR(ctx.Connect());
-  KvCacheClient target(to, absl::GetFlag(FLAGS_timeout));
+  SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheClient> dest,
+                            OpenClient(to, absl::GetFlag(FLAGS_timeout)));
+  KvCacheClient& target = *dest;
   SPARSEKV_RETURN_IF_ERROR(WithExitCode(target.WaitForConnected(), kExitUnreachable));
   SPARSEKV_ASSIGN_OR_RETURN(std::string bytes, ExportBytes(ctx.client.get(), ctx.id()));
   SPARSEKV_ASSIGN_OR_RETURN(v1::Session s, target.ImportSession(SnapshotPieces(bytes)));

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "clients/cli/bench_histogram.h"
+#include "clients/cli/channel.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/npy.h"
@@ -178,7 +179,9 @@ absl::Status CmdDemo(const Invocation& inv, std::ostream& out, std::ostream& err
   if (steps == 0) return UsageError("--steps must be positive");
 
   const std::string server = absl::GetFlag(FLAGS_server);
-  KvCacheClient client(server, absl::GetFlag(FLAGS_timeout));
+  SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheClient> owned,
+                            OpenClient(server, absl::GetFlag(FLAGS_timeout)));
+  KvCacheClient& client = *owned;
   if (!client.WaitForConnected().ok()) {
     err << "No sparsekv server answers at " << server << ". Start one first, e.g.\n"
         << "  bash deploy/dev/run.sh                      # from the repository root, or\n"

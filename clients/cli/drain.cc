@@ -15,6 +15,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "clients/cli/channel.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/json_writer.h"
 #include "clients/cli/snapshot_transfer.h"
@@ -31,9 +32,10 @@ namespace {
 // ingress hash kSessionHeader). Only the one call the drain makes through the router.
 class RoutedImporter {
  public:
-  RoutedImporter(const std::string& target, absl::Duration timeout)
+  RoutedImporter(const std::string& target, std::shared_ptr<grpc::Channel> channel,
+                 absl::Duration timeout)
       : target_(target),
-        channel_(grpc::CreateChannel(target, grpc::InsecureChannelCredentials())),
+        channel_(std::move(channel)),
         stub_(v1::KvCacheService::NewStub(channel_)),
         timeout_(timeout) {}
 
@@ -139,13 +141,17 @@ absl::Status CmdDrain(const Invocation& inv, std::ostream& out, std::ostream& /*
   const absl::Duration timeout = absl::GetFlag(FLAGS_timeout);
   const bool json = absl::GetFlag(FLAGS_json);
 
-  KvCacheClient source(server, timeout);
+  SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheClient> source_client,
+                            OpenClient(server, timeout));
+  KvCacheClient& source = *source_client;
   SPARSEKV_RETURN_IF_ERROR(WithExitCode(source.WaitForConnected(), kExitUnreachable));
-  RoutedImporter router(via, timeout);
+  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> via_channel, OpenChannel(via));
+  RoutedImporter router(via, std::move(via_channel), timeout);
   SPARSEKV_RETURN_IF_ERROR(WithExitCode(router.WaitForConnected(), kExitUnreachable));
   std::vector<Peer> peers;
   for (const std::string& address : peer_addresses) {
-    peers.push_back({address, std::make_unique<KvCacheClient>(address, timeout)});
+    SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheClient> peer, OpenClient(address, timeout));
+    peers.push_back({address, std::move(peer)});
     SPARSEKV_RETURN_IF_ERROR(
         WithExitCode(peers.back().client->WaitForConnected(), kExitUnreachable));
   }

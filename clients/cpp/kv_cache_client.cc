@@ -160,8 +160,9 @@ KvCacheClient::KvCacheClient(const std::string& target, absl::Duration timeout)
   target_ = target;
 }
 
-KvCacheClient::KvCacheClient(std::shared_ptr<grpc::Channel> channel, absl::Duration timeout)
-    : target_("(channel)"),
+KvCacheClient::KvCacheClient(std::shared_ptr<grpc::Channel> channel, absl::Duration timeout,
+                             std::string target_name)
+    : target_(std::move(target_name)),
       channel_(std::move(channel)),
       stub_(v1::KvCacheService::NewStub(channel_)),
       timeout_(timeout) {}

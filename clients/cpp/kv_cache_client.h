@@ -99,7 +99,9 @@ class KvCacheClient {
   KvCacheClient(const std::string& target, absl::Duration timeout);
 
   // Uses an existing channel (for example one with TLS credentials, or an in-process one).
-  KvCacheClient(std::shared_ptr<grpc::Channel> channel, absl::Duration timeout);
+  // `target_name` names it in errors.
+  KvCacheClient(std::shared_ptr<grpc::Channel> channel, absl::Duration timeout,
+                std::string target_name = "(channel)");
 
   ~KvCacheClient();
   KvCacheClient(const KvCacheClient&) = delete;

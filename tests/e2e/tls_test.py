@@ -9,7 +9,10 @@
 - bad configurations stop the server at start with a message naming the flag: a key without a
   certificate, a file that is not PEM, a client CA without a server certificate.
 
-Usage: tls_test.py SERVER_BIN REPO_ROOT. Exits 77 (skipped) without openssl.
+The `sparsekv` CLI (--tls_ca_file, --tls_cert_file, --tls_key_file, --tls_server_name) reaches
+the same servers, and is refused without the right files.
+
+Usage: tls_test.py SERVER_BIN CLI_BIN REPO_ROOT. Exits 77 (skipped) without openssl.
 """
 import os
 import shutil
@@ -21,6 +24,7 @@ import unittest
 import numpy as np
 
 SERVER = sys.argv.pop(1)
+CLI = sys.argv.pop(1)
 REPO = sys.argv.pop(1)
 sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +125,32 @@ class TlsTest(unittest.TestCase):
         self.refused(target, self.tls("ca"))              # no client certificate
         self.refused(target, self.tls("ca", "stranger"))  # signed by another CA
         self.assertIn("mutual TLS", server.log_tail())
+
+    def cli(self, target, *flags):
+        return subprocess.run([CLI, "--server=" + target, "--timeout=3s"] + list(flags) +
+                              ["info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=30)
+
+    def test_cli(self):
+        target, _ = self.start(["--tls_cert_file=" + self.path("server.pem"),
+                                "--tls_key_file=" + self.path("server.key"),
+                                "--tls_client_ca_file=" + self.path("ca.pem")])
+        name = "--tls_server_name=sparsekv.test"
+        ok = self.cli(target, "--tls_ca_file=" + self.path("ca.pem"), name,
+                      "--tls_cert_file=" + self.path("client.pem"),
+                      "--tls_key_file=" + self.path("client.key"))
+        self.assertEqual(ok.returncode, 0, ok.stdout)
+        self.assertIn("version", ok.stdout)
+        for flags in ([],  # plaintext
+                      ["--tls_ca_file=" + self.path("ca.pem"), name],  # no client certificate
+                      ["--tls_ca_file=" + self.path("other-ca.pem"), name,
+                       "--tls_cert_file=" + self.path("client.pem"),
+                       "--tls_key_file=" + self.path("client.key")]):  # untrusted server
+            r = self.cli(target, *flags)
+            self.assertEqual(r.returncode, 3, "%s: %s" % (flags, r.stdout))  # unreachable
+        bad = self.cli(target, "--tls_cert_file=" + self.path("client.pem"))
+        self.assertEqual(bad.returncode, 2, bad.stdout)  # usage: a certificate without its key
+        self.assertIn("go together", bad.stdout)
 
     def test_bad_configuration_stops_the_server(self):
         cases = [
