@@ -12,7 +12,9 @@
 #include "absl/time/time.h"
 #include "service/server.h"
 
-ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address HOST:PORT; port 0 = any");
+ABSL_FLAG(std::string, listen, "",
+          "gRPC listen address HOST:PORT; port 0 = any. Default: 127.0.0.1:50051 for a plaintext "
+          "port (only this host can reach it), 0.0.0.0:50051 with --tls_cert_file");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus /metrics listen address HOST:PORT; port 0 = any; empty = off");
 ABSL_FLAG(std::string, tls_cert_file, "",
@@ -93,6 +95,12 @@ int main(int argc, char** argv) {
 
   sparsekv::service::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
+  if (options.listen.empty()) {
+    // A plaintext port lets whoever reaches it read and change every session: by default
+    // only this host can; serving the network is asked for (--listen) or comes with TLS.
+    options.listen =
+        absl::GetFlag(FLAGS_tls_cert_file).empty() ? "127.0.0.1:50051" : "0.0.0.0:50051";
+  }
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
@@ -137,10 +145,11 @@ int main(int argc, char** argv) {
   }
   const auto& build = (*server)->build();
   std::fprintf(stderr,
-               "sparsekv-server %s (%s): kernels %s/%s; grpc listening on port %d, metrics on "
-               "port %d\n",
+               "sparsekv-server %s (%s): kernels %s/%s; grpc listening on %s (port %d), metrics "
+               "on port %d\n",
                build.version.c_str(), build.git_commit.c_str(), build.kernel_backend.c_str(),
-               build.kernel_variant.c_str(), (*server)->grpc_port(), (*server)->metrics_port());
+               build.kernel_variant.c_str(), options.listen.c_str(), (*server)->grpc_port(),
+               (*server)->metrics_port());
   std::fprintf(stderr, "sparsekv-server: %s\n", (*server)->store().backend().features().c_str());
   std::fprintf(stderr, "sparsekv-server: host budget %lld bytes%s\n",
                static_cast<long long>(options.store.host_budget_bytes),

@@ -48,12 +48,15 @@ class ServerProcess:
     """Starts sparsekv-server on ephemeral ports and waits for its ready file.
 
     Usage: with ServerProcess(bin, extra_flags=[...]) as s: s.stub.CreateSession(...)
-    `preexec_fn` runs in the child before exec (e.g. to set resource limits)."""
+    `preexec_fn` runs in the child before exec (e.g. to set resource limits). `listen`: the
+    gRPC address, None = no --listen flag (the server's default)."""
 
     READY_TIMEOUT_S = 15.0
 
-    def __init__(self, binary, proto_dir=None, extra_flags=(), preexec_fn=None):
+    def __init__(self, binary, proto_dir=None, extra_flags=(), preexec_fn=None,
+                 listen="127.0.0.1:0"):
         self.binary = binary
+        self.listen = listen
         self.preexec_fn = preexec_fn
         self.proto_dir = proto_dir
         self.extra_flags = list(extra_flags)
@@ -74,8 +77,9 @@ class ServerProcess:
         self.tmp = tempfile.mkdtemp(prefix="sparsekv-e2e-")
         ready = os.path.join(self.tmp, "ready")
         self.log_path = os.path.join(self.tmp, "server.log")
-        args = [self.binary, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                "--ready_file=" + ready] + self.extra_flags
+        listen = [] if self.listen is None else ["--listen=" + self.listen]
+        args = [self.binary] + listen + ["--metrics_listen=127.0.0.1:0",
+                                         "--ready_file=" + ready] + self.extra_flags
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      preexec_fn=self.preexec_fn)

@@ -126,6 +126,37 @@ class TlsTest(unittest.TestCase):
         self.refused(target, self.tls("ca", "stranger"))  # signed by another CA
         self.assertIn("mutual TLS", server.log_tail())
 
+    def test_default_listen_address(self):
+        # Without --listen a plaintext port serves this host only; with TLS, every interface.
+        import socket
+        probe = socket.socket()
+        try:
+            probe.bind(("0.0.0.0", 50051))
+        except OSError:
+            self.skipTest("port 50051 is in use here")
+        finally:
+            probe.close()
+        # Listening sockets on port 50051 (0xC383) as /proc/net/tcp{,6} write the address:
+        # gRPC binds IPv6 sockets, 127.0.0.1 as ::ffff:127.0.0.1 and 0.0.0.0 as [::].
+        loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+        anywhere = {"00000000", "00000000000000000000000000000000"}
+        for flags, want in (([], loopback),
+                            (["--tls_cert_file=" + self.path("server.pem"),
+                              "--tls_key_file=" + self.path("server.key")], anywhere)):
+            s = ServerProcess(SERVER, extra_flags=flags, listen=None).start()
+            try:
+                self.assertEqual(s.grpc_port, 50051)
+                listening = set()
+                for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+                    with open(name) as f:
+                        for line in f.readlines()[1:]:
+                            local, state = line.split()[1], line.split()[3]
+                            if state == "0A" and local.endswith(":C383"):
+                                listening.add(local.split(":")[0])
+                self.assertTrue(listening and listening <= want, "%s: %s" % (flags, listening))
+            finally:
+                s.stop()
+
     def cli(self, target, *flags):
         return subprocess.run([CLI, "--server=" + target, "--timeout=3s"] + list(flags) +
                               ["info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
