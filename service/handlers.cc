@@ -309,7 +309,8 @@ absl::StatusOr<std::unique_ptr<ExportCall>> ExportCall::Start(Handlers* h,
       new ExportCall(SerializeSnapshot(session->Export()), h->PayloadRoom()));
 }
 
-bool ExportCall::Next(v1::SessionChunk* msg) {
+bool ExportCall::Next(v1::SessionChunk* msg, absl::Status* status) {
+  *status = absl::OkStatus();
   if (done_) return false;
   const size_t n = std::min<size_t>(static_cast<size_t>(piece_), bytes_.size() - offset_);
   msg->Clear();

@@ -141,8 +141,9 @@ class ExportCall {
  public:
   static absl::StatusOr<std::unique_ptr<ExportCall>> Start(Handlers* h,
                                                            const v1::ExportSessionRequest& req);
-  // Fills the next piece and returns true, or returns false after the last one.
-  bool Next(v1::SessionChunk* msg);
+  // Fills the next piece and returns true, or returns false after the last one (`*status`
+  // OK: the pieces are made in memory and cannot fail; the signature is ReadCall's).
+  bool Next(v1::SessionChunk* msg, absl::Status* status);
 
  private:
   ExportCall(std::string bytes, int64_t piece) : bytes_(std::move(bytes)), piece_(piece) {}

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -182,20 +181,12 @@ class CallWriter final : public StreamWriter {
  private:
   void WriteNext() override {
     absl::Status st;
-    if (!NextOf(&st)) {
+    if (!call_->Next(&msg_, &st)) {
       FinishWith(st);
       return;
     }
     SerializeMessage(msg_, &out_);
     StartWrite(&out_);
-  }
-  bool NextOf(absl::Status* st) {
-    if constexpr (std::is_same_v<Call, ReadCall>) {
-      return call_->Next(&msg_, st);
-    } else {
-      *st = absl::OkStatus();
-      return call_->Next(&msg_);
-    }
   }
 
   std::unique_ptr<Call> call_;

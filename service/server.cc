@@ -10,11 +10,11 @@
 #include <cstdio>
 #include <exception>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/pem_file.h"
 #include "common/status_macros.h"
 
 #ifndef SPARSEKV_VERSION
@@ -43,15 +43,6 @@ int64_t AvailableMemoryBytes() {
 
 namespace {
 
-absl::StatusOr<std::string> ReadPem(const std::string& path, const char* flag) {
-  std::ifstream f(path, std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (!f.is_open() || text.find("-----BEGIN ") == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, "=", path, ": not a readable PEM file"));
-  }
-  return text;
-}
-
 // The gRPC port's credentials: plaintext, TLS, or mutual TLS (README "TLS").
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> GrpcCredentials(const ServerOptions& o) {
   if (o.tls_cert_file.empty() && o.tls_key_file.empty()) {
@@ -66,12 +57,12 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> GrpcCredentials(const S
   }
   grpc::SslServerCredentialsOptions ssl;
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  SPARSEKV_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(o.tls_cert_file, "--tls_cert_file"));
-  SPARSEKV_ASSIGN_OR_RETURN(pair.private_key, ReadPem(o.tls_key_file, "--tls_key_file"));
+  SPARSEKV_ASSIGN_OR_RETURN(pair.cert_chain, ReadPemFile(o.tls_cert_file, "--tls_cert_file"));
+  SPARSEKV_ASSIGN_OR_RETURN(pair.private_key, ReadPemFile(o.tls_key_file, "--tls_key_file"));
   ssl.pem_key_cert_pairs.push_back(std::move(pair));
   if (!o.tls_client_ca_file.empty()) {
     SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_root_certs,
-                              ReadPem(o.tls_client_ca_file, "--tls_client_ca_file"));
+                              ReadPemFile(o.tls_client_ca_file, "--tls_client_ca_file"));
     ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }
   return grpc::SslServerCredentials(ssl);

@@ -20,6 +20,14 @@
 
 namespace sparsekv::service {
 
+// The status of `size` bytes that do not parse as a Message.
+template <typename Message>
+absl::Status NotParsed(size_t size, const std::string& where) {
+  return absl::InvalidArgumentError(absl::StrCat(where.empty() ? "request" : where, " (", size,
+                                                 " bytes) does not parse as ",
+                                                 Message::descriptor()->full_name()));
+}
+
 // Parses `bytes` into `msg`. InvalidArgument naming the type and `where` (e.g. "message 3 of
 // the stream"; empty for a unary request) when they do not parse.
 template <typename Message>
@@ -27,11 +35,7 @@ absl::Status ParseMessage(const grpc::ByteBuffer& bytes, Message* msg, const std
   grpc::ByteBuffer copy(bytes);  // shares the slices; the reader consumes its buffer
   grpc::ProtoBufferReader reader(&copy);
   msg->Clear();
-  if (!msg->ParseFromZeroCopyStream(&reader)) {
-    return absl::InvalidArgumentError(absl::StrCat(where.empty() ? "request" : where, " (",
-                                                   bytes.Length(), " bytes) does not parse as ",
-                                                   Message::descriptor()->full_name()));
-  }
+  if (!msg->ParseFromZeroCopyStream(&reader)) return NotParsed<Message>(bytes.Length(), where);
   return absl::OkStatus();
 }
 
@@ -40,9 +44,7 @@ template <typename Message>
 absl::Status ParseMessage(std::string_view bytes, Message* msg, const std::string& where) {
   msg->Clear();
   if (!msg->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
-    return absl::InvalidArgumentError(absl::StrCat(where.empty() ? "request" : where, " (",
-                                                   bytes.size(), " bytes) does not parse as ",
-                                                   Message::descriptor()->full_name()));
+    return NotParsed<Message>(bytes.size(), where);
   }
   return absl::OkStatus();
 }

@@ -1,7 +1,5 @@
 #include "clients/cli/channel.h"
 
-#include <fstream>
-#include <iterator>
 #include <utility>
 
 #include "absl/flags/flag.h"
@@ -9,17 +7,16 @@
 #include "absl/strings/str_cat.h"
 #include "clients/cli/args.h"
 #include "clients/cli/commands.h"
+#include "common/pem_file.h"
 #include "common/status_macros.h"
 
 namespace sparsekv::cli {
 namespace {
 
+// A usage error (exit code 2) when the file is not readable PEM.
 absl::StatusOr<std::string> ReadPem(const std::string& path, const char* flag) {
-  std::ifstream f(path, std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (!f.is_open() || text.find("-----BEGIN ") == std::string::npos) {
-    return UsageError(absl::StrCat("--", flag, "=", path, ": not a readable PEM file"));
-  }
+  absl::StatusOr<std::string> text = ReadPemFile(path, flag);
+  if (!text.ok()) return UsageError(text.status().message());
   return text;
 }
 
@@ -33,11 +30,11 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials() {
   if (ca.empty() && cert.empty()) return grpc::InsecureChannelCredentials();
   grpc::SslCredentialsOptions ssl;
   if (!ca.empty()) {
-    SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(ca, "tls_ca_file"));
+    SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(ca, "--tls_ca_file"));
   }
   if (!cert.empty()) {
-    SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadPem(cert, "tls_cert_file"));
-    SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadPem(key, "tls_key_file"));
+    SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadPem(cert, "--tls_cert_file"));
+    SPARSEKV_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadPem(key, "--tls_key_file"));
   }
   return grpc::SslCredentials(ssl);
 }

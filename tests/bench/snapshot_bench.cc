@@ -22,16 +22,12 @@
 #include "core/snapshot.h"
 #include "core/snapshot_dir.h"
 #include "tests/bench/bench_util.h"
+#include "tests/core/test_util.h"
 
 namespace sparsekv {
 namespace {
 
-SessionStoreOptions Options() {
-  SessionStoreOptions o;
-  o.janitor_period = absl::ZeroDuration();
-  o.decode_threads = 0;
-  return o;
-}
+using testing::QuietStoreOptions;
 
 void Fill(SessionStore* store, const std::string& id, int layers, int64_t tokens) {
   CreateSessionParams p;
@@ -84,7 +80,7 @@ int Main(int argc, char** argv) {
     dir = tmpl;
   }
 
-  SessionStore store(Options());
+  SessionStore store(QuietStoreOptions());
   for (int i = 0; i < sessions; ++i) Fill(&store, "s" + std::to_string(i), layers, tokens);
   std::shared_ptr<Session> probe = *store.Get("s0");
 
@@ -121,7 +117,7 @@ int Main(int argc, char** argv) {
     return 1;
   }
 
-  SessionStore back(Options());
+  SessionStore back(QuietStoreOptions());
   start = bench::Now();
   const RestoreReport r = SnapshotDir(dir).Restore(&back);
   const double restore_s = bench::Now() - start;

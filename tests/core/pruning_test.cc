@@ -315,7 +315,12 @@ TEST(PruningTest, FlushReportsARemainderTheBudgetCannotHold) {
   const Layout layout{1, 2, 2, 64, DType::kFloat16};
   const Policy policy =
       Sparse(0.5, PruneDirection::kPerToken, PruneDirection::kPerToken, Scoring::kMagnitude);
-  const int64_t fixed = Session::FixedBytes(SessionInfo{"s", "t", layout, policy});
+  SessionInfo info;
+  info.id = "s";
+  info.tenant = "t";
+  info.layout = layout;
+  info.policy = policy;
+  const int64_t fixed = Session::FixedBytes(info);
   for (const bool full : {true, false}) {
     // 60 rows take two blocks; dense_window 32 leaves a 28-row remainder, inside block 0.
     const int64_t budget = fixed + 2 * LayerStore::BlockBytes(layout) + (full ? 0 : 1 << 20);
@@ -331,7 +336,9 @@ TEST(PruningTest, FlushReportsARemainderTheBudgetCannotHold) {
     const SessionStats st = f.session->Info().stats;
     EXPECT_EQ(st.bytes_dense, (full ? 60 : 32) * layout.token_bytes()) << full;
     EXPECT_EQ(st.bytes_accounted, f.env.budget->used()) << full;
-    if (full) EXPECT_EQ(f.env.budget->used(), used);
+    if (full) {
+      EXPECT_EQ(f.env.budget->used(), used);
+    }
     EXPECT_LE(f.env.budget->used(), budget) << full;
   }
 }

@@ -29,12 +29,7 @@ namespace fs = std::filesystem;
 using testing::OwnedTensor;
 using testing::RandomTensor;
 
-SessionStoreOptions Options() {
-  SessionStoreOptions o;
-  o.janitor_period = absl::ZeroDuration();
-  o.decode_threads = 0;
-  return o;
-}
+using testing::QuietStoreOptions;
 
 // A decode step with a new token: changes the session.
 void Step(Session* s, std::mt19937* rng) {
@@ -128,7 +123,7 @@ TEST(SnapshotFileNameTest, SafeDistinctAndShort) {
 
 TEST(SessionGenerationTest, CountsEveryChangeAnExportSees) {
   std::mt19937 rng(7);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   std::shared_ptr<Session> s = Filled(&a, "g", &rng);
   uint64_t exported = 0;
   const std::string image = Bytes(*s);
@@ -151,7 +146,7 @@ TEST(SessionGenerationTest, CountsEveryChangeAnExportSees) {
 
 TEST_F(SnapshotDirTest, SessionsComeBackBitIdenticalAndOnlyChangesAreRewritten) {
   std::mt19937 rng(1);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   std::vector<std::shared_ptr<Session>> sessions;
   for (const char* id : {"one", "two", "three"}) sessions.push_back(Filled(&a, id, &rng));
   SnapshotDir snaps(dir_.string());
@@ -172,7 +167,7 @@ TEST_F(SnapshotDirTest, SessionsComeBackBitIdenticalAndOnlyChangesAreRewritten) 
   fs::remove(dir_ / SnapshotFileName("three"));
   EXPECT_EQ(snaps.Write(a).written, 1);
 
-  SessionStore b(Options());
+  SessionStore b(QuietStoreOptions());
   SnapshotDir reader(dir_.string());
   RestoreReport r = reader.Restore(&b);
   EXPECT_EQ(r.restored, 3) << r.ToString();
@@ -197,7 +192,7 @@ TEST_F(SnapshotDirTest, SessionsComeBackBitIdenticalAndOnlyChangesAreRewritten) 
 // (Under TSan, also the lock discipline of the export outside the session lock.)
 TEST_F(SnapshotDirTest, WritesWhileTheSessionChanges) {
   std::mt19937 rng(8);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   std::shared_ptr<Session> s = Filled(&a, "busy", &rng);
   std::atomic<bool> done{false};
   std::thread writer([&] {
@@ -221,14 +216,14 @@ TEST_F(SnapshotDirTest, WritesWhileTheSessionChanges) {
   writer.join();
   s->Flush();
   snaps.Write(a);
-  SessionStore b(Options());
+  SessionStore b(QuietStoreOptions());
   ASSERT_EQ(SnapshotDir(dir_.string()).Restore(&b).restored, 1);
   EXPECT_EQ(Bytes(**b.Get("busy")), Bytes(*s));
 }
 
 TEST_F(SnapshotDirTest, DeletedSessionsDoNotComeBack) {
   std::mt19937 rng(2);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   Filled(&a, "keep", &rng);
   Filled(&a, "gone", &rng);
   SnapshotDir snaps(dir_.string());
@@ -237,7 +232,7 @@ TEST_F(SnapshotDirTest, DeletedSessionsDoNotComeBack) {
   WriteReport w = snaps.Write(a);
   EXPECT_EQ(w.removed, 1) << w.ToString();
   EXPECT_EQ(Files(dir_), std::set<std::string>{SnapshotFileName("keep")});
-  SessionStore b(Options());
+  SessionStore b(QuietStoreOptions());
   EXPECT_EQ(SnapshotDir(dir_.string()).Restore(&b).restored, 1);
   EXPECT_TRUE(b.Get("keep").ok());
   EXPECT_EQ(b.Get("gone").status().code(), absl::StatusCode::kNotFound);
@@ -245,7 +240,7 @@ TEST_F(SnapshotDirTest, DeletedSessionsDoNotComeBack) {
 
 TEST_F(SnapshotDirTest, UnusableDirectoryIsReportedNotFatal) {
   std::mt19937 rng(3);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   Filled(&a, "s1", &rng);
   // Its parent is a regular file: fails even for root, whom permissions do not stop.
   WriteAll(root_ / "file", "x");
@@ -255,7 +250,7 @@ TEST_F(SnapshotDirTest, UnusableDirectoryIsReportedNotFatal) {
   EXPECT_EQ(w.failed, 2) << w.ToString();  // the session, and listing for stale files
   ASSERT_FALSE(w.errors.empty());
   EXPECT_NE(w.errors[0].find("Not a directory"), std::string::npos) << w.ToString();
-  SessionStore b(Options());
+  SessionStore b(QuietStoreOptions());
   RestoreReport r = snaps.Restore(&b);
   EXPECT_FALSE(r.dir_error.ok());
   EXPECT_EQ(r.restored, 0);
@@ -264,7 +259,7 @@ TEST_F(SnapshotDirTest, UnusableDirectoryIsReportedNotFatal) {
 
 TEST_F(SnapshotDirTest, FailedWriteLeavesThePreviousFileWhole) {
   std::mt19937 rng(4);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   std::shared_ptr<Session> s = Filled(&a, "big", &rng);
   SnapshotDir snaps(dir_.string());
   ASSERT_EQ(snaps.Write(a).written, 1);
@@ -299,7 +294,7 @@ TEST_F(SnapshotDirTest, FailedWriteLeavesThePreviousFileWhole) {
 
 TEST_F(SnapshotDirTest, DamagedFilesAreSkippedMovedAsideAndReported) {
   std::mt19937 rng(5);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   std::shared_ptr<Session> good = Filled(&a, "good", &rng);
   Filled(&a, "other", &rng);
   SnapshotDir snaps(dir_.string());
@@ -334,7 +329,7 @@ TEST_F(SnapshotDirTest, DamagedFilesAreSkippedMovedAsideAndReported) {
   WriteAll(dir_ / (other_file + ".tmp"), bytes.substr(0, 50));
   WriteAll(dir_ / "README", "not a snapshot");
 
-  SessionStore b(Options());
+  SessionStore b(QuietStoreOptions());
   SnapshotDir reader(dir_.string());
   RestoreReport r = reader.Restore(&b);
   EXPECT_EQ(r.restored, 1) << r.ToString();
@@ -359,7 +354,7 @@ TEST_F(SnapshotDirTest, DamagedFilesAreSkippedMovedAsideAndReported) {
   EXPECT_EQ(b.Stats().sessions, 1);
 
   // Moved aside: not retried, and not removed by the next write.
-  SessionStore c(Options());
+  SessionStore c(QuietStoreOptions());
   r = SnapshotDir(dir_.string()).Restore(&c);
   EXPECT_EQ(r.restored, 1);
   EXPECT_TRUE(r.skipped.empty()) << r.ToString();
@@ -369,13 +364,13 @@ TEST_F(SnapshotDirTest, DamagedFilesAreSkippedMovedAsideAndReported) {
 
 TEST_F(SnapshotDirTest, SessionsOverTheBudgetAreSkipped) {
   std::mt19937 rng(6);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   Filled(&a, "s1", &rng);
   Filled(&a, "s2", &rng);
   SnapshotDir snaps(dir_.string());
   ASSERT_EQ(snaps.Write(a).written, 2);
   // Room for one of the two.
-  SessionStoreOptions o = Options();
+  SessionStoreOptions o = QuietStoreOptions();
   o.host_budget_bytes = a.Stats().bytes_used * 3 / 4;
   SessionStore b(o);
   RestoreReport r = SnapshotDir(dir_.string()).Restore(&b);

@@ -19,12 +19,7 @@ namespace {
 using testing::OwnedTensor;
 using testing::RandomTensor;
 
-SessionStoreOptions Options() {
-  SessionStoreOptions o;
-  o.janitor_period = absl::ZeroDuration();
-  o.decode_threads = 0;
-  return o;
-}
+using testing::QuietStoreOptions;
 
 // A session with compressed chunks (per-token K output-aware, per-channel V), a dense tail,
 // labels and decode steps behind it.
@@ -60,7 +55,7 @@ std::shared_ptr<Session> Filled(SessionStore* store, DType dtype, std::mt19937* 
 TEST(SnapshotTest, ImportedSessionMatchesBitForBit) {
   for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
     std::mt19937 rng(7);
-    SessionStore a(Options()), b(Options());
+    SessionStore a(QuietStoreOptions()), b(QuietStoreOptions());
     std::shared_ptr<Session> src = Filled(&a, dtype, &rng);
     const std::string bytes = SerializeSnapshot(src->Export());
     absl::StatusOr<SessionImage> image = ParseSnapshot(bytes, SessionLimits());
@@ -106,7 +101,7 @@ TEST(SnapshotTest, ImportedSessionMatchesBitForBit) {
 
 TEST(SnapshotTest, EveryDamageIsRefused) {
   std::mt19937 rng(8);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   const std::string good = SerializeSnapshot(Filled(&a, DType::kFloat16, &rng)->Export());
   ASSERT_TRUE(ParseSnapshot(good, SessionLimits()).ok());
   // A flipped byte anywhere: magic, version, record framing, payloads, checksums.
@@ -141,21 +136,21 @@ TEST(SnapshotTest, EveryDamageIsRefused) {
 
 TEST(SnapshotTest, ContentsThatDoNotFitAreRefusedAndAddNothing) {
   std::mt19937 rng(9);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   SessionImage image = Filled(&a, DType::kFloat16, &rng)->Export();
   ASSERT_FALSE(image.layers[1].chunks.empty());
   image.layers[1].chunks[0].data[0] ^= 0x01;  // a bitmap keeps one element more or less
   // Re-serialized, the checksums are right: only the contents are wrong.
   absl::StatusOr<SessionImage> parsed = ParseSnapshot(SerializeSnapshot(image), SessionLimits());
   ASSERT_TRUE(parsed.ok()) << parsed.status();
-  SessionStore b(Options());
+  SessionStore b(QuietStoreOptions());
   absl::Status st = b.Import(*parsed).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("layer 1"), std::string::npos) << st;
   EXPECT_EQ(b.Stats().sessions, 0);
   EXPECT_EQ(b.Stats().bytes_used, 0);
   // Over the budget: refused whole too.
-  SessionStoreOptions o = Options();
+  SessionStoreOptions o = QuietStoreOptions();
   o.host_budget_bytes = 4096;
   SessionStore tight(o);
   image = a.Get("snap").value()->Export();
@@ -169,7 +164,7 @@ TEST(SnapshotTest, ContentsThatDoNotFitAreRefusedAndAddNothing) {
 // NaN in dense tails or kept chunk values; scoring statistics finite and >= 0 always.
 TEST(SnapshotTest, NonFiniteValuesAreRefused) {
   std::mt19937 rng(11);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   const SessionImage clean = *ParseSnapshot(
       SerializeSnapshot(Filled(&a, DType::kFloat16, &rng)->Export()), SessionLimits());
   ASSERT_FALSE(clean.layers[1].tail_k.empty());
@@ -197,7 +192,7 @@ TEST(SnapshotTest, NonFiniteValuesAreRefused) {
        [](SessionImage* im) { im->layers[0].q_energy.at(0) = -1.0; }},
   };
   for (const bool reject : {true, false}) {
-    SessionStoreOptions o = Options();
+    SessionStoreOptions o = QuietStoreOptions();
     o.limits.reject_nonfinite = reject;
     SessionStore b(o);
     for (const Damage& d : damages) {
@@ -221,7 +216,7 @@ TEST(SnapshotTest, NonFiniteValuesAreRefused) {
 
 TEST(SnapshotTest, StringsThatAreNotUtf8AreRefused) {
   std::mt19937 rng(10);
-  SessionStore a(Options());
+  SessionStore a(QuietStoreOptions());
   SessionImage image = Filled(&a, DType::kFloat16, &rng)->Export();
   for (const std::string bad : {std::string("\xff"), std::string("a\xc3"),
                                 std::string("\xed\xa0\x80")}) {  // invalid, cut, surrogate

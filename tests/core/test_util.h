@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/session.h"
+#include "core/session_store.h"
 #include "core/types.h"
 
 namespace sparsekv::testing {
@@ -93,6 +94,15 @@ struct Fixture {
   SessionEnv env;
   std::shared_ptr<Session> session;
 };
+
+// A store for tests: no janitor (no TTL evictions behind the test's back) and no decode
+// threads (results independent of the machine's cores).
+inline SessionStoreOptions QuietStoreOptions() {
+  SessionStoreOptions o;
+  o.janitor_period = absl::ZeroDuration();
+  o.decode_threads = 0;
+  return o;
+}
 
 }  // namespace sparsekv::testing
 

@@ -32,6 +32,8 @@ import time
 import urllib.parse
 import urllib.request
 
+from checks import Checks
+
 SERVER, CLI, REPO = sys.argv[1:4]
 DASHBOARD = os.path.join(REPO, "deploy/grafana/sparsekv-dashboard.json")
 PROM_CONFIG = os.path.join(REPO, "deploy/prometheus/prometheus.yml")
@@ -40,24 +42,8 @@ RULES = os.path.join(REPO, "deploy/prometheus/sparsekv.rules.yml")
 # load with room for a slow machine.
 RATE_INTERVAL = "30s"
 
-passed = failed = 0
-
-
-def ok(msg):
-    global passed
-    passed += 1
-    print("PASS: " + msg, flush=True)
-
-
-def bad(msg):
-    global failed
-    failed += 1
-    print("FAIL: " + msg, flush=True)
-
-
-def check(cond, msg, detail=""):
-    (ok if cond else bad)(msg + ("" if cond or not detail else ": " + str(detail)))
-    return cond
+CHECKS = Checks()
+ok, bad, check = CHECKS.ok, CHECKS.bad, CHECKS.check
 
 
 def free_port():
@@ -182,7 +168,6 @@ def main():
     for tool in ("prometheus", "promtool"):
         if not shutil.which(tool):
             bad(f"{tool} not installed (apt-get install prometheus; deploy/dev/setup.sh does)")
-            print(f"{passed} passed, {failed} failed")
             return 1
     tmp = tempfile.mkdtemp(prefix="sparsekv-live-prom.")
     procs = Procs()
@@ -411,7 +396,7 @@ def run(tmp, procs):
     check(firing and firing[0]["labels"].get("instance") == target,
           "SparsekvSnapshotRestoresSkipped fires for the server that skipped a file", firing)
 
-    if failed:
+    if CHECKS.failed:
         print("--- server log (tail) ---\n" + open(os.path.join(tmp, "server.log")).read()[-1500:])
         print("--- prometheus log (tail) ---\n" +
               open(os.path.join(tmp, "prometheus.log")).read()[-1500:])
@@ -419,6 +404,4 @@ def run(tmp, procs):
 
 
 if __name__ == "__main__":
-    rc = main()
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed or rc else 0)
+    CHECKS.finish(main())

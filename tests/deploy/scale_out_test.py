@@ -36,6 +36,7 @@ SERVER, CLI, REPO = sys.argv[1:4]
 sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 import numpy as np  # noqa: E402
 import sparsekv_client as sk  # noqa: E402
+from checks import Checks  # noqa: E402
 
 # SPARSEKV_NGINX_BIN as for deploy/local's scripts (a path that does not exist shows the skip).
 NGINX = os.environ.get("SPARSEKV_NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
@@ -49,24 +50,8 @@ RETRYABLE = ("NOT_FOUND", "UNAVAILABLE")
 # How long nginx's old workers keep open calls after the drain's reload (a DecodeStream).
 SHUTDOWN_S = 3
 
-passed = failed = 0
-
-
-def ok(msg):
-    global passed
-    passed += 1
-    print("PASS: " + msg, flush=True)
-
-
-def bad(msg):
-    global failed
-    failed += 1
-    print("FAIL: " + msg, flush=True)
-
-
-def check(cond, msg, detail=""):
-    (ok if cond else bad)(msg + ("" if cond or not detail else ": " + str(detail)))
-    return cond
+CHECKS = Checks()
+ok, bad, check = CHECKS.ok, CHECKS.bad, CHECKS.check
 
 
 def read_replicas(state):
@@ -107,22 +92,11 @@ def line_count(path):
         return sum(1 for _ in f)
 
 
-class Load:
-    """Clients that decode every session through the router in a loop until stopped, each
-    answer compared with the answer before the drain. NOT_FOUND and UNAVAILABLE are retried
-    after a short backoff (10 ms, doubling to 160 ms) for up to 20 s; anything else, an
-    exhausted retry budget or a different answer is a failed request."""
+class Worker:
+    """Background threads running self.run(index) until finish()."""
 
-    def __init__(self, target, sids, queries, expected, threads=2):
-        self.target, self.sids, self.queries, self.expected = target, sids, queries, expected
+    def __init__(self, threads=1):
         self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.requests = self.retries = 0
-        self.retried_requests = 0
-        self.retries_by_code = {}
-        self.longest_retry_s = 0.0
-        self.failures = []
-        self.by_session = {}  # successful decodes per session id
         self.threads = [threading.Thread(target=self.run, args=(i,)) for i in range(threads)]
 
     def start(self):
@@ -133,6 +107,24 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join()
+
+
+class Load(Worker):
+    """Clients that decode every session through the router in a loop until stopped, each
+    answer compared with the answer before the drain. NOT_FOUND and UNAVAILABLE are retried
+    after a short backoff (10 ms, doubling to 160 ms) for up to 20 s; anything else, an
+    exhausted retry budget or a different answer is a failed request."""
+
+    def __init__(self, target, sids, queries, expected, threads=2):
+        super().__init__(threads)
+        self.target, self.sids, self.queries, self.expected = target, sids, queries, expected
+        self.lock = threading.Lock()
+        self.requests = self.retries = 0
+        self.retried_requests = 0
+        self.retries_by_code = {}
+        self.longest_retry_s = 0.0
+        self.failures = []
+        self.by_session = {}  # successful decodes per session id
 
     def run(self, index):
         client = sk.Client(self.target, timeout=10.0)
@@ -176,29 +168,21 @@ class Load:
                                      % (sid, layer))
 
 
-class Writer:
+class Writer(Worker):
     """A client that appends one token to every layer of a few sessions per step through the
     router (Decode with new_k/new_v), until stopped: the writes that must not be lost while
     their sessions move. Only NOT_FOUND is retried (nothing was applied then); any other error
     is a failed request."""
 
     def __init__(self, target, sids, seed):
+        super().__init__()
         self.target, self.sids = target, sids
         self.rng = np.random.default_rng(seed)
-        self.stop = threading.Event()
         self.appended = {sid: 0 for sid in sids}  # tokens per layer acknowledged
         self.requests = self.retries = 0
         self.failures = []
-        self.thread = threading.Thread(target=self.run)
 
-    def start(self):
-        self.thread.start()
-
-    def finish(self):
-        self.stop.set()
-        self.thread.join()
-
-    def run(self):
+    def run(self, index):
         client = sk.Client(self.target, timeout=10.0)
         while not self.stop.is_set():
             for sid in self.sids:
@@ -228,7 +212,7 @@ class Writer:
                 time.sleep(0.01)
 
 
-class StreamLoad:
+class StreamLoad(Worker):
     """One DecodeStream through the router, opened before the drain for a session that moves,
     stepping until stopped, each answer compared with the answer before the drain. The router
     keeps an open stream on the replica it started on until nginx's old worker closes it
@@ -236,20 +220,12 @@ class StreamLoad:
     (counted as a reopen). NOT_FOUND answers on a stream are retried on that stream."""
 
     def __init__(self, target, sid, q, expected):
+        super().__init__()
         self.target, self.sid, self.q, self.expected = target, sid, q, expected
-        self.stop = threading.Event()
         self.steps = self.reopens = self.retries = 0
         self.failures = []
-        self.thread = threading.Thread(target=self.run)
 
-    def start(self):
-        self.thread.start()
-
-    def finish(self):
-        self.stop.set()
-        self.thread.join()
-
-    def run(self):
+    def run(self, index):
         client = sk.Client(self.target, timeout=10.0)
         stream = client.decode_stream(out_dtype="float32", session_id=self.sid)
         t_fail = None
@@ -545,5 +521,4 @@ try:
     main()
 except Exception as e:  # noqa: BLE001 -- a crash is one more failure, and the summary still prints
     bad("unexpected %s: %s" % (type(e).__name__, e))
-print("%d passed, %d failed" % (passed, failed))
-sys.exit(1 if failed else 0)
+CHECKS.finish()

@@ -5,6 +5,7 @@ are refused and add nothing.
 Run: /usr/bin/python3 snapshot_test.py SERVER_BIN PROTO_DIR
 """
 
+import os
 import sys
 import unittest
 
@@ -12,6 +13,10 @@ import grpc
 import numpy as np
 
 import server_fixture as fx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "clients", "python"))
+from sparsekv_client import crc32c  # noqa: E402  (the client's pure-Python CRC-32C)
 
 SERVER_BIN = PROTO_DIR = None
 pb2 = pb2_grpc = None
@@ -131,19 +136,6 @@ class SnapshotTest(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             self.b.stub.ImportSession(iter(self.pieces), timeout=30)
         self.assertEqual(cm.exception.code(), grpc.StatusCode.ALREADY_EXISTS)
-
-
-def crc32c(data):
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    c = 0xFFFFFFFF
-    for b in data:
-        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
 
 
 if __name__ == "__main__":

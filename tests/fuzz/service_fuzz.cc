@@ -348,40 +348,14 @@ class Harness : public ServerParts {
         }
         break;
       }
-      case kReadKV: {
-        v1::ReadKVRequest req;
-        st = service::ParseMessage(first, &req, "");
-        if (!st.ok()) break;
-        absl::StatusOr<std::unique_ptr<service::ReadCall>> call =
-            service::ReadCall::Start(&h_, req);
-        if (!call.ok()) {
-          st = call.status();
-          break;
-        }
-        v1::ReadKVResponse out;
-        while ((*call)->Next(&out, &st)) {
-          r.responses.push_back(out.SerializeAsString());
-          if (cancel) break;
-        }
+      case kReadKV:
+        st = ServerStream<v1::ReadKVRequest, service::ReadCall, v1::ReadKVResponse>(first, cancel,
+                                                                                    &r);
         break;
-      }
-      case kExportSession: {
-        v1::ExportSessionRequest req;
-        st = service::ParseMessage(first, &req, "");
-        if (!st.ok()) break;
-        absl::StatusOr<std::unique_ptr<service::ExportCall>> call =
-            service::ExportCall::Start(&h_, req);
-        if (!call.ok()) {
-          st = call.status();
-          break;
-        }
-        v1::SessionChunk out;
-        while ((*call)->Next(&out)) {
-          r.responses.push_back(out.SerializeAsString());
-          if (cancel) break;
-        }
+      case kExportSession:
+        st = ServerStream<v1::ExportSessionRequest, service::ExportCall, v1::SessionChunk>(
+            first, cancel, &r);
         break;
-      }
       case kImportSession: {
         service::ImportCall call(&h_);
         v1::SessionChunk piece;
@@ -424,6 +398,22 @@ class Harness : public ServerParts {
     SPARSEKV_RETURN_IF_ERROR(body(req, &out));
     r->responses.push_back(out.SerializeAsString());
     return absl::OkStatus();
+  }
+
+  // Parses `bytes` as Request, starts the call and collects its messages; a cancelled call
+  // stops after the first.
+  template <typename Request, typename Call, typename Message>
+  absl::Status ServerStream(std::string_view bytes, bool cancel, CallResult* r) {
+    Request req;
+    SPARSEKV_RETURN_IF_ERROR(service::ParseMessage(bytes, &req, ""));
+    SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<Call> call, Call::Start(&h_, req));
+    Message out;
+    absl::Status st;
+    while (call->Next(&out, &st)) {
+      r->responses.push_back(out.SerializeAsString());
+      if (cancel) break;
+    }
+    return st;
   }
 
   service::Handlers h_;
