@@ -1,42 +1,55 @@
-// Decode attention over one layer snapshot, all KV heads: chunks grouped by format, work
-// split over KV heads and chunk ranges on a thread pool, partial states merged by
-// log-sum-exp.
+// A decode step over one layer snapshot as a kernels::DecodeBatchItem: chunks grouped in runs
+// of one format, the dense tail as spans, per KV head. The batcher collects these from many
+// sessions and calls the ComputeBackend once; AttendLayer is the one-item form.
 //
-// Stateless; thread-safe (the snapshot is immutable).
+// Stateless; thread-safe (the snapshot is immutable and must outlive the step).
 #ifndef SPARSEKV_CORE_ATTEND_H_
 #define SPARSEKV_CORE_ATTEND_H_
 
 #include <vector>
 
+#include "absl/status/status.h"
 #include "core/layer_store.h"
 #include "core/types.h"
-#include "kernels/backend.h"
-#include "kernels/cpu/thread_pool.h"
+#include "kernels/compute_backend.h"
 
 namespace sparsekv {
 
 struct AttendOptions {
   float scale = 1.0f;
-  // Arithmetic of every kernel call of the step. Decode steps pass the session policy's
-  // decode_compute; steps that only feed scoring statistics (obs_q) keep kFloat32.
+  // Arithmetic of the step. Decode steps pass the session policy's decode_compute; steps that
+  // only feed scoring statistics (obs_q) keep kFloat32.
   kernels::DecodeCompute compute = kernels::DecodeCompute::kFloat32;
-  kernels::ThreadPool* pool = nullptr;  // null: run on the calling thread
-  // Below this many cached rows (tokens x KV heads) the step runs on one thread: splitting
-  // costs more than it saves. 2048 rows are ~80 us of one core (D 128, GQA 4); with the pool's
-  // spinning workers a split costs a few microseconds (tests/bench/RESULTS.md section 5).
-  int64_t min_rows_to_split = 2048;
 };
 
-// out: [num_q_heads, head_dim]; lse: [num_q_heads] (always filled). q: [num_q_heads, head_dim].
-void AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q,
-                 const kernels::Backend& backend, const AttendOptions& options, float* out,
-                 float* lse);
+// One step's batch item and the storage its pointers use. Movable (the pointers stay valid:
+// they point into the vectors' heap buffers), not copyable.
+struct PlannedStep {
+  kernels::DecodeBatchItem item;
+  std::vector<kernels::ChunkRun> runs;
+  std::vector<kernels::ChunkRef> refs;
+  std::vector<kernels::DenseSpan> tail;
 
-// mass[h] receives, per tail row of `snap` in order, the probability summed over KV head h's
-// query group (see kernels::AccumulateDenseMass), always in fp32 (it ranks elements for
-// pruning). mass is resized to [num_kv_heads, snap.tail_tokens].
-void TailMass(const Layout& layout, const LayerSnapshot& snap, const float* q, float scale,
-              const float* lse, std::vector<float>* mass);
+  PlannedStep() = default;
+  PlannedStep(PlannedStep&&) = default;
+  PlannedStep& operator=(PlannedStep&&) = default;
+  PlannedStep(const PlannedStep&) = delete;
+  PlannedStep& operator=(const PlannedStep&) = delete;
+};
+
+// Plans attention of q ([num_q_heads, head_dim]) over `snap`, writing out ([num_q_heads,
+// head_dim]) and lse ([num_q_heads]) and, when tail_mass is not null, the tail probabilities
+// ([num_kv_heads, snap.tail_tokens]; see kernels::DecodeBatchItem::tail_mass).
+PlannedStep PlanStep(const Layout& layout, const LayerSnapshot& snap, const float* q,
+                     const AttendOptions& options, float* out, float* lse, float* tail_mass);
+
+// The backend's error as an absl::Status (Internal / Unavailable / ... with its message).
+absl::Status FromKernelStatus(const kernels::KernelStatus& s);
+
+// PlanStep + one Decode call.
+absl::Status AttendLayer(const Layout& layout, const LayerSnapshot& snap, const float* q,
+                         const kernels::ComputeBackend& backend, const AttendOptions& options,
+                         float* out, float* lse, float* tail_mass = nullptr);
 
 }  // namespace sparsekv
 

@@ -297,7 +297,7 @@ absl::Status Session::AppendObserved(int layer_begin, const TensorView& k, const
     bool seen = false;
   };
   std::vector<Staged> staged(layers);
-  std::vector<float> q(q_elems), out(q_elems), lse(l.num_q_heads);
+  std::vector<float> q(q_elems), out(q_elems), lse(l.num_q_heads), step_mass;
   for (int64_t i = 0; i < layers; ++i) {
     const int layer = layer_begin + static_cast<int>(i);
     Staged& st = staged[i];
@@ -322,9 +322,12 @@ absl::Status Session::AppendObserved(int layer_begin, const TensorView& k, const
           static_cast<const uint8_t*>(obs_q.data) +
               ((i * obs_tokens + t) * q_elems) * kernels::DTypeSize(obs_q.dtype),
           DType::kFloat32, q.data(), q_elems);
-      AttendLayer(l, st.snap, q.data(), *env_.backend, AttendOptions{scale}, out.data(),
-                  lse.data());
-      st.seen |= AccumulateScoring(st.snap, q.data(), scale, lse.data(), &st.mass, &st.energy);
+      if (plan_.needs_mass())
+        step_mass.resize(static_cast<size_t>(l.num_kv_heads) * st.snap.tail_tokens);
+      SPARSEKV_RETURN_IF_ERROR(AttendLayer(l, st.snap, q.data(), *env_.backend,
+                                           AttendOptions{scale}, out.data(), lse.data(),
+                                           plan_.needs_mass() ? step_mass.data() : nullptr));
+      st.seen |= AccumulateScoring(q.data(), lse.data(), step_mass, &st.mass, &st.energy);
     }
   }
   if (cancel) SPARSEKV_RETURN_IF_ERROR(cancel());
@@ -344,8 +347,8 @@ absl::Status Session::AppendObserved(int layer_begin, const TensorView& k, const
   return absl::OkStatus();
 }
 
-bool Session::AccumulateScoring(const LayerSnapshot& snap, const float* q, float scale,
-                                const float* lse, std::vector<float>* mass,
+bool Session::AccumulateScoring(const float* q, const float* lse,
+                                const std::vector<float>& step_mass, std::vector<float>* mass,
                                 std::vector<double>* energy) const {
   const Layout& l = info_.layout;
   for (int h = 0; h < l.num_q_heads; ++h) {
@@ -353,12 +356,10 @@ bool Session::AccumulateScoring(const LayerSnapshot& snap, const float* q, float
   }
   LayerStore::AccumulateQueryEnergy(l, q, energy->data());
   if (!plan_.needs_mass()) return true;
-  std::vector<float> step;
-  TailMass(l, snap, q, scale, lse, &step);
   if (mass->empty()) {
-    *mass = std::move(step);
+    *mass = step_mass;
   } else {
-    for (size_t i = 0; i < step.size(); ++i) (*mass)[i] += step[i];
+    for (size_t i = 0; i < step_mass.size(); ++i) (*mass)[i] += step_mass[i];
   }
   return true;
 }
@@ -421,26 +422,30 @@ absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
   SPARSEKV_RETURN_IF_ERROR(CheckDecode(in));
   const int64_t reserved = DecodeBytes(in);
   SPARSEKV_RETURN_IF_ERROR(Reserve(reserved));
-  DecodeReserved(in, reserved, out);
+  return DecodeReserved(in, reserved, out);
+}
+
+absl::Status Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out) {
+  PreparedDecode step = PrepareDecode(in, reserved);
+  SPARSEKV_RETURN_IF_ERROR(FromKernelStatus(env_.backend->Decode({&step.plan.item, 1})));
+  FinishDecode(&step, out);
   return absl::OkStatus();
 }
 
-void Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out) {
+Session::PreparedDecode Session::PrepareDecode(const DecodeInput& in, int64_t reserved) {
   const Layout& l = info_.layout;
-  const bool append = !in.new_k.empty();
-
-  std::vector<float> q(static_cast<size_t>(l.num_q_heads) * l.head_dim);
-  kernels::ConvertElements(in.q.dtype, in.q.data, DType::kFloat32, q.data(), q.size());
-  out->out.assign(q.size(), 0.0f);
-  std::vector<float> lse(l.num_q_heads);
-  const float scale = Scale(in.scale);
-
-  LayerSnapshot snap;
+  PreparedDecode p;
+  p.layer = in.layer;
+  p.want_lse = in.want_lse;
+  p.q.resize(static_cast<size_t>(l.num_q_heads) * l.head_dim);
+  kernels::ConvertElements(in.q.dtype, in.q.data, DType::kFloat32, p.q.data(), p.q.size());
+  p.out.assign(p.q.size(), 0.0f);
+  p.lse.resize(l.num_q_heads);
   int64_t used = 0;
   {
     MutexLock lock(&mu_);
     LayerStore& layer = layers_[in.layer];
-    if (append) {
+    if (!in.new_k.empty()) {
       const size_t head_stride =
           static_cast<size_t>(l.head_dim) * kernels::DTypeSize(in.new_k.dtype);
       used = block_bytes_ * layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
@@ -449,30 +454,37 @@ void Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutp
       CommitLocked(used);
       MaybeSchedule(in.layer);
     }
-    snap = layer.Snapshot();
+    p.snap = layer.Snapshot();
     ++decode_steps_;
     ++generation_;
     TouchLocked();
   }
   Settle(reserved, used);
+  if (plan_.needs_mass()) p.mass.resize(static_cast<size_t>(l.num_kv_heads) * p.snap.tail_tokens);
   AttendOptions options;
-  options.scale = scale;
+  options.scale = Scale(in.scale);
   options.compute = info_.policy.decode_compute;
-  options.pool = env_.threads.get();
-  AttendLayer(l, snap, q.data(), *env_.backend, options, out->out.data(), lse.data());
+  p.plan = PlanStep(l, p.snap, p.q.data(), options, p.out.data(), p.lse.data(),
+                    plan_.needs_mass() ? p.mass.data() : nullptr);
+  return p;
+}
+
+void Session::FinishDecode(PreparedDecode* p, DecodeOutput* out) {
   // With kFloat16 this lse carries the step's ~1e-3 error into the fp32 tail mass, as a
   // factor per query head that changes from step to step: per-channel output-aware ranking
   // may break near-ties differently (tests/eval/attention_quality.py, fp16 store, 70%: up to
   // 0.5% of keep/drop decisions differ, error vs dense within 1%). An fp32 lse would cost the
   // full fp32 step that kFloat16 saves.
   std::vector<float> mass;
-  std::vector<double> energy(static_cast<size_t>(l.num_kv_heads) * l.head_dim, 0.0);
-  if (AccumulateScoring(snap, q.data(), scale, lse.data(), &mass, &energy)) {
+  std::vector<double> energy(static_cast<size_t>(info_.layout.num_kv_heads) * info_.layout.head_dim,
+                             0.0);
+  if (AccumulateScoring(p->q.data(), p->lse.data(), p->mass, &mass, &energy)) {
     MutexLock lock(&mu_);
-    ApplyScoringLocked(in.layer, snap, mass, energy);
+    ApplyScoringLocked(p->layer, p->snap, mass, energy);
   }
-  if (in.want_lse) out->lse = std::move(lse);
-  out->tokens_attended = snap.tokens;
+  out->out = std::move(p->out);
+  if (p->want_lse) out->lse = std::move(p->lse);
+  out->tokens_attended = p->snap.tokens;
 }
 
 void Session::MaybeSchedule(int layer) {

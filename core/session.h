@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/attend.h"
 #include "core/executor.h"
 #include "core/layer_store.h"
 #include "core/memory_budget.h"
@@ -25,8 +26,7 @@
 #include "core/slab_pool.h"
 #include "core/snapshot.h"
 #include "core/types.h"
-#include "kernels/backend.h"
-#include "kernels/cpu/thread_pool.h"
+#include "kernels/compute_backend.h"
 
 namespace sparsekv {
 
@@ -51,10 +51,10 @@ struct DecodeOutput {
 struct SessionEnv {
   SessionLimits limits;
   std::shared_ptr<MemoryBudget> budget;
-  std::shared_ptr<BoundedExecutor> pruner;       // background compression jobs
-  std::shared_ptr<SlabPoolSet> pools;            // chunk memory
-  std::shared_ptr<kernels::ThreadPool> threads;  // split decode attention; may be null
-  const kernels::Backend* backend = nullptr;
+  std::shared_ptr<BoundedExecutor> pruner;  // background compression jobs
+  std::shared_ptr<SlabPoolSet> pools;       // chunk memory
+  // Every decode and observation step runs here; outlives the store.
+  std::shared_ptr<const kernels::ComputeBackend> backend;
   // Process-wide pruning counters (read by metrics).
   struct Counters {
     std::atomic<int64_t> chunks{0};
@@ -127,8 +127,25 @@ class Session : public std::enable_shared_from_this<Session> {
   // (nothing appended then).
   absl::Status Decode(const DecodeInput& in, DecodeOutput* out);
   // Decode after the checks: REQUIRES CheckDecode(in) passed and `reserved` =
-  // DecodeBytes(in) reserved; never fails (Settle squares the reservation with the use).
-  void DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out);
+  // DecodeBytes(in) reserved (Settle squares the reservation with the use). Fails only when
+  // the backend does (the new token stays appended then).
+  absl::Status DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out);
+
+  // A decode step in two halves around the backend call, so that a batcher can run the steps
+  // of many sessions in one call: PrepareDecode appends the token and plans attention over a
+  // snapshot (`plan.item`, pointing into the struct's own buffers and the snapshot); once the
+  // backend has run plan.item, FinishDecode applies the scoring statistics and moves the
+  // result out. Movable; the item's pointers stay valid when it moves.
+  struct PreparedDecode {
+    int layer = 0;
+    bool want_lse = false;
+    LayerSnapshot snap;
+    std::vector<float> q, out, lse, mass;
+    PlannedStep plan;
+  };
+  // REQUIRES as DecodeReserved.
+  PreparedDecode PrepareDecode(const DecodeInput& in, int64_t reserved);
+  void FinishDecode(PreparedDecode* step, DecodeOutput* out);
 
   // Compresses every eligible token now (all but the newest dense_window of each layer;
   // per-channel: whole groups only) and returns once published, with the tokens compressed
@@ -193,11 +210,11 @@ class Session : public std::enable_shared_from_this<Session> {
   // Returns false (nothing published) when the chunk would take more than its rows release
   // and that does not fit the budgets (only short remainder chunks can).
   bool CompressAndPublish(int layer, int tokens);
-  // Attention mass and query energy of `q` over `snap` for output-aware scoring, added to
-  // `mass` ([kv_heads, snap.tail_tokens], when NeedsMass) and `energy` ([kv_heads,
-  // head_dim]). A step whose log-sum-exp is not finite (extreme finite inputs) adds nothing.
+  // Adds the query energy of `q` to `energy` ([kv_heads, head_dim]) and, when NeedsMass, the
+  // step's tail probabilities `step_mass` ([kv_heads, tail tokens], from the backend) to
+  // `mass`. A step whose log-sum-exp is not finite (extreme finite inputs) adds nothing.
   // Returns whether it added.
-  bool AccumulateScoring(const LayerSnapshot& snap, const float* q, float scale, const float* lse,
+  bool AccumulateScoring(const float* q, const float* lse, const std::vector<float>& step_mass,
                          std::vector<float>* mass, std::vector<double>* energy) const;
   // Applies what AccumulateScoring gathered. REQUIRES: mu_ held.
   void ApplyScoringLocked(int layer, const LayerSnapshot& snap, const std::vector<float>& mass,

@@ -47,9 +47,31 @@ absl::Status ValidateLabels(const std::map<std::string, std::string>& labels,
   return absl::OkStatus();
 }
 
+namespace {
+
+kernels::ComputeBackendOptions CpuOptions(const SessionStoreOptions& o) {
+  kernels::ComputeBackendOptions c;
+  c.threads = o.decode_threads;
+  c.spin_us = o.decode_spin_us;
+  return c;
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<const kernels::ComputeBackend>> CreateBackend(
+    const std::string& name, const SessionStoreOptions& options, std::string* why) {
+  kernels::ComputeBackendOptions c = CpuOptions(options);
+  c.name = name;
+  std::unique_ptr<kernels::ComputeBackend> backend;
+  SPARSEKV_RETURN_IF_ERROR(FromKernelStatus(kernels::CreateComputeBackend(c, &backend, why)));
+  return std::shared_ptr<const kernels::ComputeBackend>(std::move(backend));
+}
+
 SessionStore::SessionStore(SessionStoreOptions options)
     : options_(std::move(options)),
-      backend_(options_.backend ? options_.backend : &kernels::CpuBackend()),
+      backend_(options_.backend ? options_.backend
+                                : std::shared_ptr<const kernels::ComputeBackend>(
+                                      kernels::MakeCpuComputeBackend(CpuOptions(options_)))),
       budget_(
           std::make_shared<MemoryBudget>(options_.host_budget_bytes, options_.tenant_budget_bytes)),
       rng_(std::random_device{}()) {
@@ -62,20 +84,17 @@ SessionStore::SessionStore(SessionStoreOptions options)
   env_.pruner = std::make_shared<BoundedExecutor>(std::max(1, options_.pruner_threads),
                                                   std::max(1, options_.pruner_queue),
                                                   /*nice=*/10);
-  int decode_threads = options_.decode_threads;
-  if (decode_threads < 0) {
-    decode_threads = static_cast<int>(std::thread::hardware_concurrency()) - 1;
-  }
-  if (decode_threads > 0) {
-    env_.threads = std::make_shared<kernels::ThreadPool>(
-        decode_threads, std::chrono::microseconds(std::max(0, options_.decode_spin_us)));
-  }
   if (options_.janitor_period > absl::ZeroDuration()) {
     janitor_ = std::thread([this] { JanitorLoop(); });
   }
+  DecodeBatcherOptions b;
+  b.window = options_.decode_batch_window;
+  b.spin = absl::Microseconds(std::max(0, options_.decode_spin_us));
+  batcher_ = std::make_unique<DecodeBatcher>(this, b);
 }
 
 SessionStore::~SessionStore() {
+  batcher_->Stop();
   {
     MutexLock lock(&mu_);
     shutting_down_ = true;
@@ -262,34 +281,59 @@ absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
   return victim->Close();
 }
 
-absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
-                                       std::vector<DecodeOutput>* outputs) {
-  std::vector<std::shared_ptr<Session>> sessions;
-  sessions.reserve(items.size());
+absl::Status SessionStore::AdmitDecode(const std::vector<DecodeInput>& items,
+                                       std::vector<std::shared_ptr<Session>>* sessions,
+                                       std::vector<int64_t>* reserved) {
+  auto indexed = [&](size_t i, const absl::Status& st) {
+    if (items.size() == 1) return st;
+    return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
+  };
+  sessions->clear();
+  sessions->reserve(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     absl::StatusOr<std::shared_ptr<Session>> s = Get(items[i].session_id);
     absl::Status st = s.ok() ? (*s)->CheckDecode(items[i]) : s.status();
-    if (!st.ok()) {
-      if (items.size() == 1) return st;
-      return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
-    }
-    sessions.push_back(*std::move(s));
+    if (!st.ok()) return indexed(i, st);
+    sessions->push_back(*std::move(s));
   }
   // Admission: every new token's bytes, all or none.
-  std::vector<int64_t> reserved(items.size());
+  reserved->assign(items.size(), 0);
   for (size_t i = 0; i < items.size(); ++i) {
-    reserved[i] = sessions[i]->DecodeBytes(items[i]);
-    absl::Status st = sessions[i]->Reserve(reserved[i]);
+    (*reserved)[i] = (*sessions)[i]->DecodeBytes(items[i]);
+    absl::Status st = (*sessions)[i]->Reserve((*reserved)[i]);
     if (!st.ok()) {
-      for (size_t j = 0; j < i; ++j) sessions[j]->Unreserve(reserved[j]);
-      if (items.size() == 1) return st;
-      return absl::Status(st.code(), absl::StrCat("items[", i, "]: ", st.message()));
+      for (size_t j = 0; j < i; ++j) (*sessions)[j]->Unreserve((*reserved)[j]);
+      return indexed(i, st);
     }
   }
-  outputs->resize(items.size());
-  for (size_t i = 0; i < items.size(); ++i)
-    sessions[i]->DecodeReserved(items[i], reserved[i], &(*outputs)[i]);
   return absl::OkStatus();
+}
+
+absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
+                                       std::vector<DecodeOutput>* outputs) {
+  std::vector<std::shared_ptr<Session>> sessions;
+  std::vector<int64_t> reserved;
+  SPARSEKV_RETURN_IF_ERROR(AdmitDecode(items, &sessions, &reserved));
+  outputs->resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    absl::Status st = sessions[i]->DecodeReserved(items[i], reserved[i], &(*outputs)[i]);
+    if (!st.ok()) {
+      for (size_t j = i + 1; j < items.size(); ++j) sessions[j]->Unreserve(reserved[j]);
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void SessionStore::SubmitDecode(std::vector<DecodeInput> items, DecodeDone done) {
+  if (options_.decode_batching) {
+    batcher_->Submit(std::move(items), std::move(done));
+    return;
+  }
+  std::vector<DecodeOutput> outputs;
+  absl::Status st = DecodeBatch(items, &outputs);
+  if (!st.ok()) outputs.clear();
+  done(std::move(st), std::move(outputs));
 }
 
 int SessionStore::EvictExpired(absl::Time now) {

@@ -17,11 +17,12 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/decode_batcher.h"
 #include "core/memory_budget.h"
 #include "core/mutex.h"
 #include "core/session.h"
 #include "core/types.h"
-#include "kernels/backend.h"
+#include "kernels/compute_backend.h"
 
 namespace sparsekv {
 
@@ -35,16 +36,30 @@ struct SessionStoreOptions {
   // How often the background janitor evicts expired sessions; zero = no janitor thread (tests
   // call EvictExpired themselves).
   absl::Duration janitor_period = absl::Seconds(1);
-  const kernels::Backend* backend = nullptr;  // null = kernels::CpuBackend()
-  int pruner_threads = 1;                     // background compression threads
+  // Where decode steps run; null = the CPU backend made from decode_threads and
+  // decode_spin_us (CreateBackend makes one by name).
+  std::shared_ptr<const kernels::ComputeBackend> backend;
+  int pruner_threads = 1;   // background compression threads
   int pruner_queue = 4096;  // queued compression jobs at most; more are retried later
-  // Worker threads that split one decode step across KV heads and chunks; -1 = one fewer than
-  // the hardware threads (the calling thread works too), 0 = no splitting.
+  // CPU backend: worker threads that split a decode batch across items, KV heads and chunks;
+  // -1 = one fewer than the hardware threads (the calling thread works too), 0 = no splitting.
   int decode_threads = -1;
-  // How long decode workers (and a step's caller) poll for work before sleeping: see
+  // How long decode workers (and the batcher's dispatcher) poll for work before sleeping: see
   // kernels/cpu/thread_pool.h. 0 = sleep at once (no idle CPU burnt, slower split steps).
   int decode_spin_us = 250;
+  // How long the decode batcher waits after a request for more to join its batch (see
+  // core/decode_batcher.h); zero = no waiting.
+  absl::Duration decode_batch_window = absl::ZeroDuration();
+  // false: SubmitDecode runs each request on its caller's thread, alone (DecodeBatch), as the
+  // service did before the batcher; the baseline tests/bench/decode_batcher_bench.sh compares.
+  bool decode_batching = true;
 };
+
+// The backend `name` (auto | cpu | cuda) asks for, with the CPU's threads from `options`;
+// *why receives a line for the start-up log on how it was chosen. InvalidArgument for an
+// unknown name, Unavailable for one this build or machine cannot run.
+absl::StatusOr<std::shared_ptr<const kernels::ComputeBackend>> CreateBackend(
+    const std::string& name, const SessionStoreOptions& options, std::string* why);
 
 // What CreateSession asks for.
 struct CreateSessionParams {
@@ -88,7 +103,7 @@ struct FormStats {
 class SessionStore {
  public:
   explicit SessionStore(SessionStoreOptions options);
-  ~SessionStore();  // stops the janitor
+  ~SessionStore();  // stops the batcher (running what it holds) and the janitor
 
   SessionStore(const SessionStore&) = delete;
   SessionStore& operator=(const SessionStore&) = delete;
@@ -114,11 +129,22 @@ class SessionStore {
   // unknown id.
   absl::StatusOr<FlushResult> Flush(const std::string& id);
 
-  // Runs every item of a decode step. All items are looked up and checked, then the bytes of
-  // every new token are reserved; if any of that fails nothing is appended and that item's
-  // error is returned (message prefixed with its index). outputs is resized to items.size().
+  // Runs every item of a decode step on the calling thread, one after another (tests, tools).
+  // Errors as AdmitDecode; outputs is resized to items.size().
   absl::Status DecodeBatch(const std::vector<DecodeInput>& items,
                            std::vector<DecodeOutput>* outputs);
+  // The same through the decode batcher: `done` runs on its thread when the step is done
+  // (the items' tensors must stay valid until then). How the service decodes.
+  void SubmitDecode(std::vector<DecodeInput> items, DecodeDone done);
+  // The one validation path of a decode request: every item's session is looked up and the
+  // item checked (Session::CheckDecode), then the bytes of every new token are reserved; if
+  // any of that fails nothing is reserved and that item's error is returned (message prefixed
+  // with its index when there are several). On success *sessions and *reserved hold, per
+  // item, its session and the bytes reserved for its step (Session::PrepareDecode).
+  absl::Status AdmitDecode(const std::vector<DecodeInput>& items,
+                           std::vector<std::shared_ptr<Session>>* sessions,
+                           std::vector<int64_t>* reserved);
+  DecodeBatcherStats BatcherStats() const { return batcher_->Stats(); }
 
   // Every live session, ordered by id (snapshots to disk). Not an access: TTLs go on.
   std::vector<std::shared_ptr<Session>> All() const;
@@ -131,14 +157,14 @@ class SessionStore {
   StoreStats Stats() const;
   const MemoryBudget& budget() const { return *budget_; }
   const SessionLimits& limits() const { return options_.limits; }
-  const kernels::Backend& backend() const { return *backend_; }
+  const kernels::ComputeBackend& backend() const { return *backend_; }
 
  private:
   std::string NewId() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void JanitorLoop();
 
   const SessionStoreOptions options_;
-  const kernels::Backend* const backend_;
+  const std::shared_ptr<const kernels::ComputeBackend> backend_;
   const std::shared_ptr<MemoryBudget> budget_;
   SessionEnv env_;
 
@@ -152,6 +178,8 @@ class SessionStore {
   bool shutting_down_flag_ = false;
   std::condition_variable janitor_cv_;
   std::thread janitor_;
+  // Last: stopped (its queue run) first, while everything it uses is still there.
+  std::unique_ptr<DecodeBatcher> batcher_;
 };
 
 // OK for 1..max_bytes characters of [A-Za-z0-9._:-], else InvalidArgument (the id itself is

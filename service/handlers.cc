@@ -1,6 +1,7 @@
 #include "service/handlers.h"
 
 #include <algorithm>
+#include <future>
 #include <utility>
 #include <vector>
 
@@ -94,49 +95,78 @@ absl::Status Handlers::DeleteSession(const v1::DeleteSessionRequest& req,
   return absl::OkStatus();
 }
 
-absl::Status Handlers::Decode(const v1::DecodeRequest& req, const CancelCheck& cancel,
-                              v1::DecodeResponse* out) {
-  SPARSEKV_RETURN_IF_ERROR(CheckServing());
-  SPARSEKV_RETURN_IF_ERROR(Ask(cancel));
-  if (req.items_size() == 0) return absl::InvalidArgumentError("DecodeRequest has no items");
+void Handlers::DecodeAsync(const v1::DecodeRequest& req, const CancelCheck& cancel,
+                           v1::DecodeResponse* out, std::function<void(absl::Status)> done) {
+  absl::Status st = CheckServing();
+  if (st.ok()) st = Ask(cancel);
+  if (st.ok() && req.items_size() == 0)
+    st = absl::InvalidArgumentError("DecodeRequest has no items");
   DType out_dtype = DType::kFloat32;
-  if (req.out_dtype() != v1::DTYPE_UNSPECIFIED) {
-    SPARSEKV_ASSIGN_OR_RETURN(out_dtype, FromProto(req.out_dtype(), "out_dtype"));
+  if (st.ok() && req.out_dtype() != v1::DTYPE_UNSPECIFIED) {
+    absl::StatusOr<DType> d = FromProto(req.out_dtype(), "out_dtype");
+    if (d.ok()) out_dtype = *d;
+    st = d.status();
   }
   std::vector<DecodeInput> items;
   items.reserve(req.items_size());
-  for (int i = 0; i < req.items_size(); ++i) {
+  for (int i = 0; st.ok() && i < req.items_size(); ++i) {
     absl::StatusOr<DecodeInput> in = FromProto(req.items(i), "item");
     if (!in.ok()) {
-      return absl::Status(in.status().code(),
-                          req.items_size() == 1
-                              ? std::string(in.status().message())
-                              : absl::StrCat("items[", i, "]: ", in.status().message()));
+      st = absl::Status(in.status().code(),
+                        req.items_size() == 1
+                            ? std::string(in.status().message())
+                            : absl::StrCat("items[", i, "]: ", in.status().message()));
+      break;
     }
     items.push_back(*std::move(in));
   }
-  std::vector<DecodeOutput> outputs;
-  SPARSEKV_RETURN_IF_ERROR(store_->DecodeBatch(items, &outputs));
-  int64_t appended = 0;
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const DecodeOutput& o = outputs[i];
-    const int64_t heads = items[i].q.shape[0];
-    const int64_t dim = items[i].q.shape[1];
-    v1::DecodeResult* r = out->add_results();
-    FloatsToTensor(o.out, {heads, dim}, out_dtype, r->mutable_out());
-    if (items[i].want_lse) FloatsToTensor(o.lse, {heads}, DType::kFloat32, r->mutable_lse());
-    r->set_tokens_attended(o.tokens_attended);
-    if (!items[i].new_k.empty()) ++appended;
+  if (!st.ok()) {
+    done(std::move(st));
+    return;
   }
-  out->set_request_id(req.request_id());
-  metrics_->AddDecodeItems(static_cast<int64_t>(items.size()));
-  if (appended) metrics_->AddAppendedRows(appended);
-  return absl::OkStatus();
+  // What the answer needs of each item once the batcher has taken the items.
+  struct Shape {
+    int64_t heads, dim;
+    bool want_lse, appended;
+  };
+  std::vector<Shape> shapes;
+  shapes.reserve(items.size());
+  for (const DecodeInput& in : items)
+    shapes.push_back({in.q.shape[0], in.q.shape[1], in.want_lse, !in.new_k.empty()});
+  const uint64_t request_id = req.request_id();
+  store_->SubmitDecode(std::move(items), [this, shapes = std::move(shapes), out_dtype, request_id,
+                                          out, done = std::move(done)](
+                                             absl::Status st, std::vector<DecodeOutput> outputs) {
+    if (!st.ok()) {
+      done(std::move(st));
+      return;
+    }
+    int64_t appended = 0;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const DecodeOutput& o = outputs[i];
+      const Shape& sh = shapes[i];
+      v1::DecodeResult* r = out->add_results();
+      FloatsToTensor(o.out, {sh.heads, sh.dim}, out_dtype, r->mutable_out());
+      if (sh.want_lse) FloatsToTensor(o.lse, {sh.heads}, DType::kFloat32, r->mutable_lse());
+      r->set_tokens_attended(o.tokens_attended);
+      appended += sh.appended ? 1 : 0;
+    }
+    out->set_request_id(request_id);
+    metrics_->AddDecodeItems(static_cast<int64_t>(outputs.size()));
+    if (appended) metrics_->AddAppendedRows(appended);
+    done(absl::OkStatus());
+  });
 }
 
-absl::Status Handlers::DecodeStreamMessage(const v1::DecodeRequest& req, v1::DecodeResponse* out) {
-  out->Clear();
-  const absl::Status st = Decode(req, nullptr, out);
+absl::Status Handlers::Decode(const v1::DecodeRequest& req, const CancelCheck& cancel,
+                              v1::DecodeResponse* out) {
+  std::promise<absl::Status> result;
+  DecodeAsync(req, cancel, out, [&result](absl::Status st) { result.set_value(std::move(st)); });
+  return result.get_future().get();
+}
+
+void Handlers::AnswerStreamMessage(const v1::DecodeRequest& req, const absl::Status& st,
+                                   v1::DecodeResponse* out) {
   out->set_request_id(req.request_id());
   if (!st.ok()) {
     out->clear_results();
@@ -144,6 +174,12 @@ absl::Status Handlers::DecodeStreamMessage(const v1::DecodeRequest& req, v1::Dec
     out->set_error_code(static_cast<int>(g.error_code()));
     out->set_error_message(g.error_message());
   }
+}
+
+absl::Status Handlers::DecodeStreamMessage(const v1::DecodeRequest& req, v1::DecodeResponse* out) {
+  out->Clear();
+  const absl::Status st = Decode(req, nullptr, out);
+  AnswerStreamMessage(req, st, out);
   return st;
 }
 

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -54,10 +55,20 @@ class Handlers {
   absl::Status GetSession(const v1::GetSessionRequest& req, v1::Session* out);
   absl::Status ListSessions(const v1::ListSessionsRequest& req, v1::ListSessionsResponse* out);
   absl::Status DeleteSession(const v1::DeleteSessionRequest& req, v1::DeleteSessionResponse* out);
+  // Decode: checks and converts `req`, hands its items to the store's decode batcher and
+  // returns; `done` runs with the request's status once `out` is filled (on the batcher's
+  // thread, or at once when the request is refused before it). `req` and `out` must stay
+  // valid until then.
+  void DecodeAsync(const v1::DecodeRequest& req, const CancelCheck& cancel, v1::DecodeResponse* out,
+                   std::function<void(absl::Status)> done);
+  // DecodeAsync, waiting for it (tests, fuzzing).
   absl::Status Decode(const v1::DecodeRequest& req, const CancelCheck& cancel,
                       v1::DecodeResponse* out);
-  // One DecodeStream request: a failed request is answered in `out` (error_code,
-  // error_message) and the stream goes on. Returns the request's own status, for metrics.
+  // One DecodeStream request's answer once its status is known: a failed request is answered
+  // in `out` (error_code, error_message, no results) and the stream goes on.
+  static void AnswerStreamMessage(const v1::DecodeRequest& req, const absl::Status& st,
+                                  v1::DecodeResponse* out);
+  // DecodeAsync + AnswerStreamMessage, waiting. Returns the request's own status, for metrics.
   absl::Status DecodeStreamMessage(const v1::DecodeRequest& req, v1::DecodeResponse* out);
   // How a DecodeStream ends on a message that does not parse (`parsed`), after `answered`.
   static absl::Status DecodeStreamBroken(const absl::Status& parsed, int64_t answered);

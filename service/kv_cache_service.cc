@@ -123,9 +123,10 @@ class AppendReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
   v1::AppendKVRequest req_;
 };
 
-// DecodeStream: read a request, answer it, then read the next. A request that fails
-// validation gets an error response and the stream goes on; a message that does not parse
-// (no request id can be answered), shutdown or a broken call ends it.
+// DecodeStream: read a request, hand it to the decode batcher, write its answer, then read
+// the next. A request that fails validation gets an error response and the stream goes on; a
+// message that does not parse (no request id can be answered), shutdown or a broken call ends
+// it.
 class DecodeStreamReactor final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
@@ -143,12 +144,16 @@ class DecodeStreamReactor final
       Finish(ToGrpcStatus(Handlers::DecodeStreamBroken(st, answered_)));
       return;
     }
-    st = h_->DecodeStreamMessage(req_, &resp_);
-    // Each message is accounted like a unary call, so rates and latencies compare.
-    h_->metrics()->RecordRpc("DecodeStream", ToGrpcStatus(st).error_code(), absl::Now() - t0);
-    ++answered_;
-    SerializeMessage(resp_, &out_);
-    StartWrite(&out_);
+    resp_.Clear();
+    // Answered from the decode batcher's thread; the next read starts after the write.
+    h_->DecodeAsync(req_, nullptr, &resp_, [this, t0](const absl::Status& st) {
+      Handlers::AnswerStreamMessage(req_, st, &resp_);
+      // Each message is accounted like a unary call, so rates and latencies compare.
+      h_->metrics()->RecordRpc("DecodeStream", ToGrpcStatus(st).error_code(), absl::Now() - t0);
+      ++answered_;
+      SerializeMessage(resp_, &out_);
+      StartWrite(&out_);
+    });
   }
 
   void OnWriteDone(bool ok) override {
@@ -298,9 +303,27 @@ grpc::ServerReadReactor<grpc::ByteBuffer>* KvCacheServiceImpl::AppendKV(
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::Decode(grpc::CallbackServerContext* ctx,
                                                      const Bytes* req, Bytes* resp) {
-  return Unary<v1::DecodeRequest, v1::DecodeResponse>(
-      ctx, "Decode", req, resp,
-      [&](const auto& r, auto* out) { return handlers_.Decode(r, CallCancelCheck(ctx), out); });
+  const absl::Time start = absl::Now();
+  // The request and its answer live until the batcher has answered (the items point into the
+  // request's bytes).
+  struct Call {
+    v1::DecodeRequest request;
+    v1::DecodeResponse response;
+  };
+  auto call = std::make_unique<Call>();
+  const absl::Status parsed = ParseMessage(*req, &call->request, "");
+  if (!parsed.ok()) return FinishUnary(ctx, "Decode", start, parsed);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  Call* c = call.release();
+  handlers_.DecodeAsync(c->request, CallCancelCheck(ctx), &c->response,
+                        [this, c, reactor, resp, start](const absl::Status& st) {
+                          if (st.ok()) SerializeMessage(c->response, resp);
+                          delete c;
+                          const grpc::Status g = ToGrpcStatus(st);
+                          metrics()->RecordRpc("Decode", g.error_code(), absl::Now() - start);
+                          reactor->Finish(g);
+                        });
+  return reactor;
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvCacheServiceImpl::DecodeStream(

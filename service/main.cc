@@ -60,6 +60,15 @@ ABSL_FLAG(int, decode_threads, -1,
 ABSL_FLAG(int, decode_spin_us, 250,
           "Microseconds the decode threads poll for the next step before sleeping (waking a "
           "sleeping thread costs ~100 us on a VM); 0 = never poll");
+ABSL_FLAG(std::string, backend, "auto",
+          "Where decode runs: auto (the best this build and machine offer: today the CPU), cpu, "
+          "or cuda (refused until the CUDA backend holds sessions in GPU memory)");
+ABSL_FLAG(absl::Duration, decode_batch_window, absl::ZeroDuration(),
+          "How long the decode batcher waits after a request for others to join its backend "
+          "call; 0 = none (requests that arrive while a batch runs still join the next)");
+ABSL_FLAG(bool, decode_batching, true,
+          "Decode steps go through the batcher (one backend call for the steps of many "
+          "requests); false runs each request on its gRPC thread alone (a benchmark baseline)");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long running RPCs may take to finish");
 ABSL_FLAG(std::string, snapshot_dir, "",
@@ -128,6 +137,9 @@ int main(int argc, char** argv) {
   options.store.pruner_threads = absl::GetFlag(FLAGS_pruner_threads);
   options.store.decode_threads = absl::GetFlag(FLAGS_decode_threads);
   options.store.decode_spin_us = absl::GetFlag(FLAGS_decode_spin_us);
+  options.store.decode_batch_window = absl::GetFlag(FLAGS_decode_batch_window);
+  options.store.decode_batching = absl::GetFlag(FLAGS_decode_batching);
+  options.backend = absl::GetFlag(FLAGS_backend);
   options.snapshot_dir = absl::GetFlag(FLAGS_snapshot_dir);
   options.checkpoint_interval = absl::GetFlag(FLAGS_checkpoint_interval);
   if (options.checkpoint_interval < absl::ZeroDuration() ||

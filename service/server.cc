@@ -26,7 +26,7 @@
 
 namespace sparsekv::service {
 
-BuildInfo CurrentBuildInfo(const kernels::Backend& b) {
+BuildInfo CurrentBuildInfo(const kernels::ComputeBackend& b) {
   return BuildInfo{SPARSEKV_VERSION, SPARSEKV_GIT_COMMIT, b.name(), b.variant()};
 }
 
@@ -76,6 +76,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   if (options.max_message_bytes < 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_message_bytes must be >= 1024, got ", options.max_message_bytes));
+  }
+  if (!options.store.backend) {
+    std::string why;
+    SPARSEKV_ASSIGN_OR_RETURN(options.store.backend,
+                              CreateBackend(options.backend, options.store, &why));
+    std::fprintf(stderr, "sparsekv-server: %s\n", why.c_str());
   }
   std::unique_ptr<Server> s(new Server());
   s->store_ = std::make_unique<SessionStore>(options.store);

@@ -34,6 +34,8 @@ struct ServerOptions {
   std::string tls_cert_file;
   std::string tls_key_file;
   std::string tls_client_ca_file;
+  // Where decode runs: auto | cpu | cuda (core CreateBackend), unless store.backend is set.
+  std::string backend = "auto";
   SessionStoreOptions store;
   // Sessions are restored from here before serving and written here at Shutdown (README
   // "Restart without loss"); empty = neither.
@@ -53,6 +55,8 @@ class Server {
   // files, and why; never fatal), then binds both ports and starts serving. InvalidArgument
   // for a malformed address or TLS files that are missing, unreadable or half given,
   // Unavailable when a port cannot be bound (or the certificate and key do not load).
+  // InvalidArgument / Unavailable too for a backend that cannot be made (an unknown name,
+  // cuda without a CUDA backend).
   static absl::StatusOr<std::unique_ptr<Server>> Start(ServerOptions options);
   ~Server();  // Shutdown() if not done yet
 
@@ -98,7 +102,7 @@ class Server {
 
 // Version, git commit and the CPU kernel variant of this build.
 // Version, commit and the kernels `backend` runs.
-BuildInfo CurrentBuildInfo(const kernels::Backend& backend);
+BuildInfo CurrentBuildInfo(const kernels::ComputeBackend& backend);
 
 }  // namespace sparsekv::service
 

@@ -21,6 +21,8 @@ check() {  # check FOLDER REGEX WHY [find args...]
 src=(-name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh')
 check core 'grpcpp/|grpc/|google/protobuf/|prometheus/|cuda|.*\.pb\.h|service/|clients/' \
   "core/ knows nothing of gRPC, protobuf, metrics, CUDA or the layers above" "${src[@]}"
+check core 'kernels/cpu/|kernels/cuda/' \
+  "core/ reaches devices only through the ComputeBackend seam (kernels/compute_backend.h)" "${src[@]}"
 check kernels 'grpcpp/|grpc/|google/protobuf/|prometheus/|.*\.pb\.h|core/|service/|clients/' \
   "kernels/ knows nothing of gRPC, protobuf or sessions" "${src[@]}"
 check kernels 'absl/' "files nvcc compiles must not include Abseil" -name '*.cu' -o -name '*.cuh'

@@ -117,10 +117,13 @@ TEST(LayerStoreTest, RestoredLayerReadsAndDecodesBitIdentically) {
     EXPECT_EQ(v1, v2);
     OwnedTensor q = RandomTensor({8, 64}, &rng);
     std::vector<float> o1(8 * 64), o2(8 * 64), l1(8), l2(8);
-    AttendLayer(layout, original.Snapshot(), q.values.data(), kernels::CpuBackend(),
-                AttendOptions{0.125f}, o1.data(), l1.data());
-    AttendLayer(layout, restored.Snapshot(), q.values.data(), kernels::CpuBackend(),
-                AttendOptions{0.125f}, o2.data(), l2.data());
+    const auto backend = kernels::MakeCpuComputeBackend({});
+    ASSERT_TRUE(AttendLayer(layout, original.Snapshot(), q.values.data(), *backend,
+                            AttendOptions{0.125f}, o1.data(), l1.data())
+                    .ok());
+    ASSERT_TRUE(AttendLayer(layout, restored.Snapshot(), q.values.data(), *backend,
+                            AttendOptions{0.125f}, o2.data(), l2.data())
+                    .ok());
     EXPECT_EQ(o1, o2);
     EXPECT_EQ(l1, l2);
   }

@@ -8,6 +8,7 @@
 #include <string>
 #include <thread>
 
+#include "kernels/backend.h"
 #include "tests/core/test_util.h"
 
 namespace sparsekv {

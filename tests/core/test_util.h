@@ -9,6 +9,7 @@
 #include "core/session.h"
 #include "core/session_store.h"
 #include "core/types.h"
+#include "kernels/compute_backend.h"
 
 namespace sparsekv::testing {
 
@@ -75,8 +76,10 @@ struct Fixture {
     env.budget = std::make_shared<MemoryBudget>(budget, 0);
     env.pruner = std::make_shared<BoundedExecutor>(1, 1024);
     env.pools = std::make_shared<SlabPoolSet>();
-    env.threads = std::make_shared<kernels::ThreadPool>(2);
-    env.backend = backend != nullptr ? backend : &kernels::CpuBackend();
+    kernels::ComputeBackendOptions cpu;
+    cpu.threads = 2;
+    cpu.cpu_variant = backend;
+    env.backend = kernels::MakeCpuComputeBackend(cpu);
     SessionInfo info;
     info.id = "s";
     info.tenant = "t";

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/compute_backend.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace sparsekv::kernels {
@@ -157,6 +158,105 @@ std::vector<Case> Cases() {
 
 INSTANTIATE_TEST_SUITE_P(Ladder, BackendTest, ::testing::ValuesIn(Cases()),
                          [](const auto& info) { return Name(info.param); });
+
+// The CPU ComputeBackend: one batch of ragged items (every ladder case, two KV heads each,
+// each head its own random cache), split over workers or not, against the reference per head;
+// the tail probabilities against AccumulateDenseMass with the reference lse.
+TEST(ComputeBackendTest, RaggedBatchMatchesReferenceWithTailMass) {
+  const std::vector<Case> cases = Cases();
+  constexpr int kHeads = 2;
+  struct Item {
+    Case c;
+    Cache heads[kHeads];
+    std::vector<ChunkRef> refs;
+    std::vector<DenseSpan> tail;
+    std::vector<float> q, out, lse, mass;
+    ChunkRun run;
+  };
+  std::vector<Item> items(cases.size());
+  std::vector<DecodeBatchItem> batch(cases.size());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    Item& it = items[i];
+    it.c = cases[i];
+    for (int h = 0; h < kHeads; ++h) Fill(it.c, 1000 + 31 * i + h, &it.heads[h]);
+    for (int h = 0; h < kHeads; ++h) {
+      it.refs.insert(it.refs.end(), it.heads[h].refs.begin(), it.heads[h].refs.end());
+      it.tail.insert(it.tail.end(), it.heads[h].spans.begin(), it.heads[h].spans.end());
+      it.q.insert(it.q.end(), it.heads[h].q.begin(), it.heads[h].q.end());
+    }
+    const DecodeAttentionParams& p0 = it.heads[0].p;
+    it.run = {p0.k_format, p0.v_format, it.refs.data(), it.c.chunks};
+    it.out.assign(it.q.size(), NAN);
+    it.lse.assign(static_cast<size_t>(kHeads) * it.c.group, NAN);
+    it.mass.assign(static_cast<size_t>(kHeads) * it.c.dense_tokens, NAN);
+    DecodeBatchItem& b = batch[i];
+    b.num_kv_heads = kHeads;
+    b.group = it.c.group;
+    b.head_dim = it.c.head_dim;
+    b.dtype = it.c.dtype;
+    b.scale = p0.scale;
+    b.q = it.q.data();
+    b.out = it.out.data();
+    b.lse = it.lse.data();
+    b.runs = &it.run;
+    b.num_runs = it.c.chunks > 0 ? 1 : 0;
+    b.tail = it.tail.data();
+    b.num_tail_spans = 2;
+    b.tail_tokens = it.c.dense_tokens;
+    b.tokens = static_cast<int64_t>(it.c.chunks) * it.c.chunk_tokens + it.c.dense_tokens;
+    b.tail_mass = it.mass.data();
+  }
+  for (int threads : {0, 3}) {
+    for (int64_t min_rows : {int64_t{0}, int64_t{1} << 40}) {
+      ComputeBackendOptions o;
+      o.threads = threads;
+      o.spin_us = 0;
+      o.min_rows_to_split = min_rows;
+      const std::unique_ptr<ComputeBackend> backend = MakeCpuComputeBackend(o);
+      ASSERT_TRUE(backend->Decode({batch.data(), static_cast<int>(batch.size())}).ok());
+      for (Item& it : items) {
+        for (int h = 0; h < kHeads; ++h) {
+          const Cache& cache = it.heads[h];
+          const size_t n = cache.q.size();
+          std::vector<float> want(n), want_lse(it.c.group);
+          DecodeAttentionParams ref = cache.p;
+          ref.out = want.data();
+          ref.lse = want_lse.data();
+          ReferenceDecodeAttention(ref);
+          const float tol = 5e-5f * std::fmax(cache.max_v, 1.0f);
+          for (size_t j = 0; j < n; ++j) {
+            ASSERT_NEAR(it.out[h * n + j], want[j], tol)
+                << Name(it.c) << " head " << h << " threads " << threads;
+          }
+          std::vector<float> want_mass(it.c.dense_tokens, 0.0f);
+          if (std::isfinite(want_lse[0])) {
+            AccumulateDenseMass(ref, want_lse.data(), want_mass.data());
+            for (int64_t t = 0; t < it.c.dense_tokens; ++t) {
+              ASSERT_NEAR(it.mass[h * it.c.dense_tokens + t], want_mass[t],
+                          1e-4f * std::fmax(1.0f, want_mass[t]))
+                  << Name(it.c) << " head " << h << " row " << t;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ComputeBackendTest, RegistryPicksTheCpuAndRefusesWhatItCannotRun) {
+  std::unique_ptr<ComputeBackend> b;
+  std::string why;
+  ComputeBackendOptions o;
+  o.threads = 0;
+  ASSERT_TRUE(CreateComputeBackend(o, &b, &why).ok());
+  EXPECT_STREQ(b->name(), "cpu");
+  EXPECT_EQ(b->variant(), CpuBackend().variant());
+  EXPECT_NE(why.find("auto"), std::string::npos);
+  o.name = "cuda";
+  EXPECT_EQ(CreateComputeBackend(o, &b, &why).code, KernelStatus::Code::kUnavailable);
+  o.name = "tpu";
+  EXPECT_EQ(CreateComputeBackend(o, &b, &why).code, KernelStatus::Code::kInvalidArgument);
+}
 
 TEST(AttentionStateTest, MergeWithEmptyIsIdentity) {
   AttentionState a, empty;
