@@ -37,12 +37,12 @@ void DecodeBatcher::Stop() {
   if (dispatcher_.joinable()) dispatcher_.join();
 }
 
-void DecodeBatcher::Submit(std::vector<DecodeInput> items, DecodeDone done) {
+void DecodeBatcher::Submit(std::vector<DecodeInput> items, DecodeDone done, std::string tenant) {
   {
     MutexLock lock(&mu_);
     if (!stop_) {
       queued_items_ += static_cast<int64_t>(items.size());
-      queue_.push_back({std::move(items), std::move(done)});
+      queue_.push_back({std::move(items), std::move(done), std::move(tenant)});
       pending_.fetch_add(1, std::memory_order_release);
       cv_.notify_one();
       return;
@@ -50,7 +50,7 @@ void DecodeBatcher::Submit(std::vector<DecodeInput> items, DecodeDone done) {
   }
   // Stopped (server shutting down): run it here, alone.
   std::vector<Request> batch;
-  batch.push_back({std::move(items), std::move(done)});
+  batch.push_back({std::move(items), std::move(done), std::move(tenant)});
   Run(&batch);
 }
 
@@ -101,7 +101,7 @@ void DecodeBatcher::Run(std::vector<Request>* batch) {
   for (Request& r : *batch) {
     Admitted a{&r, {}, {}, absl::OkStatus()};
     std::vector<int64_t> reserved;
-    absl::Status st = store_->AdmitDecode(r.items, &a.sessions, &reserved);
+    absl::Status st = store_->AdmitDecode(r.items, r.tenant, &a.sessions, &reserved);
     if (!st.ok()) {
       requests_.fetch_add(1);
       r.done(std::move(st), {});

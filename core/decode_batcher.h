@@ -20,6 +20,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -64,7 +65,8 @@ class DecodeBatcher {
 
   // Queues one request's items (their tensors must stay valid until `done` runs). `done`
   // receives what SessionStore::DecodeBatch would return, and the outputs on success.
-  void Submit(std::vector<DecodeInput> items, DecodeDone done);
+  // `tenant` confines the lookups (SessionStore::Get).
+  void Submit(std::vector<DecodeInput> items, DecodeDone done, std::string tenant = {});
   // Runs what is queued, then stops the dispatcher; later Submits run on the caller's thread.
   void Stop();
 
@@ -74,6 +76,7 @@ class DecodeBatcher {
   struct Request {
     std::vector<DecodeInput> items;
     DecodeDone done;
+    std::string tenant;
   };
   void Loop();
   // Admits, prepares, runs and completes `batch`.

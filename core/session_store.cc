@@ -11,6 +11,15 @@
 #include "common/status_macros.h"
 
 namespace sparsekv {
+namespace {
+
+// The one answer for a session that does not exist or belongs to another tenant: the two
+// must be indistinguishable.
+absl::Status SessionNotFound(const std::string& id) {
+  return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
+}
+
+}  // namespace
 
 absl::Status ValidateSessionId(const std::string& id, int max_bytes) {
   if (id.empty() || id.size() > static_cast<size_t>(max_bytes)) {
@@ -128,6 +137,40 @@ void SessionStore::JanitorLoop() {
   }
 }
 
+std::shared_ptr<Session> SessionStore::FindLocked(const std::string& id,
+                                                  std::string_view tenant) const {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return nullptr;
+  if (!tenant.empty() && it->second->tenant() != tenant) return nullptr;
+  return it->second;
+}
+
+absl::Status SessionStore::CheckTenantQuotaLocked(const std::string& tenant) const {
+  const int max = options_.max_sessions_per_tenant;
+  if (max <= 0) return absl::OkStatus();
+  auto it = tenant_sessions_.find(tenant);
+  if (it != tenant_sessions_.end() && it->second >= max) {
+    return absl::ResourceExhaustedError(absl::StrCat("tenant \"", tenant, "\" holds ", max,
+                                                     " sessions (--max_sessions_per_tenant)"));
+  }
+  return absl::OkStatus();
+}
+
+void SessionStore::AddLocked(std::shared_ptr<Session> session) {
+  ++tenant_sessions_[session->tenant()];
+  const std::string id = session->id();
+  sessions_.emplace(id, std::move(session));
+}
+
+std::shared_ptr<Session> SessionStore::RemoveLocked(
+    std::map<std::string, std::shared_ptr<Session>>::iterator it) {
+  std::shared_ptr<Session> s = std::move(it->second);
+  sessions_.erase(it);
+  auto t = tenant_sessions_.find(s->tenant());
+  if (t != tenant_sessions_.end() && --t->second <= 0) tenant_sessions_.erase(t);
+  return s;
+}
+
 std::string SessionStore::NewId() {
   for (;;) {
     std::string id = absl::StrFormat("s-%016x", rng_());
@@ -166,6 +209,7 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "session limit reached: ", options_.max_sessions, " sessions (--max_sessions)"));
   }
+  SPARSEKV_RETURN_IF_ERROR(CheckTenantQuotaLocked(info.tenant));
   if (params.id.empty()) {
     info.id = NewId();
   } else if (sessions_.count(params.id)) {
@@ -176,7 +220,7 @@ absl::StatusOr<SessionInfo> SessionStore::Create(CreateSessionParams params) {
   // The session's fixed memory is reserved before it exists; the session owns it from here.
   SPARSEKV_RETURN_IF_ERROR(budget_->Reserve(info.tenant, Session::FixedBytes(info)));
   auto session = std::make_shared<Session>(std::move(info), env_);
-  sessions_.emplace(session->id(), session);
+  AddLocked(session);
   return session->Info();
 }
 
@@ -203,6 +247,7 @@ absl::StatusOr<SessionInfo> SessionStore::Import(const SessionImage& image, cons
       return absl::ResourceExhaustedError(absl::StrCat(
           "session limit reached: ", options_.max_sessions, " sessions (--max_sessions)"));
     }
+    SPARSEKV_RETURN_IF_ERROR(CheckTenantQuotaLocked(info.tenant));
   }
   SPARSEKV_RETURN_IF_ERROR(budget_->Reserve(info.tenant, Session::FixedBytes(info)));
   auto session = std::make_shared<Session>(info, env_);
@@ -212,24 +257,22 @@ absl::StatusOr<SessionInfo> SessionStore::Import(const SessionImage& image, cons
     return st;
   }
   MutexLock lock(&mu_);
-  auto [it, added] = sessions_.emplace(session->id(), session);
-  if (!added) {  // taken meanwhile
+  if (sessions_.count(session->id())) {  // taken meanwhile
     session->Close();
     return absl::AlreadyExistsError(absl::StrCat("session \"", info.id, "\" already exists"));
   }
+  AddLocked(session);
   return session->Info();
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionStore::Get(const std::string& id) const {
+absl::StatusOr<std::shared_ptr<Session>> SessionStore::Get(const std::string& id,
+                                                           std::string_view tenant) const {
   SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(id, options_.limits.max_id_bytes));
   std::shared_ptr<Session> s;
   {
     MutexLock lock(&mu_);
-    auto it = sessions_.find(id);
-    if (it == sessions_.end()) {
-      return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
-    }
-    s = it->second;
+    s = FindLocked(id, tenant);
+    if (!s) return SessionNotFound(id);
   }
   s->Touch();
   return s;
@@ -264,17 +307,15 @@ std::vector<std::shared_ptr<Session>> SessionStore::All() const {
   return all;
 }
 
-absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
+absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id, std::string_view tenant) {
   SPARSEKV_RETURN_IF_ERROR(ValidateSessionId(id, options_.limits.max_id_bytes));
   std::shared_ptr<Session> victim;
   {
     MutexLock lock(&mu_);
-    auto it = sessions_.find(id);
-    if (it == sessions_.end()) {
-      return absl::NotFoundError(absl::StrCat("session \"", id, "\" not found"));
+    if (!FindLocked(id, tenant)) {
+      return SessionNotFound(id);
     }
-    victim = std::move(it->second);
-    sessions_.erase(it);
+    victim = RemoveLocked(sessions_.find(id));
   }
   // The bytes go back to the budget now, even while a pruner job or a decode step still
   // holds the session.
@@ -282,6 +323,7 @@ absl::StatusOr<int64_t> SessionStore::Delete(const std::string& id) {
 }
 
 absl::Status SessionStore::AdmitDecode(const std::vector<DecodeInput>& items,
+                                       std::string_view tenant,
                                        std::vector<std::shared_ptr<Session>>* sessions,
                                        std::vector<int64_t>* reserved) {
   auto indexed = [&](size_t i, const absl::Status& st) {
@@ -291,7 +333,7 @@ absl::Status SessionStore::AdmitDecode(const std::vector<DecodeInput>& items,
   sessions->clear();
   sessions->reserve(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
-    absl::StatusOr<std::shared_ptr<Session>> s = Get(items[i].session_id);
+    absl::StatusOr<std::shared_ptr<Session>> s = Get(items[i].session_id, tenant);
     absl::Status st = s.ok() ? (*s)->CheckDecode(items[i]) : s.status();
     if (!st.ok()) return indexed(i, st);
     sessions->push_back(*std::move(s));
@@ -310,10 +352,11 @@ absl::Status SessionStore::AdmitDecode(const std::vector<DecodeInput>& items,
 }
 
 absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
-                                       std::vector<DecodeOutput>* outputs) {
+                                       std::vector<DecodeOutput>* outputs,
+                                       std::string_view tenant) {
   std::vector<std::shared_ptr<Session>> sessions;
   std::vector<int64_t> reserved;
-  SPARSEKV_RETURN_IF_ERROR(AdmitDecode(items, &sessions, &reserved));
+  SPARSEKV_RETURN_IF_ERROR(AdmitDecode(items, tenant, &sessions, &reserved));
   outputs->resize(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     absl::Status st = sessions[i]->DecodeReserved(items[i], reserved[i], &(*outputs)[i]);
@@ -325,13 +368,14 @@ absl::Status SessionStore::DecodeBatch(const std::vector<DecodeInput>& items,
   return absl::OkStatus();
 }
 
-void SessionStore::SubmitDecode(std::vector<DecodeInput> items, DecodeDone done) {
+void SessionStore::SubmitDecode(std::vector<DecodeInput> items, DecodeDone done,
+                                std::string tenant) {
   if (options_.decode_batching) {
-    batcher_->Submit(std::move(items), std::move(done));
+    batcher_->Submit(std::move(items), std::move(done), std::move(tenant));
     return;
   }
   std::vector<DecodeOutput> outputs;
-  absl::Status st = DecodeBatch(items, &outputs);
+  absl::Status st = DecodeBatch(items, &outputs, tenant);
   if (!st.ok()) outputs.clear();
   done(std::move(st), std::move(outputs));
 }
@@ -342,8 +386,7 @@ int SessionStore::EvictExpired(absl::Time now) {
     MutexLock lock(&mu_);
     for (auto it = sessions_.begin(); it != sessions_.end();) {
       if (it->second->expired(now)) {
-        victims.push_back(std::move(it->second));
-        it = sessions_.erase(it);
+        victims.push_back(RemoveLocked(it++));
       } else {
         ++it;
       }

@@ -11,6 +11,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -31,6 +32,7 @@ struct SessionStoreOptions {
   int64_t host_budget_bytes = 0;    // all sessions together; 0 = unlimited
   int64_t tenant_budget_bytes = 0;  // each tenant; 0 = unlimited
   int max_sessions = 100000;
+  int max_sessions_per_tenant = 0;              // 0 = only max_sessions
   absl::Duration default_ttl = absl::Hours(1);  // for sessions that ask for none
   absl::Duration max_ttl = absl::Hours(24);
   // How often the background janitor evicts expired sessions; zero = no janitor thread (tests
@@ -109,21 +111,24 @@ class SessionStore {
   SessionStore& operator=(const SessionStore&) = delete;
 
   // InvalidArgument for a bad id, tenant, labels, layout, policy or TTL; AlreadyExists for a
-  // taken id; ResourceExhausted at max_sessions or when the session's fixed bytes
-  // (Session::FixedBytes) do not fit the budget.
+  // taken id; ResourceExhausted at max_sessions, at max_sessions_per_tenant for its tenant, or
+  // when the session's fixed bytes (Session::FixedBytes) do not fit the budget.
   absl::StatusOr<SessionInfo> Create(CreateSessionParams params);
   // Adds the session an image describes (an ImportSession, a restart), under its own id (or
   // `id` when not empty). Checks as Create (AlreadyExists for a taken id); ResourceExhausted
   // over a budget; InvalidArgument for contents that do not fit. Nothing is added on error.
   absl::StatusOr<SessionInfo> Import(const SessionImage& image, const std::string& id = "");
   // InvalidArgument for a malformed id (never echoed), NotFound for an unknown one. Counts as
-  // an access: the session's TTL restarts.
-  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id) const;
+  // an access: the session's TTL restarts. `tenant` (when not empty) confines the lookup: a
+  // session of another tenant is NotFound with an unknown id's message, and not touched.
+  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id,
+                                               std::string_view tenant = {}) const;
   // Sessions of `tenant` (all when empty) with id > page_token, at most page_size (1..1000).
   ListSessionsResult List(const std::string& tenant, int page_size,
                           const std::string& page_token) const;
-  // Removes the session. NotFound for an unknown id. Returns the bytes it held.
-  absl::StatusOr<int64_t> Delete(const std::string& id);
+  // Removes the session. NotFound for an unknown id (or one of another tenant than `tenant`,
+  // when not empty, as in Get). Returns the bytes it held.
+  absl::StatusOr<int64_t> Delete(const std::string& id, std::string_view tenant = {});
 
   // Compresses every eligible token of a session now (Session::Flush). NotFound for an
   // unknown id.
@@ -132,16 +137,17 @@ class SessionStore {
   // Runs every item of a decode step on the calling thread, one after another (tests, tools).
   // Errors as AdmitDecode; outputs is resized to items.size().
   absl::Status DecodeBatch(const std::vector<DecodeInput>& items,
-                           std::vector<DecodeOutput>* outputs);
+                           std::vector<DecodeOutput>* outputs, std::string_view tenant = {});
   // The same through the decode batcher: `done` runs on its thread when the step is done
   // (the items' tensors must stay valid until then). How the service decodes.
-  void SubmitDecode(std::vector<DecodeInput> items, DecodeDone done);
+  void SubmitDecode(std::vector<DecodeInput> items, DecodeDone done, std::string tenant = {});
   // The one validation path of a decode request: every item's session is looked up and the
   // item checked (Session::CheckDecode), then the bytes of every new token are reserved; if
   // any of that fails nothing is reserved and that item's error is returned (message prefixed
   // with its index when there are several). On success *sessions and *reserved hold, per
   // item, its session and the bytes reserved for its step (Session::PrepareDecode).
-  absl::Status AdmitDecode(const std::vector<DecodeInput>& items,
+  // `tenant` confines the lookups as in Get.
+  absl::Status AdmitDecode(const std::vector<DecodeInput>& items, std::string_view tenant,
                            std::vector<std::shared_ptr<Session>>* sessions,
                            std::vector<int64_t>* reserved);
   DecodeBatcherStats BatcherStats() const { return batcher_->Stats(); }
@@ -161,6 +167,18 @@ class SessionStore {
 
  private:
   std::string NewId() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The one tenant-aware lookup: the session `id` names, or null when there is none or it
+  // belongs to another tenant than `tenant` (when not empty).
+  std::shared_ptr<Session> FindLocked(const std::string& id, std::string_view tenant) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ResourceExhausted when `tenant` holds max_sessions_per_tenant sessions.
+  absl::Status CheckTenantQuotaLocked(const std::string& tenant) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keep tenant_sessions_ in step with sessions_.
+  void AddLocked(std::shared_ptr<Session> session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::shared_ptr<Session> RemoveLocked(
+      std::map<std::string, std::shared_ptr<Session>>::iterator it)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void JanitorLoop();
 
   const SessionStoreOptions options_;
@@ -170,6 +188,7 @@ class SessionStore {
 
   mutable Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int, std::less<>> tenant_sessions_ ABSL_GUARDED_BY(mu_);  // live, by tenant
   std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
   int64_t evicted_total_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;

@@ -43,29 +43,37 @@ int64_t Handlers::MaxImportBytes() const {
   return limit > 0 ? limit : int64_t{16} << 30;
 }
 
-absl::Status Handlers::CreateSession(const v1::CreateSessionRequest& req, const CancelCheck& cancel,
-                                     v1::Session* out) {
+absl::StatusOr<std::shared_ptr<Session>> Handlers::Find(const Caller& caller,
+                                                        const std::string& id) const {
+  return store_->Get(id, caller.scope());
+}
+
+absl::Status Handlers::CreateSession(const Caller& caller, const v1::CreateSessionRequest& req,
+                                     const CancelCheck& cancel, v1::Session* out) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
   SPARSEKV_RETURN_IF_ERROR(Ask(cancel));
   SPARSEKV_ASSIGN_OR_RETURN(CreateSessionParams params, FromProto(req));
+  SPARSEKV_ASSIGN_OR_RETURN(params.tenant, caller.CreateTenant(params.tenant));
   SPARSEKV_ASSIGN_OR_RETURN(SessionInfo info, store_->Create(std::move(params)));
   ToProto(info, out);
   return absl::OkStatus();
 }
 
-absl::Status Handlers::GetSession(const v1::GetSessionRequest& req, v1::Session* out) {
+absl::Status Handlers::GetSession(const Caller& caller, const v1::GetSessionRequest& req,
+                                  v1::Session* out) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
-  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, store_->Get(req.session_id()));
+  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(caller, req.session_id()));
   ToProto(s->Info(), out);
   return absl::OkStatus();
 }
 
-absl::Status Handlers::ListSessions(const v1::ListSessionsRequest& req,
+absl::Status Handlers::ListSessions(const Caller& caller, const v1::ListSessionsRequest& req,
                                     v1::ListSessionsResponse* out) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
+  SPARSEKV_ASSIGN_OR_RETURN(const std::string tenant, caller.ListTenant(req.tenant()));
   const int page_size =
       req.page_size() == 0 ? 100 : static_cast<int>(std::min<uint32_t>(req.page_size(), 1000));
-  ListSessionsResult page = store_->List(req.tenant(), page_size, req.page_token());
+  ListSessionsResult page = store_->List(tenant, page_size, req.page_token());
   // A page ends early where the next session would push the response over the message limit;
   // the token then resumes after the last one sent.
   const size_t room = static_cast<size_t>(limits_.max_message_bytes - kMessageOverheadBytes);
@@ -87,16 +95,18 @@ absl::Status Handlers::ListSessions(const v1::ListSessionsRequest& req,
   return absl::OkStatus();
 }
 
-absl::Status Handlers::DeleteSession(const v1::DeleteSessionRequest& req,
+absl::Status Handlers::DeleteSession(const Caller& caller, const v1::DeleteSessionRequest& req,
                                      v1::DeleteSessionResponse* out) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
-  SPARSEKV_ASSIGN_OR_RETURN(int64_t freed, store_->Delete(req.session_id()));
+  // Confined like Find, inside the store's lock: the check and the removal are one step.
+  SPARSEKV_ASSIGN_OR_RETURN(int64_t freed, store_->Delete(req.session_id(), caller.scope()));
   out->set_bytes_freed(freed);
   return absl::OkStatus();
 }
 
-void Handlers::DecodeAsync(const v1::DecodeRequest& req, const CancelCheck& cancel,
-                           v1::DecodeResponse* out, std::function<void(absl::Status)> done) {
+void Handlers::DecodeAsync(const Caller& caller, const v1::DecodeRequest& req,
+                           const CancelCheck& cancel, v1::DecodeResponse* out,
+                           std::function<void(absl::Status)> done) {
   absl::Status st = CheckServing();
   if (st.ok()) st = Ask(cancel);
   if (st.ok() && req.items_size() == 0)
@@ -134,34 +144,38 @@ void Handlers::DecodeAsync(const v1::DecodeRequest& req, const CancelCheck& canc
   for (const DecodeInput& in : items)
     shapes.push_back({in.q.shape[0], in.q.shape[1], in.want_lse, !in.new_k.empty()});
   const uint64_t request_id = req.request_id();
-  store_->SubmitDecode(std::move(items), [this, shapes = std::move(shapes), out_dtype, request_id,
-                                          out, done = std::move(done)](
-                                             absl::Status st, std::vector<DecodeOutput> outputs) {
-    if (!st.ok()) {
-      done(std::move(st));
-      return;
-    }
-    int64_t appended = 0;
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      const DecodeOutput& o = outputs[i];
-      const Shape& sh = shapes[i];
-      v1::DecodeResult* r = out->add_results();
-      FloatsToTensor(o.out, {sh.heads, sh.dim}, out_dtype, r->mutable_out());
-      if (sh.want_lse) FloatsToTensor(o.lse, {sh.heads}, DType::kFloat32, r->mutable_lse());
-      r->set_tokens_attended(o.tokens_attended);
-      appended += sh.appended ? 1 : 0;
-    }
-    out->set_request_id(request_id);
-    metrics_->AddDecodeItems(static_cast<int64_t>(outputs.size()));
-    if (appended) metrics_->AddAppendedRows(appended);
-    done(absl::OkStatus());
-  });
+  store_->SubmitDecode(
+      std::move(items),
+      [this, shapes = std::move(shapes), out_dtype, request_id, out, done = std::move(done)](
+          absl::Status st, std::vector<DecodeOutput> outputs) {
+        if (!st.ok()) {
+          done(std::move(st));
+          return;
+        }
+        int64_t appended = 0;
+        for (size_t i = 0; i < outputs.size(); ++i) {
+          const DecodeOutput& o = outputs[i];
+          const Shape& sh = shapes[i];
+          v1::DecodeResult* r = out->add_results();
+          FloatsToTensor(o.out, {sh.heads, sh.dim}, out_dtype, r->mutable_out());
+          if (sh.want_lse) FloatsToTensor(o.lse, {sh.heads}, DType::kFloat32, r->mutable_lse());
+          r->set_tokens_attended(o.tokens_attended);
+          appended += sh.appended ? 1 : 0;
+        }
+        out->set_request_id(request_id);
+        metrics_->AddDecodeItems(static_cast<int64_t>(outputs.size()));
+        if (appended) metrics_->AddAppendedRows(appended);
+        done(absl::OkStatus());
+      },
+      // Confined like Find, in the batch's own lookups.
+      std::string(caller.scope()));
 }
 
-absl::Status Handlers::Decode(const v1::DecodeRequest& req, const CancelCheck& cancel,
-                              v1::DecodeResponse* out) {
+absl::Status Handlers::Decode(const Caller& caller, const v1::DecodeRequest& req,
+                              const CancelCheck& cancel, v1::DecodeResponse* out) {
   std::promise<absl::Status> result;
-  DecodeAsync(req, cancel, out, [&result](absl::Status st) { result.set_value(std::move(st)); });
+  DecodeAsync(caller, req, cancel, out,
+              [&result](absl::Status st) { result.set_value(std::move(st)); });
   return result.get_future().get();
 }
 
@@ -176,9 +190,10 @@ void Handlers::AnswerStreamMessage(const v1::DecodeRequest& req, const absl::Sta
   }
 }
 
-absl::Status Handlers::DecodeStreamMessage(const v1::DecodeRequest& req, v1::DecodeResponse* out) {
+absl::Status Handlers::DecodeStreamMessage(const Caller& caller, const v1::DecodeRequest& req,
+                                           v1::DecodeResponse* out) {
   out->Clear();
-  const absl::Status st = Decode(req, nullptr, out);
+  const absl::Status st = Decode(caller, req, nullptr, out);
   AnswerStreamMessage(req, st, out);
   return st;
 }
@@ -188,11 +203,12 @@ absl::Status Handlers::DecodeStreamBroken(const absl::Status& parsed, int64_t an
                                                   answered, " earlier requests answered)"));
 }
 
-absl::StatusOr<std::shared_ptr<Session>> Handlers::FlushTarget(const v1::FlushRequest& req,
+absl::StatusOr<std::shared_ptr<Session>> Handlers::FlushTarget(const Caller& caller,
+                                                               const v1::FlushRequest& req,
                                                                const CancelCheck& cancel) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
   SPARSEKV_RETURN_IF_ERROR(Ask(cancel));
-  return store_->Get(req.session_id());
+  return Find(caller, req.session_id());
 }
 
 void Handlers::FlushNow(Session& session, v1::FlushResponse* out) {
@@ -214,8 +230,8 @@ void Handlers::ServerInfo(v1::ServerInfo* out) const {
   out->set_sessions(s.sessions);
 }
 
-absl::StatusOr<int64_t> Handlers::AppendOne(const v1::AppendKVRequest& req, std::string* session_id,
-                                            const CancelCheck& cancel) {
+absl::StatusOr<int64_t> Handlers::AppendOne(const Caller& caller, const v1::AppendKVRequest& req,
+                                            std::string* session_id, const CancelCheck& cancel) {
   SPARSEKV_RETURN_IF_ERROR(CheckServing());
   if (req.session_id().empty()) {
     return absl::InvalidArgumentError("AppendKVRequest.session_id is required");
@@ -224,7 +240,7 @@ absl::StatusOr<int64_t> Handlers::AppendOne(const v1::AppendKVRequest& req, std:
     return absl::InvalidArgumentError(
         "all messages of an AppendKV stream must name the same session");
   }
-  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, store_->Get(req.session_id()));
+  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(caller, req.session_id()));
   *session_id = req.session_id();
   SPARSEKV_ASSIGN_OR_RETURN(TensorView k, ViewTensor(req.k(), "k"));
   SPARSEKV_ASSIGN_OR_RETURN(TensorView v, ViewTensor(req.v(), "v"));
@@ -239,7 +255,8 @@ absl::StatusOr<int64_t> Handlers::AppendOne(const v1::AppendKVRequest& req, std:
 
 absl::Status AppendCall::Take(const absl::Status& parsed, const v1::AppendKVRequest& req,
                               const CancelCheck& cancel) {
-  absl::StatusOr<int64_t> rows = parsed.ok() ? h_->AppendOne(req, &session_id_, cancel) : parsed;
+  absl::StatusOr<int64_t> rows =
+      parsed.ok() ? h_->AppendOne(caller_, req, &session_id_, cancel) : parsed;
   if (!rows.ok()) {
     const absl::Status& e = rows.status();
     return absl::Status(
@@ -254,17 +271,17 @@ absl::Status AppendCall::Take(const absl::Status& parsed, const v1::AppendKVRequ
 
 absl::Status AppendCall::Finish(v1::AppendKVResponse* out) {
   if (session_id_.empty()) return absl::InvalidArgumentError("AppendKV stream carried no messages");
-  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, h_->store()->Get(session_id_));
+  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, h_->Find(caller_, session_id_));
   *out = resp_;
   for (int64_t t : s->Info().stats.tokens_per_layer) out->add_tokens_per_layer(t);
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<ReadCall>> ReadCall::Start(Handlers* h,
+absl::StatusOr<std::unique_ptr<ReadCall>> ReadCall::Start(Handlers* h, const Caller& caller,
                                                           const v1::ReadKVRequest& req) {
   SPARSEKV_RETURN_IF_ERROR(h->CheckServing());
   std::unique_ptr<ReadCall> call(new ReadCall());
-  SPARSEKV_ASSIGN_OR_RETURN(call->session_, h->store()->Get(req.session_id()));
+  SPARSEKV_ASSIGN_OR_RETURN(call->session_, h->Find(caller, req.session_id()));
   const Session& session = *call->session_;
   const int layers = session.layout().num_layers;
   const uint64_t begin = req.layer_begin();
@@ -337,10 +354,10 @@ bool ReadCall::Next(v1::ReadKVResponse* msg, absl::Status* status) {
   return false;
 }
 
-absl::StatusOr<std::unique_ptr<ExportCall>> ExportCall::Start(Handlers* h,
+absl::StatusOr<std::unique_ptr<ExportCall>> ExportCall::Start(Handlers* h, const Caller& caller,
                                                               const v1::ExportSessionRequest& req) {
   SPARSEKV_RETURN_IF_ERROR(h->CheckServing());
-  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, h->store()->Get(req.session_id()));
+  SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, h->Find(caller, req.session_id()));
   return std::unique_ptr<ExportCall>(
       new ExportCall(SerializeSnapshot(session->Export()), h->PayloadRoom()));
 }
@@ -389,6 +406,7 @@ absl::Status ImportCall::Take(const absl::Status& parsed, const v1::SessionChunk
 
 absl::Status ImportCall::Finish(v1::Session* out) {
   SPARSEKV_ASSIGN_OR_RETURN(SessionImage image, ParseSnapshot(bytes_, h_->store()->limits()));
+  SPARSEKV_ASSIGN_OR_RETURN(image.info.tenant, caller_.CreateTenant(image.info.tenant));
   SPARSEKV_ASSIGN_OR_RETURN(SessionInfo info, h_->store()->Import(image));
   ToProto(info, out);
   return absl::OkStatus();

@@ -6,6 +6,11 @@
 // bytes (service/wire.h), passes a CancelCheck for its deadline and cancellation, serializes
 // what comes back and records metrics.
 //
+// Every method runs as a Caller (service/auth.h) the transport resolved from the call's
+// metadata: session lookups go through Find, which confines them to the caller's tenant, so a
+// session of another tenant answers exactly as an unknown id; requests that name a tenant are
+// checked against it (PERMISSION_DENIED).
+//
 // Thread-safe: handlers run concurrently; a stream's call object (AppendCall, ReadCall,
 // ExportCall, ImportCall) belongs to one stream and is used by one thread at a time.
 #ifndef SPARSEKV_SERVICE_HANDLERS_H_
@@ -20,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/session_store.h"
+#include "service/auth.h"
 #include "service/metrics.h"
 #include "sparsekv/v1/kv_cache.pb.h"
 
@@ -50,31 +56,38 @@ class Handlers {
   absl::Status CheckServing() const;
 
   // Unary RPCs. `cancel` is asked once before anything is applied (deadline, cancellation).
-  absl::Status CreateSession(const v1::CreateSessionRequest& req, const CancelCheck& cancel,
-                             v1::Session* out);
-  absl::Status GetSession(const v1::GetSessionRequest& req, v1::Session* out);
-  absl::Status ListSessions(const v1::ListSessionsRequest& req, v1::ListSessionsResponse* out);
-  absl::Status DeleteSession(const v1::DeleteSessionRequest& req, v1::DeleteSessionResponse* out);
+  // CreateSession: an empty tenant is the caller's; PERMISSION_DENIED when a user names
+  // another. ListSessions: a user lists its own tenant (PERMISSION_DENIED for another), an
+  // admin any tenant or all.
+  absl::Status CreateSession(const Caller& caller, const v1::CreateSessionRequest& req,
+                             const CancelCheck& cancel, v1::Session* out);
+  absl::Status GetSession(const Caller& caller, const v1::GetSessionRequest& req, v1::Session* out);
+  absl::Status ListSessions(const Caller& caller, const v1::ListSessionsRequest& req,
+                            v1::ListSessionsResponse* out);
+  absl::Status DeleteSession(const Caller& caller, const v1::DeleteSessionRequest& req,
+                             v1::DeleteSessionResponse* out);
   // Decode: checks and converts `req`, hands its items to the store's decode batcher and
   // returns; `done` runs with the request's status once `out` is filled (on the batcher's
   // thread, or at once when the request is refused before it). `req` and `out` must stay
   // valid until then.
-  void DecodeAsync(const v1::DecodeRequest& req, const CancelCheck& cancel, v1::DecodeResponse* out,
-                   std::function<void(absl::Status)> done);
+  void DecodeAsync(const Caller& caller, const v1::DecodeRequest& req, const CancelCheck& cancel,
+                   v1::DecodeResponse* out, std::function<void(absl::Status)> done);
   // DecodeAsync, waiting for it (tests, fuzzing).
-  absl::Status Decode(const v1::DecodeRequest& req, const CancelCheck& cancel,
+  absl::Status Decode(const Caller& caller, const v1::DecodeRequest& req, const CancelCheck& cancel,
                       v1::DecodeResponse* out);
   // One DecodeStream request's answer once its status is known: a failed request is answered
   // in `out` (error_code, error_message, no results) and the stream goes on.
   static void AnswerStreamMessage(const v1::DecodeRequest& req, const absl::Status& st,
                                   v1::DecodeResponse* out);
   // DecodeAsync + AnswerStreamMessage, waiting. Returns the request's own status, for metrics.
-  absl::Status DecodeStreamMessage(const v1::DecodeRequest& req, v1::DecodeResponse* out);
+  absl::Status DecodeStreamMessage(const Caller& caller, const v1::DecodeRequest& req,
+                                   v1::DecodeResponse* out);
   // How a DecodeStream ends on a message that does not parse (`parsed`), after `answered`.
   static absl::Status DecodeStreamBroken(const absl::Status& parsed, int64_t answered);
   // Flush in two steps, so that the transport can run the blocking part off its threads:
   // FlushTarget validates (the session must exist), FlushNow compresses and answers.
-  absl::StatusOr<std::shared_ptr<Session>> FlushTarget(const v1::FlushRequest& req,
+  absl::StatusOr<std::shared_ptr<Session>> FlushTarget(const Caller& caller,
+                                                       const v1::FlushRequest& req,
                                                        const CancelCheck& cancel);
   static void FlushNow(Session& session, v1::FlushResponse* out);
   void ServerInfo(v1::ServerInfo* out) const;
@@ -93,9 +106,12 @@ class Handlers {
   friend class ExportCall;
   friend class ImportCall;
 
+  // The session `id` names, as `caller` may see it: the one lookup of every RPC that names a
+  // session. NOT_FOUND for an unknown id and for another tenant's session alike.
+  absl::StatusOr<std::shared_ptr<Session>> Find(const Caller& caller, const std::string& id) const;
   // Applies one AppendKV message, all or nothing; returns the token rows appended.
-  absl::StatusOr<int64_t> AppendOne(const v1::AppendKVRequest& req, std::string* session_id,
-                                    const CancelCheck& cancel);
+  absl::StatusOr<int64_t> AppendOne(const Caller& caller, const v1::AppendKVRequest& req,
+                                    std::string* session_id, const CancelCheck& cancel);
   // Largest tensor payload that fits one outgoing message.
   int64_t PayloadRoom() const;
 
@@ -111,7 +127,7 @@ class Handlers {
 // many were applied before it; those stay applied.
 class AppendCall {
  public:
-  explicit AppendCall(Handlers* h) : h_(h) {}
+  AppendCall(Handlers* h, Caller caller) : h_(h), caller_(std::move(caller)) {}
   // `parsed` is the transport's parse result of the message (OK when `req` is valid).
   absl::Status Take(const absl::Status& parsed, const v1::AppendKVRequest& req,
                     const CancelCheck& cancel);
@@ -121,6 +137,7 @@ class AppendCall {
 
  private:
   Handlers* const h_;
+  const Caller caller_;
   v1::AppendKVResponse resp_;
   std::string session_id_;
 };
@@ -129,7 +146,8 @@ class AppendCall {
 class ReadCall {
  public:
   // Validates the request: the range must lie inside every layer it names.
-  static absl::StatusOr<std::unique_ptr<ReadCall>> Start(Handlers* h, const v1::ReadKVRequest& req);
+  static absl::StatusOr<std::unique_ptr<ReadCall>> Start(Handlers* h, const Caller& caller,
+                                                         const v1::ReadKVRequest& req);
   // Fills the next message and returns true, or returns false at the end (`*status` OK) or on
   // an error (`*status` says which).
   bool Next(v1::ReadKVResponse* msg, absl::Status* status);
@@ -150,7 +168,7 @@ class ReadCall {
 // message limit, each with its offset and CRC-32C; the snapshot checks itself as a whole too.
 class ExportCall {
  public:
-  static absl::StatusOr<std::unique_ptr<ExportCall>> Start(Handlers* h,
+  static absl::StatusOr<std::unique_ptr<ExportCall>> Start(Handlers* h, const Caller& caller,
                                                            const v1::ExportSessionRequest& req);
   // Fills the next piece and returns true, or returns false after the last one (`*status`
   // OK: the pieces are made in memory and cannot fail; the signature is ReadCall's).
@@ -167,10 +185,11 @@ class ExportCall {
 
 // One ImportSession stream: gathers the pieces (each checked: version, offset, CRC-32C, size
 // cap), then parses and adds the session whole after the last one. Any failure ends the call
-// and adds nothing.
+// and adds nothing. A user may import sessions of its own tenant only (PERMISSION_DENIED).
 class ImportCall {
  public:
-  explicit ImportCall(Handlers* h) : h_(h), max_bytes_(h->MaxImportBytes()) {}
+  ImportCall(Handlers* h, Caller caller)
+      : h_(h), caller_(std::move(caller)), max_bytes_(h->MaxImportBytes()) {}
   // `parsed` is the transport's parse result of the piece.
   absl::Status Take(const absl::Status& parsed, const v1::SessionChunk& piece);
   // True once the last piece was taken: then Finish adds the session.
@@ -182,6 +201,7 @@ class ImportCall {
 
  private:
   Handlers* const h_;
+  const Caller caller_;
   const int64_t max_bytes_;
   std::string bytes_;
   int64_t pieces_ = 0;

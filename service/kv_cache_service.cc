@@ -93,8 +93,12 @@ class FinishNow final : public RecordedReactor<Base> {
 // AppendKV: applies each message as it arrives (AppendCall); the first error ends the call.
 class AppendReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc::ByteBuffer>> {
  public:
-  AppendReactor(Handlers* h, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp)
-      : RecordedReactor(h->metrics(), "AppendKV"), call_(h), ctx_(ctx), resp_bytes_(resp) {
+  AppendReactor(Handlers* h, Caller caller, grpc::CallbackServerContext* ctx,
+                grpc::ByteBuffer* resp, absl::Time start)
+      : RecordedReactor(h->metrics(), "AppendKV", start),
+        call_(h, std::move(caller)),
+        ctx_(ctx),
+        resp_bytes_(resp) {
     StartRead(&buf_);
   }
 
@@ -130,7 +134,9 @@ class AppendReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
 class DecodeStreamReactor final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit DecodeStreamReactor(Handlers* h) : h_(h) { StartRead(&in_); }
+  DecodeStreamReactor(Handlers* h, Caller caller) : h_(h), caller_(std::move(caller)) {
+    StartRead(&in_);
+  }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
@@ -146,7 +152,7 @@ class DecodeStreamReactor final
     }
     resp_.Clear();
     // Answered from the decode batcher's thread; the next read starts after the write.
-    h_->DecodeAsync(req_, nullptr, &resp_, [this, t0](const absl::Status& st) {
+    h_->DecodeAsync(caller_, req_, nullptr, &resp_, [this, t0](const absl::Status& st) {
       Handlers::AnswerStreamMessage(req_, st, &resp_);
       // Each message is accounted like a unary call, so rates and latencies compare.
       h_->metrics()->RecordRpc("DecodeStream", ToGrpcStatus(st).error_code(), absl::Now() - t0);
@@ -168,6 +174,7 @@ class DecodeStreamReactor final
 
  private:
   Handlers* const h_;
+  const Caller caller_;
   grpc::ByteBuffer in_, out_;
   v1::DecodeRequest req_;
   v1::DecodeResponse resp_;
@@ -202,8 +209,10 @@ class CallWriter final : public StreamWriter {
 // ImportSession: gathers the pieces (ImportCall), adds the session after the last one.
 class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc::ByteBuffer>> {
  public:
-  ImportReactor(Handlers* h, grpc::ByteBuffer* resp)
-      : RecordedReactor(h->metrics(), "ImportSession"), call_(h), resp_(resp) {
+  ImportReactor(Handlers* h, Caller caller, grpc::ByteBuffer* resp, absl::Time start)
+      : RecordedReactor(h->metrics(), "ImportSession", start),
+        call_(h, std::move(caller)),
+        resp_(resp) {
     StartRead(&in_);
   }
 
@@ -238,8 +247,9 @@ class ImportReactor final : public RecordedReactor<grpc::ServerReadReactor<grpc:
 }  // namespace
 
 KvCacheServiceImpl::KvCacheServiceImpl(SessionStore* store, Metrics* metrics, BuildInfo build,
-                                       ServiceLimits limits)
+                                       ServiceLimits limits, const Authenticator* auth)
     : handlers_(store, metrics, std::move(build), limits),
+      auth_(auth),
       blocking_(std::make_unique<BoundedExecutor>(limits.blocking_threads, 1024)) {}
 
 KvCacheServiceImpl::~KvCacheServiceImpl() { blocking_->Shutdown(); }
@@ -254,6 +264,15 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::FinishUnary(grpc::CallbackServerCo
   return reactor;
 }
 
+absl::StatusOr<Caller> KvCacheServiceImpl::Authenticate(
+    const grpc::CallbackServerContext* ctx) const {
+  if (auth_ == nullptr) return Caller::NoAuth();
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) return auth_->Authenticate(std::nullopt);
+  return auth_->Authenticate(absl::string_view(it->second.data(), it->second.size()));
+}
+
 template <typename Request, typename Response, typename Body>
 grpc::ServerUnaryReactor* KvCacheServiceImpl::Unary(grpc::CallbackServerContext* ctx,
                                                     const char* method, const Bytes* req,
@@ -261,8 +280,10 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Unary(grpc::CallbackServerContext*
   const absl::Time start = absl::Now();
   Request request;
   Response response;
-  absl::Status st = ParseMessage(*req, &request, "");
-  if (st.ok()) st = body(request, &response);
+  absl::StatusOr<Caller> caller = Authenticate(ctx);
+  absl::Status st = caller.status();
+  if (st.ok()) st = ParseMessage(*req, &request, "");
+  if (st.ok()) st = body(*caller, request, &response);
   if (st.ok()) SerializeMessage(response, resp);
   return FinishUnary(ctx, method, start, st);
 }
@@ -270,8 +291,8 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Unary(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* KvCacheServiceImpl::CreateSession(grpc::CallbackServerContext* ctx,
                                                             const Bytes* req, Bytes* resp) {
   return Unary<v1::CreateSessionRequest, v1::Session>(
-      ctx, "CreateSession", req, resp, [&](const auto& r, auto* out) {
-        return handlers_.CreateSession(r, CallCancelCheck(ctx), out);
+      ctx, "CreateSession", req, resp, [&](const Caller& c, const auto& r, auto* out) {
+        return handlers_.CreateSession(c, r, CallCancelCheck(ctx), out);
       });
 }
 
@@ -279,26 +300,33 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::GetSession(grpc::CallbackServerCon
                                                          const Bytes* req, Bytes* resp) {
   return Unary<v1::GetSessionRequest, v1::Session>(
       ctx, "GetSession", req, resp,
-      [&](const auto& r, auto* out) { return handlers_.GetSession(r, out); });
+      [&](const Caller& c, const auto& r, auto* out) { return handlers_.GetSession(c, r, out); });
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::ListSessions(grpc::CallbackServerContext* ctx,
                                                            const Bytes* req, Bytes* resp) {
   return Unary<v1::ListSessionsRequest, v1::ListSessionsResponse>(
       ctx, "ListSessions", req, resp,
-      [&](const auto& r, auto* out) { return handlers_.ListSessions(r, out); });
+      [&](const Caller& c, const auto& r, auto* out) { return handlers_.ListSessions(c, r, out); });
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::DeleteSession(grpc::CallbackServerContext* ctx,
                                                             const Bytes* req, Bytes* resp) {
   return Unary<v1::DeleteSessionRequest, v1::DeleteSessionResponse>(
-      ctx, "DeleteSession", req, resp,
-      [&](const auto& r, auto* out) { return handlers_.DeleteSession(r, out); });
+      ctx, "DeleteSession", req, resp, [&](const Caller& c, const auto& r, auto* out) {
+        return handlers_.DeleteSession(c, r, out);
+      });
 }
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* KvCacheServiceImpl::AppendKV(
     grpc::CallbackServerContext* ctx, Bytes* resp) {
-  return new AppendReactor(&handlers_, ctx, resp);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Caller> caller = Authenticate(ctx);
+  if (!caller.ok()) {
+    return new FinishNow<grpc::ServerReadReactor<Bytes>>(metrics(), "AppendKV", start,
+                                                         caller.status());
+  }
+  return new AppendReactor(&handlers_, *std::move(caller), ctx, resp, start);
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::Decode(grpc::CallbackServerContext* ctx,
@@ -310,12 +338,14 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Decode(grpc::CallbackServerContext
     v1::DecodeRequest request;
     v1::DecodeResponse response;
   };
+  absl::StatusOr<Caller> caller = Authenticate(ctx);
+  if (!caller.ok()) return FinishUnary(ctx, "Decode", start, caller.status());
   auto call = std::make_unique<Call>();
   const absl::Status parsed = ParseMessage(*req, &call->request, "");
   if (!parsed.ok()) return FinishUnary(ctx, "Decode", start, parsed);
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   Call* c = call.release();
-  handlers_.DecodeAsync(c->request, CallCancelCheck(ctx), &c->response,
+  handlers_.DecodeAsync(*caller, c->request, CallCancelCheck(ctx), &c->response,
                         [this, c, reactor, resp, start](const absl::Status& st) {
                           if (st.ok()) SerializeMessage(c->response, resp);
                           delete c;
@@ -328,7 +358,13 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Decode(grpc::CallbackServerContext
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KvCacheServiceImpl::DecodeStream(
     grpc::CallbackServerContext* ctx) {
-  return new DecodeStreamReactor(&handlers_);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Caller> caller = Authenticate(ctx);
+  if (!caller.ok()) {
+    return new FinishNow<grpc::ServerBidiReactor<Bytes, Bytes>>(metrics(), "DecodeStream", start,
+                                                                caller.status());
+  }
+  return new DecodeStreamReactor(&handlers_, *std::move(caller));
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::Flush(grpc::CallbackServerContext* ctx,
@@ -337,8 +373,9 @@ grpc::ServerUnaryReactor* KvCacheServiceImpl::Flush(grpc::CallbackServerContext*
   v1::FlushRequest request;
   absl::StatusOr<std::shared_ptr<Session>> session =
       [&]() -> absl::StatusOr<std::shared_ptr<Session>> {
+    SPARSEKV_ASSIGN_OR_RETURN(const Caller caller, Authenticate(ctx));
     SPARSEKV_RETURN_IF_ERROR(ParseMessage(*req, &request, ""));
-    return handlers_.FlushTarget(request, CallCancelCheck(ctx));
+    return handlers_.FlushTarget(caller, request, CallCancelCheck(ctx));
   }();
   if (!session.ok()) return FinishUnary(ctx, "Flush", start, session.status());
   // Flush compresses synchronously and may wait for a running background job: run it off the
@@ -366,8 +403,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ReadKV(
   v1::ReadKVRequest r;
   absl::StatusOr<std::unique_ptr<ReadCall>> call =
       [&]() -> absl::StatusOr<std::unique_ptr<ReadCall>> {
+    SPARSEKV_ASSIGN_OR_RETURN(const Caller caller, Authenticate(ctx));
     SPARSEKV_RETURN_IF_ERROR(ParseMessage(*req, &r, ""));
-    return ReadCall::Start(&handlers_, r);
+    return ReadCall::Start(&handlers_, caller, r);
   }();
   if (!call.ok()) {
     return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics(), "ReadKV", start,
@@ -382,8 +420,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ExportSession(
   v1::ExportSessionRequest r;
   absl::StatusOr<std::unique_ptr<ExportCall>> call =
       [&]() -> absl::StatusOr<std::unique_ptr<ExportCall>> {
+    SPARSEKV_ASSIGN_OR_RETURN(const Caller caller, Authenticate(ctx));
     SPARSEKV_RETURN_IF_ERROR(ParseMessage(*req, &r, ""));
-    return ExportCall::Start(&handlers_, r);
+    return ExportCall::Start(&handlers_, caller, r);
   }();
   if (!call.ok()) {
     return new FinishNow<grpc::ServerWriteReactor<grpc::ByteBuffer>>(metrics(), "ExportSession",
@@ -395,16 +434,22 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ExportSession(
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* KvCacheServiceImpl::ImportSession(
     grpc::CallbackServerContext* ctx, Bytes* resp) {
-  return new ImportReactor(&handlers_, resp);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Caller> caller = Authenticate(ctx);
+  if (!caller.ok()) {
+    return new FinishNow<grpc::ServerReadReactor<Bytes>>(metrics(), "ImportSession", start,
+                                                         caller.status());
+  }
+  return new ImportReactor(&handlers_, *std::move(caller), resp, start);
 }
 
 grpc::ServerUnaryReactor* KvCacheServiceImpl::GetServerInfo(grpc::CallbackServerContext* ctx,
                                                             const Bytes* req, Bytes* resp) {
-  return Unary<v1::GetServerInfoRequest, v1::ServerInfo>(ctx, "GetServerInfo", req, resp,
-                                                         [&](const auto&, auto* out) {
-                                                           handlers_.ServerInfo(out);
-                                                           return absl::OkStatus();
-                                                         });
+  return Unary<v1::GetServerInfoRequest, v1::ServerInfo>(
+      ctx, "GetServerInfo", req, resp, [&](const Caller&, const auto&, auto* out) {
+        handlers_.ServerInfo(out);
+        return absl::OkStatus();
+      });
 }
 
 }  // namespace sparsekv::service

@@ -3,7 +3,9 @@
 // deadline and cancellation as its CancelCheck) -> serialize -> convert the status -> record
 // metrics. Streams use small self-owning reactors around the handlers' call objects. Methods
 // take raw bytes (service/wire.h) so that unparseable requests and stream messages get a
-// status that says so.
+// status that says so. Every call first resolves its Caller from the `authorization` metadata
+// (service/auth.h); a call without a valid token ends UNAUTHENTICATED before its request is
+// read. gRPC health and reflection are separate services and need no token.
 //
 // Thread-safe: gRPC calls handlers concurrently from its own threads.
 #ifndef SPARSEKV_SERVICE_KV_CACHE_SERVICE_H_
@@ -18,6 +20,7 @@
 #include "absl/time/time.h"
 #include "core/executor.h"
 #include "core/session_store.h"
+#include "service/auth.h"
 #include "service/handlers.h"
 #include "service/metrics.h"
 #include "sparsekv/v1/kv_cache.grpc.pb.h"
@@ -41,8 +44,10 @@ using RawKvCacheService = v1::KvCacheService::WithRawCallbackMethod_CreateSessio
 
 class KvCacheServiceImpl final : public RawKvCacheService {
  public:
-  // `store` and `metrics` must outlive the service.
-  KvCacheServiceImpl(SessionStore* store, Metrics* metrics, BuildInfo build, ServiceLimits limits);
+  // `store`, `metrics` and `auth` must outlive the service; a null `auth` lets every call in
+  // as Caller::NoAuth() (--auth=none).
+  KvCacheServiceImpl(SessionStore* store, Metrics* metrics, BuildInfo build, ServiceLimits limits,
+                     const Authenticator* auth = nullptr);
   // Waits for blocking calls in progress.
   ~KvCacheServiceImpl() override;
 
@@ -77,8 +82,10 @@ class KvCacheServiceImpl final : public RawKvCacheService {
   Metrics* metrics() { return handlers_.metrics(); }
 
  private:
-  // Parses `req` as Request, runs `body(request, &response)`, serializes the response into
-  // `resp` on success and finishes the call with the status, recording metrics.
+  // The caller of the call `ctx` (once per call): UNAUTHENTICATED without a known token.
+  absl::StatusOr<Caller> Authenticate(const grpc::CallbackServerContext* ctx) const;
+  // Parses `req` as Request, runs `body(caller, request, &response)`, serializes the response
+  // into `resp` on success and finishes the call with the status, recording metrics.
   template <typename Request, typename Response, typename Body>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
                                   const Bytes* req, Bytes* resp, Body body);
@@ -87,6 +94,7 @@ class KvCacheServiceImpl final : public RawKvCacheService {
                                         absl::Time start, const absl::Status& status);
 
   Handlers handlers_;
+  const Authenticator* const auth_;
   std::unique_ptr<BoundedExecutor> blocking_;
 };
 

@@ -24,6 +24,14 @@ ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "PEM CA certificates: with them the gRPC port requires and verifies a client "
           "certificate signed by one (mutual TLS)");
+ABSL_FLAG(std::string, auth, "none",
+          "Who may call: `none` = anyone who reaches the gRPC port, with every right on every "
+          "session (logged loudly at start); `token` = an `authorization: Bearer TOKEN` of "
+          "--auth_token_file on every call except gRPC health and reflection");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "With --auth=token: file of `TOKEN TENANT ROLE` lines (ROLE user or admin; README "
+          "\"Auth and tenants\"); reread within a second when it changes, a bad version keeps "
+          "the previous tokens");
 ABSL_FLAG(int, max_message_bytes, 64 << 20,
           "Largest gRPC message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, host_budget_bytes, -1,
@@ -33,6 +41,9 @@ ABSL_FLAG(int64_t, host_budget_bytes, -1,
           "get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, tenant_budget_bytes, 0, "Byte budget per tenant; 0 = unlimited");
 ABSL_FLAG(int, max_sessions, 100000, "Most live sessions; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_sessions_per_tenant, 0,
+          "Most live sessions of one tenant; more get RESOURCE_EXHAUSTED; 0 = only "
+          "--max_sessions");
 ABSL_FLAG(int64_t, max_session_bytes, 0,
           "Most bytes one session may hold against the budget; 0 = only the host and tenant "
           "budgets apply");
@@ -115,6 +126,14 @@ int main(int argc, char** argv) {
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  const absl::StatusOr<sparsekv::service::AuthMode> auth =
+      sparsekv::service::ParseAuthMode(absl::GetFlag(FLAGS_auth));
+  if (!auth.ok()) {
+    std::fprintf(stderr, "sparsekv-server: %s\n", std::string(auth.status().message()).c_str());
+    return 2;
+  }
+  options.auth = *auth;
+  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.store.host_budget_bytes = absl::GetFlag(FLAGS_host_budget_bytes);
   if (options.store.host_budget_bytes < 0) {
     options.store.host_budget_bytes = sparsekv::service::AvailableMemoryBytes() / 2;
@@ -132,6 +151,7 @@ int main(int argc, char** argv) {
   limits.reject_nonfinite = absl::GetFlag(FLAGS_reject_nonfinite);
   options.store.tenant_budget_bytes = absl::GetFlag(FLAGS_tenant_budget_bytes);
   options.store.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.store.max_sessions_per_tenant = absl::GetFlag(FLAGS_max_sessions_per_tenant);
   options.store.default_ttl = absl::GetFlag(FLAGS_default_ttl);
   options.store.max_ttl = absl::GetFlag(FLAGS_max_ttl);
   options.store.pruner_threads = absl::GetFlag(FLAGS_pruner_threads);
@@ -167,10 +187,21 @@ int main(int argc, char** argv) {
                static_cast<long long>(options.store.host_budget_bytes),
                options.store.host_budget_bytes == 0 ? " (unlimited)" : "");
   std::fprintf(stderr, "sparsekv-server: gRPC port %s\n",
-               options.tls_cert_file.empty()
-                   ? "PLAINTEXT: any client that reaches it can read and change every session"
+               options.tls_cert_file.empty()        ? "PLAINTEXT (no encryption)"
                : options.tls_client_ca_file.empty() ? "TLS"
                                                     : "mutual TLS (client certificates required)");
+  if (options.auth == sparsekv::service::AuthMode::kNone) {
+    std::fprintf(stderr,
+                 "sparsekv-server: WARNING: --auth=none: no authentication, every client that "
+                 "reaches the gRPC port can list, read, change and delete every session of every "
+                 "tenant; use --auth=token beyond local development\n");
+  } else {
+    std::fprintf(stderr, "sparsekv-server: --auth=token: %zu tokens from %s%s\n",
+                 (*server)->tokens(), options.auth_token_file.c_str(),
+                 options.tls_cert_file.empty()
+                     ? "; WARNING: the port is plaintext, so tokens cross the network readable"
+                     : "");
+  }
   const std::string ready = absl::GetFlag(FLAGS_ready_file);
   if (!ready.empty()) {
     // Write then rename so that a reader never sees a half-written file.

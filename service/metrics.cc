@@ -178,6 +178,23 @@ Metrics::Metrics(const SessionStore* store, BuildInfo build)
                                           "--snapshot_dir.")
                                       .Register(*registry_)
                                       .Add({});
+  auto& auth_failures = prometheus::BuildCounter()
+                            .Name("sparsekv_auth_failures_total")
+                            .Help(
+                                "Calls refused for want of a known bearer token "
+                                "(unauthenticated) or for naming another tenant or an admin "
+                                "operation (permission_denied); DecodeStream per message.")
+                            .Register(*registry_);
+  auth_unauthenticated_ = &auth_failures.Add({{"reason", "unauthenticated"}});
+  auth_permission_denied_ = &auth_failures.Add({{"reason", "permission_denied"}});
+  auto& reloads = prometheus::BuildCounter()
+                      .Name("sparsekv_auth_token_file_reloads_total")
+                      .Help(
+                          "Rereads of --auth_token_file after it changed, by result; on error "
+                          "the previous tokens stay in force.")
+                      .Register(*registry_);
+  token_reloads_ok_ = &reloads.Add({{"result", "ok"}});
+  token_reloads_error_ = &reloads.Add({{"result", "error"}});
   prometheus::BuildGauge()
       .Name("sparsekv_build_info")
       .Help("Build and kernel selection of this server; value is always 1.")
@@ -213,8 +230,15 @@ void Metrics::RecordSnapshotRestore(int64_t ok, int64_t skipped) {
   snapshot_restores_skipped_->Increment(static_cast<double>(skipped));
 }
 
+void Metrics::RecordTokenFileReload(bool ok) {
+  (ok ? token_reloads_ok_ : token_reloads_error_)->Increment();
+}
+
 void Metrics::RecordRpc(const std::string& method, grpc::StatusCode code, absl::Duration latency) {
   requests_->Add({{"method", method}, {"code", GrpcCodeName(code)}}).Increment();
+  // Only auth (service/auth.h) produces these two codes, so every refusal is counted here.
+  if (code == grpc::StatusCode::UNAUTHENTICATED) auth_unauthenticated_->Increment();
+  if (code == grpc::StatusCode::PERMISSION_DENIED) auth_permission_denied_->Increment();
   // Buckets from 50 us (small decode steps) to 10 s (bulk uploads).
   static const prometheus::Histogram::BucketBoundaries* const kBuckets =
       new prometheus::Histogram::BucketBoundaries{5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,

@@ -51,6 +51,8 @@ class Metrics {
   void RecordSnapshotWrite(int64_t ok, int64_t failed, absl::Duration took);
   // The start-up restore: session files loaded and skipped.
   void RecordSnapshotRestore(int64_t ok, int64_t skipped);
+  // One reread of --auth_token_file after it changed: taken, or refused (the old table stays).
+  void RecordTokenFileReload(bool ok);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -65,6 +67,11 @@ class Metrics {
   prometheus::Counter* snapshot_restores_ok_;
   prometheus::Counter* snapshot_restores_skipped_;
   prometheus::Gauge* snapshot_last_write_seconds_;
+  // Calls refused UNAUTHENTICATED / PERMISSION_DENIED, counted by RecordRpc from the code.
+  prometheus::Counter* auth_unauthenticated_;
+  prometheus::Counter* auth_permission_denied_;
+  prometheus::Counter* token_reloads_ok_;
+  prometheus::Counter* token_reloads_error_;
 };
 
 // Method names of the service, in proto order (used to pre-create label sets so that every

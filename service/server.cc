@@ -87,6 +87,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   s->store_ = std::make_unique<SessionStore>(options.store);
   s->build_ = CurrentBuildInfo(s->store_->backend());
   s->metrics_ = std::make_unique<Metrics>(s->store_.get(), s->build_);
+  SPARSEKV_ASSIGN_OR_RETURN(
+      s->auth_, Authenticator::Create(options.auth, options.auth_token_file, s->metrics_.get()));
   if (!options.snapshot_dir.empty()) {
     // Before serving: no client can create a session under a restored session's id first.
     s->snapshots_ = std::make_unique<SnapshotDir>(options.snapshot_dir);
@@ -98,8 +100,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   }
   ServiceLimits limits;
   limits.max_message_bytes = options.max_message_bytes;
-  s->service_ =
-      std::make_unique<KvCacheServiceImpl>(s->store_.get(), s->metrics_.get(), s->build_, limits);
+  s->service_ = std::make_unique<KvCacheServiceImpl>(s->store_.get(), s->metrics_.get(), s->build_,
+                                                     limits, s->auth_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

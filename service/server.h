@@ -19,6 +19,7 @@
 #include "absl/time/time.h"
 #include "core/session_store.h"
 #include "core/snapshot_dir.h"
+#include "service/auth.h"
 #include "service/kv_cache_service.h"
 #include "service/metrics.h"
 
@@ -36,6 +37,10 @@ struct ServerOptions {
   std::string tls_client_ca_file;
   // Where decode runs: auto | cpu | cuda (core CreateBackend), unless store.backend is set.
   std::string backend = "auto";
+  // Who may call (service/auth.h): kNone lets everyone use every session; kToken requires a
+  // bearer token of `auth_token_file` on every call but health and reflection.
+  AuthMode auth = AuthMode::kNone;
+  std::string auth_token_file;
   SessionStoreOptions store;
   // Sessions are restored from here before serving and written here at Shutdown (README
   // "Restart without loss"); empty = neither.
@@ -54,9 +59,10 @@ class Server {
   // Restores the sessions of options.snapshot_dir (one line on stderr: restored and skipped
   // files, and why; never fatal), then binds both ports and starts serving. InvalidArgument
   // for a malformed address or TLS files that are missing, unreadable or half given,
-  // Unavailable when a port cannot be bound (or the certificate and key do not load).
-  // InvalidArgument / Unavailable too for a backend that cannot be made (an unknown name,
-  // cuda without a CUDA backend).
+  // Unavailable when a port cannot be bound (or the certificate and key do not load);
+  // InvalidArgument for auth options that do not go together or a bad token file;
+  // InvalidArgument / Unavailable for a backend that cannot be made (an unknown name, cuda
+  // without a CUDA backend).
   static absl::StatusOr<std::unique_ptr<Server>> Start(ServerOptions options);
   ~Server();  // Shutdown() if not done yet
 
@@ -65,6 +71,8 @@ class Server {
   const BuildInfo& build() const { return build_; }
   Metrics& metrics() { return *metrics_; }
   SessionStore& store() { return *store_; }
+  // Tokens of the auth table in force (0 with --auth=none).
+  size_t tokens() const { return auth_->tokens(); }
 
   // Stops accepting RPCs, lets running ones finish for up to `grace`, cancels the rest, then
   // writes every session to the snapshot directory (if any; errors are reported on stderr and
@@ -82,6 +90,7 @@ class Server {
   BuildInfo build_;
   std::unique_ptr<SessionStore> store_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Authenticator> auth_;  // outlives service_, which reads it
   std::unique_ptr<KvCacheServiceImpl> service_;
   std::unique_ptr<grpc::Server> grpc_server_;
   std::unique_ptr<prometheus::Exposer> exposer_;

@@ -24,6 +24,9 @@ ABSL_FLAG(std::string, tls_cert_file, "",
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
 ABSL_FLAG(std::string, tls_server_name, "",
           "name to check the server certificate against instead of the --server host");
+ABSL_FLAG(std::string, token, "",
+          "bearer token for a server with --auth=token (empty: the SPARSEKV_TOKEN environment "
+          "variable, if set); never printed");
 
 ABSL_FLAG(uint32_t, layers, 0,
           "transformer layers of the session (create: required; bench, demo: defaults)");
@@ -143,9 +146,9 @@ void ResetFlag(const char* name) {
 }  // namespace
 
 const std::vector<const char*>& GlobalFlags() {
-  static const auto* flags =
-      new std::vector<const char*>{"server",        "timeout",      "json",           "tls_ca_file",
-                                   "tls_cert_file", "tls_key_file", "tls_server_name"};
+  static const auto* flags = new std::vector<const char*>{
+      "server",       "timeout",         "json", "tls_ca_file", "tls_cert_file",
+      "tls_key_file", "tls_server_name", "token"};
   return *flags;
 }
 

@@ -29,6 +29,7 @@ ABSL_DECLARE_FLAG(std::string, tls_ca_file);
 ABSL_DECLARE_FLAG(std::string, tls_cert_file);
 ABSL_DECLARE_FLAG(std::string, tls_key_file);
 ABSL_DECLARE_FLAG(std::string, tls_server_name);
+ABSL_DECLARE_FLAG(std::string, token);
 ABSL_DECLARE_FLAG(std::string, in);
 ABSL_DECLARE_FLAG(std::string, to);
 ABSL_DECLARE_FLAG(bool, keep);

@@ -132,8 +132,8 @@ class Bench {
     for (uint32_t i = 0; i < channels; ++i) {
       // A connection each (else --channels would not add connections). RunBench opened one
       // with the same flags first, so this cannot fail.
-      clients_.push_back(std::make_unique<KvCacheClient>(
-          *OpenChannel(o.server, /*own_connection=*/true), o.timeout, o.server));
+      clients_.push_back(
+          NewClient(*OpenChannel(o.server, /*own_connection=*/true), o.timeout, o.server));
     }
     id_prefix_ = absl::StrCat("bench-", o.workload, "-", getpid(), "-",
                               absl::Hex(std::random_device{}() & 0xffff), "-");

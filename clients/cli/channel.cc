@@ -1,5 +1,6 @@
 #include "clients/cli/channel.h"
 
+#include <cstdlib>
 #include <utility>
 
 #include "absl/flags/flag.h"
@@ -54,10 +55,26 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenChannel(const std::string& ta
   return grpc::CreateCustomChannel(target, creds, args);
 }
 
+std::string Token() {
+  std::string token = absl::GetFlag(FLAGS_token);
+  if (token.empty()) {
+    const char* env = std::getenv("SPARSEKV_TOKEN");
+    if (env != nullptr) token = env;
+  }
+  return token;
+}
+
+std::unique_ptr<KvCacheClient> NewClient(std::shared_ptr<grpc::Channel> channel,
+                                         absl::Duration timeout, const std::string& target) {
+  auto client = std::make_unique<KvCacheClient>(std::move(channel), timeout, target);
+  client->set_token(Token());
+  return client;
+}
+
 absl::StatusOr<std::unique_ptr<KvCacheClient>> OpenClient(const std::string& target,
                                                           absl::Duration timeout) {
   SPARSEKV_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, OpenChannel(target));
-  return std::make_unique<KvCacheClient>(std::move(channel), timeout, target);
+  return NewClient(std::move(channel), timeout, target);
 }
 
 }  // namespace sparsekv::cli

@@ -1,5 +1,6 @@
 // The channels the CLI opens: plaintext, or TLS / mutual TLS from the --tls_* flags, with no
-// limit on received message size (the server bounds what it sends).
+// limit on received message size (the server bounds what it sends); and the clients on them,
+// which send the bearer token of --token or SPARSEKV_TOKEN.
 #ifndef SPARSEKV_CLIENTS_CLI_CHANNEL_H_
 #define SPARSEKV_CLIENTS_CLI_CHANNEL_H_
 
@@ -20,7 +21,15 @@ namespace sparsekv::cli {
 absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenChannel(const std::string& target,
                                                            bool own_connection = false);
 
-// A client of `target` on OpenChannel(target).
+// The bearer token calls send: --token, else the SPARSEKV_TOKEN environment variable, else
+// none ("").
+std::string Token();
+
+// A client on `channel` that sends Token() with every call.
+std::unique_ptr<KvCacheClient> NewClient(std::shared_ptr<grpc::Channel> channel,
+                                         absl::Duration timeout, const std::string& target);
+
+// A client of `target` on OpenChannel(target), sending Token().
 absl::StatusOr<std::unique_ptr<KvCacheClient>> OpenClient(const std::string& target,
                                                           absl::Duration timeout);
 

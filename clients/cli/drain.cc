@@ -51,6 +51,7 @@ class RoutedImporter {
     grpc::ClientContext context;
     context.set_deadline(Deadline());
     context.AddMetadata(kSessionHeader, id);
+    AddBearerToken(&context, Token());
     v1::Session session;
     std::unique_ptr<grpc::ClientWriter<v1::SessionChunk>> writer =
         stub_->ImportSession(&context, &session);

@@ -155,6 +155,10 @@ std::shared_ptr<grpc::Channel> NewInsecureChannel(const std::string& target) {
 
 }  // namespace
 
+void AddBearerToken(grpc::ClientContext* context, const std::string& token) {
+  if (!token.empty()) context->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+}
+
 KvCacheClient::KvCacheClient(const std::string& target, absl::Duration timeout)
     : KvCacheClient(NewInsecureChannel(target), timeout) {
   target_ = target;
@@ -176,6 +180,7 @@ std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext(
   // The routing key of a consistent-hash router (nginx, ingress-nginx, gRPC ring hash): calls
   // of one session reach the replica that holds it.
   if (!session_id.empty()) context->AddMetadata(kSessionHeader, session_id);
+  AddBearerToken(context.get(), token_);
   return context;
 }
 
@@ -364,7 +369,7 @@ absl::StatusOr<v1::Session> KvCacheClient::ImportSession(
 }
 
 std::unique_ptr<DecodeStream> KvCacheClient::OpenDecodeStream(absl::Duration stream_timeout) {
-  auto context = std::make_unique<grpc::ClientContext>();
+  auto context = NewContext();
   context->set_deadline(DeadlineAfter(stream_timeout));
   auto stream = stub_->DecodeStream(context.get());
   return std::unique_ptr<DecodeStream>(new DecodeStream(std::move(context), std::move(stream)));

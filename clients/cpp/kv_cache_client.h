@@ -92,6 +92,10 @@ class DecodeStream {
 // Metadata key every session-scoped call carries: the routing key of a consistent-hash router.
 inline constexpr char kSessionHeader[] = "x-session-id";
 
+// Adds `authorization: Bearer TOKEN` to `context` (a server with --auth=token requires it on
+// every call); nothing when `token` is empty.
+void AddBearerToken(grpc::ClientContext* context, const std::string& token);
+
 class KvCacheClient {
  public:
   // Connects lazily to `target` ("HOST:PORT", or any gRPC target URI) over an insecure
@@ -109,6 +113,8 @@ class KvCacheClient {
 
   absl::Duration timeout() const { return timeout_; }
   void set_timeout(absl::Duration timeout) { timeout_ = timeout; }
+  // The bearer token every call sends (AddBearerToken); empty = none. Must not race with calls.
+  void set_token(std::string token) { token_ = std::move(token); }
 
   // Waits up to the client's timeout for the channel to connect. Returns OK once connected,
   // UNAVAILABLE (naming the target) when it could not connect in time.
@@ -160,14 +166,15 @@ class KvCacheClient {
   absl::StatusOr<HealthStatus> CheckHealth(const std::string& service = "");
 
  private:
-  // Returns a context whose deadline is the client's timeout from now.
-  // A context with the default deadline and, for a session's calls, its routing header.
+  // A context with the default deadline, the bearer token and, for a session's calls, its
+  // routing header.
   std::unique_ptr<grpc::ClientContext> NewContext(const std::string& session_id = "") const;
 
   std::string target_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvCacheService::Stub> stub_;
   absl::Duration timeout_;
+  std::string token_;
 };
 
 }  // namespace sparsekv

@@ -166,8 +166,10 @@ for (const arg of rendered) {
   const claims = Object.fromEntries((sts.spec.volumeClaimTemplates ?? []).map((v) => [v.metadata.name, v]));
   for (const v of pod.spec.volumes) {
     if (v.configMap) check(one("ConfigMap", v.configMap.name), `${P} volume ${v.name}: ConfigMap ${v.configMap.name} is shipped`);
-    if (v.secret) check(one("Secret", v.secret.secretName) || v.secret.optional === true,
-      `${P} volume ${v.name}: Secret ${v.secret.secretName} is optional (auth/TLS not built yet)`);
+    // The token Secret is the operator's to create (never shipped) and required: without it
+    // the pod waits with a clear event instead of starting a server that refuses everyone.
+    if (v.secret) check(one("Secret", v.secret.secretName) || v.secret.optional === true || v.name === "tokens",
+      `${P} volume ${v.name}: Secret ${v.secret.secretName} is shipped, optional, or the operator's token Secret`);
   }
   const mounts = c.volumeMounts.filter((m) => !volumes[m.name] && !claims[m.name]);
   check(mounts.length === 0, `${P} every volumeMount names a volume or a volumeClaimTemplate`);
@@ -186,6 +188,11 @@ for (const arg of rendered) {
     .map((l) => l.slice(2).split("=")));
   check(portOf(flags.listen) === ports.grpc && portOf(flags.metrics_listen) === ports.metrics,
     `${P} --listen and --metrics_listen use the container ports`);
+  const tokenMount = c.volumeMounts.find((m) => m.name === "tokens");
+  check(flags.auth === "token" && tokenMount?.readOnly &&
+        flags.auth_token_file?.startsWith(tokenMount.mountPath + "/") &&
+        volumes.tokens?.secret && volumes.tokens.secret.optional !== true,
+    `${P} --auth=token with --auth_token_file=${flags.auth_token_file} in the required token Secret's read-only mount`);
   const env = Object.fromEntries((c.env ?? []).map((e) => [e.name, e.value]));
   check(+env.SPARSEKV_METRICS_PORT === ports.metrics, `${P} preStop hook reads /metrics on the metrics port`);
   const memLimit = quantity(c.resources?.limits?.memory);

@@ -36,15 +36,17 @@ while IFS= read -r line; do
 done <"$TMP/check.out"
 grep -q ' passed, ' "$TMP/check.out" || { bad "k8s_check.mjs did not finish"; cat "$TMP/check.out"; }
 
-# The flags the pods will read, given to the real server (listen addresses and the snapshot
-# directory overridden: later flags win).
+# The flags the pods will read, given to the real server (listen addresses, the snapshot
+# directory and the token file, which the Secret provides in a pod, overridden: later flags win).
+echo "k8s-test-token-0123456789 ops admin" >"$TMP/tokens"
 for overlay in cpu gpu; do
   f=$TMP/flags/$overlay.flags
   [ -f "$f" ] || { bad "$overlay: no flags file extracted"; continue; }
   rm -f "$TMP/ready"
   rm -rf "$TMP/snapshots"; mkdir "$TMP/snapshots"
   "$SERVER" --flagfile="$f" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 \
-    --snapshot_dir="$TMP/snapshots" --ready_file="$TMP/ready" >"$TMP/server.log" 2>&1 &
+    --snapshot_dir="$TMP/snapshots" --auth_token_file="$TMP/tokens" --ready_file="$TMP/ready" \
+    >"$TMP/server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 100); do [ -s "$TMP/ready" ] && break; kill -0 $SERVER_PID 2>/dev/null || break; sleep 0.1; done
   port=$(sed -n 's/^metrics_port=//p' "$TMP/ready" 2>/dev/null)
@@ -60,6 +62,11 @@ for overlay in cpu gpu; do
     ok "$overlay: the server restores from --snapshot_dir at start, with --checkpoint_interval"
   else
     bad "$overlay: no restore from --snapshot_dir logged: $(tail -3 "$TMP/server.log")"
+  fi
+  if grep -q -- "--auth=token: 1 tokens" "$TMP/server.log"; then
+    ok "$overlay: the server requires bearer tokens (--auth=token)"
+  else
+    bad "$overlay: no --auth=token logged: $(tail -3 "$TMP/server.log")"
   fi
   kill $SERVER_PID; wait $SERVER_PID; rc=$?; SERVER_PID=""
   if [ $rc = 0 ] && grep -q "shutdown to $TMP/snapshots" "$TMP/server.log"; then

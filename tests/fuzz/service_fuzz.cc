@@ -284,28 +284,33 @@ class Harness : public ServerParts {
     switch (m) {
       case kCreateSession:
         st = Unary<v1::CreateSessionRequest, v1::Session>(
-            first, cancel, &r, [&](const auto& q, auto* o) { return h_.CreateSession(q, {}, o); });
+            first, cancel, &r,
+            [&](const auto& q, auto* o) { return h_.CreateSession(kCaller, q, {}, o); });
         break;
       case kGetSession:
         st = Unary<v1::GetSessionRequest, v1::Session>(
-            first, cancel, &r, [&](const auto& q, auto* o) { return h_.GetSession(q, o); });
+            first, cancel, &r,
+            [&](const auto& q, auto* o) { return h_.GetSession(kCaller, q, o); });
         break;
       case kListSessions:
         st = Unary<v1::ListSessionsRequest, v1::ListSessionsResponse>(
-            first, cancel, &r, [&](const auto& q, auto* o) { return h_.ListSessions(q, o); });
+            first, cancel, &r,
+            [&](const auto& q, auto* o) { return h_.ListSessions(kCaller, q, o); });
         break;
       case kDeleteSession:
         st = Unary<v1::DeleteSessionRequest, v1::DeleteSessionResponse>(
-            first, cancel, &r, [&](const auto& q, auto* o) { return h_.DeleteSession(q, o); });
+            first, cancel, &r,
+            [&](const auto& q, auto* o) { return h_.DeleteSession(kCaller, q, o); });
         break;
       case kDecode:
         st = Unary<v1::DecodeRequest, v1::DecodeResponse>(
-            first, cancel, &r, [&](const auto& q, auto* o) { return h_.Decode(q, {}, o); });
+            first, cancel, &r,
+            [&](const auto& q, auto* o) { return h_.Decode(kCaller, q, {}, o); });
         break;
       case kFlush:
         st = Unary<v1::FlushRequest, v1::FlushResponse>(
             first, cancel, &r, [&](const auto& q, auto* o) -> absl::Status {
-              absl::StatusOr<std::shared_ptr<Session>> s = h_.FlushTarget(q, {});
+              absl::StatusOr<std::shared_ptr<Session>> s = h_.FlushTarget(kCaller, q, {});
               if (!s.ok()) return s.status();
               service::Handlers::FlushNow(**s, o);
               return absl::OkStatus();
@@ -319,7 +324,7 @@ class Harness : public ServerParts {
                                                              });
         break;
       case kAppendKV: {
-        service::AppendCall call(&h_);
+        service::AppendCall call(&h_, kCaller);
         v1::AppendKVRequest req;
         for (size_t i = 0; st.ok() && i < sent; ++i) {
           const absl::Status parsed =
@@ -343,7 +348,7 @@ class Harness : public ServerParts {
             st = service::Handlers::DecodeStreamBroken(parsed, static_cast<int64_t>(i));
             break;
           }
-          h_.DecodeStreamMessage(req, &out);
+          h_.DecodeStreamMessage(kCaller, req, &out);
           r.responses.push_back(out.SerializeAsString());
         }
         break;
@@ -357,7 +362,7 @@ class Harness : public ServerParts {
             first, cancel, &r);
         break;
       case kImportSession: {
-        service::ImportCall call(&h_);
+        service::ImportCall call(&h_, kCaller);
         v1::SessionChunk piece;
         size_t i = 0;
         for (; st.ok() && !call.complete() && i < sent; ++i) {
@@ -406,7 +411,7 @@ class Harness : public ServerParts {
   absl::Status ServerStream(std::string_view bytes, bool cancel, CallResult* r) {
     Request req;
     SPARSEKV_RETURN_IF_ERROR(service::ParseMessage(bytes, &req, ""));
-    SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<Call> call, Call::Start(&h_, req));
+    SPARSEKV_ASSIGN_OR_RETURN(std::unique_ptr<Call> call, Call::Start(&h_, kCaller, req));
     Message out;
     absl::Status st;
     while (call->Next(&out, &st)) {
@@ -416,6 +421,8 @@ class Harness : public ServerParts {
     return st;
   }
 
+  // The fuzzer runs as --auth=none does (tests/service/auth_test.cc covers tenants).
+  const service::Caller kCaller = service::Caller::NoAuth();
   service::Handlers h_;
 };
 #endif

@@ -19,6 +19,8 @@ from ._proto import (HEALTH_SERVICE, METHODS, SERVICE, HealthCheckRequest, Healt
                      message_class, pb)
 
 DEFAULT_TARGET = "localhost:50051"
+# The environment variable a Client reads its bearer token from when given none.
+TOKEN_ENV = "SPARSEKV_TOKEN"
 # AppendKV messages are kept at or below this many tensor bytes (the server's default
 # --max_message_bytes is 64 MiB; small messages keep memory and latency low on both sides).
 DEFAULT_APPEND_MESSAGE_BYTES = 4 << 20
@@ -392,22 +394,30 @@ class TlsOptions:
 class Client:
     """A connection to one sparsekv server.
 
-    Client(target="localhost:50051", timeout=10.0, tls=None, metadata=None, options=None)
+    Client(target="localhost:50051", timeout=10.0, tls=None, metadata=None, options=None,
+           token=None)
       timeout: default deadline in seconds for unary calls and bulk streams (None = none);
                every method takes timeout= to override it. DecodeStream has no deadline
                unless given one.
       tls: None (plaintext) or TlsOptions.
-      metadata: extra (key, value) pairs sent with every call (auth tokens, ...).
+      metadata: extra (key, value) pairs sent with every call.
+      token: bearer token for a server with --auth=token, sent as
+               `authorization: Bearer TOKEN` with every call; None = the SPARSEKV_TOKEN
+               environment variable if set; "" = none. Never printed (not in repr).
       session_header: also send x-session-id (the consistent-hash routing key of
                DESIGN.md section 6) with every session-scoped call.
     Usable as a context manager; close() closes the channel."""
 
     def __init__(self, target=DEFAULT_TARGET, timeout=10.0, tls=None, metadata=None,
                  options=None, session_header=True,
-                 append_message_bytes=DEFAULT_APPEND_MESSAGE_BYTES):
+                 append_message_bytes=DEFAULT_APPEND_MESSAGE_BYTES, token=None):
         self.target = target
         self.timeout = timeout
         self.metadata = list(metadata or [])
+        if token is None:
+            token = os.environ.get(TOKEN_ENV, "")
+        if token:
+            self.metadata.append(("authorization", "Bearer " + token))
         self.session_header = session_header
         self.append_message_bytes = int(append_message_bytes)
         opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
