@@ -42,7 +42,8 @@ bool ValidJob(const SectionJob& j, DType dtype) {
 
 cudaError_t Launch(const BatchCompressParams& p, bool decompress, cudaStream_t stream) {
   if (p.num_jobs < 0 || (p.num_jobs > 0 && p.jobs == nullptr) ||
-      (p.num_jobs == 0 && p.plan.num_tiles != 0)) {
+      (p.num_jobs == 0 && p.plan.num_tiles != 0) ||
+      (p.plan.num_tiles > 0 && p.plan.num_blocks < 1)) {
     return cudaErrorInvalidValue;
   }
   switch (p.plan.dtype) {
@@ -57,7 +58,8 @@ cudaError_t Launch(const BatchCompressParams& p, bool decompress, cudaStream_t s
 
 }  // namespace
 
-cudaError_t PlanBatchCompress(SectionJob* jobs, int num_jobs, BatchCompressPlan* plan) {
+cudaError_t PlanBatchCompress(SectionJob* jobs, int num_jobs, int num_sms,
+                              BatchCompressPlan* plan) {
   *plan = BatchCompressPlan();
   if (num_jobs < 0 || (num_jobs > 0 && jobs == nullptr)) return cudaErrorInvalidValue;
   if (num_jobs > 0) plan->dtype = jobs[0].format.dtype;
@@ -77,6 +79,23 @@ cudaError_t PlanBatchCompress(SectionJob* jobs, int num_jobs, BatchCompressPlan*
     }
   }
   plan->num_tiles = tiles;
+  if (tiles == 0) return cudaSuccess;
+
+  const bool bf16 = plan->dtype == DType::kBFloat16;
+  cudaError_t err = bf16 ? internal::CompressBlocksPerSmBf16(plan->smem_bytes, &plan->blocks_per_sm)
+                         : internal::CompressBlocksPerSmF16(plan->smem_bytes, &plan->blocks_per_sm);
+  if (err != cudaSuccess) return err;
+  if (plan->blocks_per_sm < 1) return cudaErrorInvalidConfiguration;
+  if (num_sms <= 0) {
+    int dev = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev)) !=
+        cudaSuccess) {
+      return err;
+    }
+  }
+  plan->num_blocks = static_cast<int>(
+      std::min<int64_t>(tiles, static_cast<int64_t>(num_sms) * plan->blocks_per_sm));
   return cudaSuccess;
 }
 

@@ -55,10 +55,12 @@ struct SectionJob {
   int64_t tile_begin = 0;                 // written by PlanBatchCompress
 };
 
-// Host-side result of PlanBatchCompress.
+// Host-side result of PlanBatchCompress; serves BatchCompress and BatchDecompress alike.
 struct BatchCompressPlan {
-  int64_t num_tiles = 0;  // blocks of one launch
-  int smem_bytes = 0;     // dynamic shared memory per block (per-channel group tiles)
+  int64_t num_tiles = 0;  // over all jobs
+  int num_blocks = 0;     // of one launch: one wave, each block runs a contiguous tile range
+  int blocks_per_sm = 0;
+  int smem_bytes = 0;  // dynamic shared memory per block (per-channel group tiles)
   DType dtype = DType::kFloat16;
 };
 
@@ -69,13 +71,14 @@ struct BatchCompressParams {
   BatchCompressPlan plan;
 };
 
-// Validates the host copies of `jobs` and numbers their tiles (jobs[].tile_begin, in order).
-// Returns cudaErrorInvalidValue when a job is not supported: kind not dense/per-token/
-// per-channel, head_dim not 64/128/256, dtype not fp16/bf16 or not the same in every job, tokens
-// < 1, per-channel group outside 1..kMaxCompressGroup or not dividing tokens, k outside 1..n for
-// a compressed kind, a null dense or section pointer, dense/section not 4-byte aligned, or more
-// than INT32_MAX tiles.
-cudaError_t PlanBatchCompress(SectionJob* jobs, int num_jobs, BatchCompressPlan* plan);
+// Validates the host copies of `jobs`, numbers their tiles (jobs[].tile_begin, in order) and
+// sizes the launch: min(tiles, num_sms x resident blocks per SM) blocks. num_sms = 0 asks the
+// current device. Returns cudaErrorInvalidValue when a job is not supported: kind not dense/
+// per-token/per-channel, head_dim not 64/128/256, dtype not fp16/bf16 or not the same in every
+// job, tokens < 1, per-channel group outside 1..kMaxCompressGroup or not dividing tokens, k
+// outside 1..n for a compressed kind, a null dense or section pointer, dense/section not 4-byte
+// aligned, or more than INT32_MAX tiles; or a CUDA error from the device queries.
+cudaError_t PlanBatchCompress(SectionJob* jobs, int num_jobs, int num_sms, BatchCompressPlan* plan);
 
 // Compresses every job's dense rows into its section. Returns the launch error.
 // REQUIRES: p.jobs as PlanBatchCompress left them (on the device); weights, when given, finite

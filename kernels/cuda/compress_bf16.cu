@@ -9,4 +9,8 @@ cudaError_t LaunchCompressBf16(const BatchCompressParams& p, bool decompress, cu
   return LaunchCompress<true>(p, decompress, stream);
 }
 
+cudaError_t CompressBlocksPerSmBf16(int smem, int* blocks) {
+  return CompressBlocksPerSm<true>(smem, blocks);
+}
+
 }  // namespace sparsekv::kernels::cuda::internal

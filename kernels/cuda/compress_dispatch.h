@@ -20,10 +20,14 @@ inline constexpr int kCompressThreads = kCompressWarps * 32;
 // (channel) hit 32 different banks.
 SPARSEKV_HOST_DEVICE constexpr int GroupTilePitchBytes(int head_dim) { return 2 * head_dim + 4; }
 
-// Launch one kernel over p.plan.num_tiles blocks (none when it is 0). REQUIRES: p.plan.dtype is
-// the dtype the function names.
+// Launch one kernel of p.plan.num_blocks blocks over p.plan.num_tiles tiles (nothing when there
+// are no tiles). REQUIRES: p.plan.dtype is the dtype the function names.
 cudaError_t LaunchCompressF16(const BatchCompressParams& p, bool decompress, cudaStream_t stream);
 cudaError_t LaunchCompressBf16(const BatchCompressParams& p, bool decompress, cudaStream_t stream);
+
+// Resident blocks per SM of either direction's kernel with `smem` bytes of dynamic shared memory.
+cudaError_t CompressBlocksPerSmF16(int smem, int* blocks);
+cudaError_t CompressBlocksPerSmBf16(int smem, int* blocks);
 
 }  // namespace sparsekv::kernels::cuda::internal
 

@@ -9,4 +9,8 @@ cudaError_t LaunchCompressF16(const BatchCompressParams& p, bool decompress, cud
   return LaunchCompress<false>(p, decompress, stream);
 }
 
+cudaError_t CompressBlocksPerSmF16(int smem, int* blocks) {
+  return CompressBlocksPerSm<false>(smem, blocks);
+}
+
 }  // namespace sparsekv::kernels::cuda::internal

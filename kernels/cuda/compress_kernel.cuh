@@ -1,9 +1,12 @@
 // Device code of the batched (de)compression kernels (see batch_compress.h). Included only by
 // compress_f16.cu and compress_bf16.cu, one per storage dtype, so that they compile in parallel.
 //
-// One block (kCompressWarps warps) per tile: kCompressTileRows rows of a per-token or dense
-// section, or one token group of a per-channel section. A block finds its job by binary search
-// on jobs[].tile_begin, so ragged batches of any mix of kinds and head_dims take one launch.
+// Tiles: kCompressTileRows rows of a per-token or dense section, or one token group of a
+// per-channel section, numbered across the batch (jobs[].tile_begin). Block b of the launch runs
+// the contiguous tiles [b * num_tiles / blocks, (b + 1) * num_tiles / blocks), one after the
+// other: it finds its first tile's job by binary search and then steps through the jobs, so
+// ragged batches of any mix of kinds and head_dims take one launch and the search runs once per
+// block, not per tile.
 //
 // Per vector, one warp; lane L holds elements e * 32 + L (e < E = ceil(n / 32)), so that a
 // ballot over the lanes' keep flags for slot e is exactly bitmap word e of the format.
@@ -257,6 +260,7 @@ __device__ __forceinline__ void CompressPerChannelTile(const Tile& t, uint32_t* 
     SelectAndPack<E>(key, val, g, k, reinterpret_cast<uint32_t*>(t.job.section + v * bitmap_bytes),
                      values + v * k);
   }
+  __syncthreads();  // the block's next tile overwrites the shared tile
 }
 
 // Per-channel decompression: warps expand channels into the shared tile (every element of the
@@ -291,6 +295,7 @@ __device__ __forceinline__ void DecompressPerChannelTile(const Tile& t, uint32_t
   }
   __syncthreads();
   StoreGroupTile(smem, g, d, static_cast<uint16_t*>(t.job.dense) + t.index * g * d);
+  __syncthreads();  // the block's next tile overwrites the shared tile
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,15 +317,8 @@ __device__ __forceinline__ int FindJob(const SectionJob* jobs, int num_jobs, int
 }
 
 template <bool kBf16, bool kDecompress>
-__global__ void __launch_bounds__(kCompressThreads)
-    BatchCompressKernel(const SectionJob* __restrict__ jobs, int num_jobs) {
-  extern __shared__ __align__(16) uint32_t smem[];
-  Tile t;
-  t.job = jobs[FindJob(jobs, num_jobs, blockIdx.x)];
-  t.index = static_cast<int64_t>(blockIdx.x) - t.job.tile_begin;
+__device__ __forceinline__ void RunTile(const Tile& t, uint32_t* smem) {
   const SectionFormat& f = t.job.format;
-  // Every branch below is block-uniform (one job per block), so the __syncthreads inside the
-  // per-channel tiles are reached by all threads.
   switch (f.kind) {
     case SectionKind::kDense:
       CopyRowsTile(t, kDecompress);
@@ -345,18 +343,51 @@ __global__ void __launch_bounds__(kCompressThreads)
   }
 }
 
+// Every branch is block-uniform (the tile range and jobs are the same for all threads), so the
+// __syncthreads inside the per-channel tiles are reached by every thread.
+template <bool kBf16, bool kDecompress>
+__global__ void __launch_bounds__(kCompressThreads)
+    BatchCompressKernel(const SectionJob* __restrict__ jobs, int num_jobs, int64_t num_tiles) {
+  extern __shared__ __align__(16) uint32_t smem[];
+  const int64_t first = blockIdx.x * num_tiles / gridDim.x;
+  const int64_t last = (blockIdx.x + 1) * num_tiles / gridDim.x;
+  if (first >= last) return;
+  int j = FindJob(jobs, num_jobs, first);
+  Tile t;
+  t.job = jobs[j];
+  for (int64_t tile = first; tile < last; ++tile) {
+    while (j + 1 < num_jobs && jobs[j + 1].tile_begin <= tile) t.job = jobs[++j];
+    t.index = tile - t.job.tile_begin;
+    RunTile<kBf16, kDecompress>(t, smem);
+  }
+}
+
 template <bool kBf16>
 cudaError_t LaunchCompress(const BatchCompressParams& p, bool decompress, cudaStream_t stream) {
   if (p.plan.num_tiles == 0) return cudaSuccess;
-  const unsigned blocks = static_cast<unsigned>(p.plan.num_tiles);
+  const unsigned blocks = static_cast<unsigned>(p.plan.num_blocks);
   if (decompress) {
-    BatchCompressKernel<kBf16, true>
-        <<<blocks, kCompressThreads, p.plan.smem_bytes, stream>>>(p.jobs, p.num_jobs);
+    BatchCompressKernel<kBf16, true><<<blocks, kCompressThreads, p.plan.smem_bytes, stream>>>(
+        p.jobs, p.num_jobs, p.plan.num_tiles);
   } else {
-    BatchCompressKernel<kBf16, false>
-        <<<blocks, kCompressThreads, p.plan.smem_bytes, stream>>>(p.jobs, p.num_jobs);
+    BatchCompressKernel<kBf16, false><<<blocks, kCompressThreads, p.plan.smem_bytes, stream>>>(
+        p.jobs, p.num_jobs, p.plan.num_tiles);
   }
   return cudaGetLastError();
+}
+
+// Resident blocks per SM with `smem` bytes of dynamic shared memory: the smaller of the two
+// directions' (one plan serves both).
+template <bool kBf16>
+cudaError_t CompressBlocksPerSm(int smem, int* blocks) {
+  int a = 0, b = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &a, BatchCompressKernel<kBf16, false>, kCompressThreads, smem);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, BatchCompressKernel<kBf16, true>,
+                                                      kCompressThreads, smem);
+  *blocks = a < b ? a : b;
+  return err;
 }
 
 }  // namespace sparsekv::kernels::cuda::internal

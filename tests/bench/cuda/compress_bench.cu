@@ -143,8 +143,8 @@ DeviceCase Build(const Case& c) {
       }
     }
   }
-  CUDA_OK(
-      kc::PlanBatchCompress(dc.host_jobs.data(), static_cast<int>(dc.host_jobs.size()), &dc.plan));
+  CUDA_OK(kc::PlanBatchCompress(dc.host_jobs.data(), static_cast<int>(dc.host_jobs.size()), 0,
+                                &dc.plan));
   const size_t jobs_bytes = sizeof(kc::SectionJob) * dc.host_jobs.size();
   CUDA_OK(cudaMalloc(&dc.jobs, jobs_bytes));
   CUDA_OK(cudaMemcpy(dc.jobs, dc.host_jobs.data(), jobs_bytes, cudaMemcpyHostToDevice));

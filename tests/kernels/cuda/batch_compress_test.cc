@@ -8,10 +8,11 @@
 //   subnormals, +-0, quiet NaNs with payloads, next to ordinary values); and magnitudes spread
 //   over the whole exponent range. Weights include zeros (so inf * 0 happens) and huge values (so
 //   products overflow to inf), and repeat, so weighted scores tie too.
-// All sections of one dtype go through one BatchCompress launch, twice, into outputs poisoned
-// with two different bytes: the section bytes must equal the CPU's exactly both times (an
-// unwritten byte cannot match both poisons) and the 16 guard bytes after every section must be
-// untouched. BatchDecompress of the GPU sections must equal DecompressSection of the CPU
+// All sections of one dtype go through one BatchCompress launch, twice: planned for the whole
+// device, and for one SM (so that each block runs many tiles across section boundaries), into
+// outputs poisoned with two different bytes. The section bytes must equal the CPU's exactly both
+// times (an unwritten byte cannot match both poisons) and the 16 guard bytes after every section
+// must be untouched. BatchDecompress of the GPU sections must equal DecompressSection of the CPU
 // sections, bit for bit, with guards. The first mismatch is printed with its section (format,
 // weights, data kind), vector and element, and the vector's inputs and score keys.
 // Also checks that PlanBatchCompress rejects unsupported jobs and that an empty batch launches
@@ -208,7 +209,8 @@ struct DeviceBatch {
   SectionJob* jobs = nullptr;
   size_t x_bytes = 0, sec_bytes = 0, w_bytes = 0;
   std::vector<SectionJob> host_jobs;
-  BatchCompressPlan plan;
+  BatchCompressPlan plan;         // the device's SMs
+  BatchCompressPlan plan_one_sm;  // one SM
 };
 
 void Upload(std::vector<Section>* batch, DeviceBatch* db) {
@@ -249,8 +251,11 @@ void Upload(std::vector<Section>* batch, DeviceBatch* db) {
         s.channel_w.empty() ? nullptr : reinterpret_cast<const float*>(db->weights + s.cw_off);
     db->host_jobs.push_back(j);
   }
-  CUDA_OK(
-      PlanBatchCompress(db->host_jobs.data(), static_cast<int>(db->host_jobs.size()), &db->plan));
+  // Two plans over the same jobs: the whole device, and one SM's worth of blocks (every block
+  // then runs many tiles across job boundaries).
+  const int n = static_cast<int>(db->host_jobs.size());
+  CUDA_OK(PlanBatchCompress(db->host_jobs.data(), n, 0, &db->plan));
+  CUDA_OK(PlanBatchCompress(db->host_jobs.data(), n, 1, &db->plan_one_sm));
   CUDA_OK(cudaMalloc(&db->jobs, sizeof(SectionJob) * db->host_jobs.size()));
   CUDA_OK(cudaMemcpy(db->jobs, db->host_jobs.data(), sizeof(SectionJob) * db->host_jobs.size(),
                      cudaMemcpyHostToDevice));
@@ -365,8 +370,8 @@ bool CheckDense(const Section& s, size_t index, const uint8_t* gpu) {
 
 // Poisons the outputs, runs one compression launch and one decompression launch, checks both.
 // Returns the number of failing sections.
-int RunAndCheck(const std::vector<Section>& batch, DeviceBatch* db, uint8_t poison,
-                cudaStream_t stream) {
+int RunAndCheck(const std::vector<Section>& batch, DeviceBatch* db, const BatchCompressPlan& plan,
+                uint8_t poison, cudaStream_t stream) {
   // Poison everything, then restore the guards' pattern right after each region.
   std::vector<uint8_t> hs(db->sec_bytes, poison), hx(db->x_bytes, poison);
   for (const Section& s : batch) {
@@ -378,13 +383,13 @@ int RunAndCheck(const std::vector<Section>& batch, DeviceBatch* db, uint8_t pois
   BatchCompressParams p;
   p.jobs = db->jobs;
   p.num_jobs = static_cast<int>(db->host_jobs.size());
-  p.plan = db->plan;
+  p.plan = plan;
   CUDA_OK(BatchCompress(p, stream));
   CUDA_OK(cudaStreamSynchronize(stream));
   CUDA_OK(cudaMemcpy(hs.data(), db->sections, hs.size(), cudaMemcpyDeviceToHost));
   int failures = 0;
   char what[64];
-  std::snprintf(what, sizeof(what), "compress (poison %02x)", poison);
+  std::snprintf(what, sizeof(what), "compress (%d blocks, poison %02x)", plan.num_blocks, poison);
   for (size_t i = 0; i < batch.size(); ++i) {
     if (!CheckSection(batch[i], i, hs.data() + batch[i].sec_off, what) && ++failures >= 5) {
       std::fprintf(stderr, "(more failures not shown)\n");
@@ -428,12 +433,12 @@ int CheckPlanErrors(cudaStream_t stream) {
   BatchCompressPlan plan;
   {
     SectionJob j = good;
-    expect("valid job", PlanBatchCompress(&j, 1, &plan), cudaSuccess);
+    expect("valid job", PlanBatchCompress(&j, 1, 0, &plan), cudaSuccess);
   }
   auto bad = [&](const char* what, auto mutate) {
     SectionJob jobs[2] = {good, good};
     mutate(jobs[1]);
-    expect(what, PlanBatchCompress(jobs, 2, &plan), cudaErrorInvalidValue);
+    expect(what, PlanBatchCompress(jobs, 2, 0, &plan), cudaErrorInvalidValue);
   };
   bad("head_dim 96", [](SectionJob& j) { j.format.head_dim = 96; });
   bad("k 0", [](SectionJob& j) { j.format.k = 0; });
@@ -456,9 +461,9 @@ int CheckPlanErrors(cudaStream_t stream) {
   {
     SectionJob j = good;
     j.format.dtype = DType::kFloat32;
-    expect("fp32", PlanBatchCompress(&j, 1, &plan), cudaErrorInvalidValue);
+    expect("fp32", PlanBatchCompress(&j, 1, 0, &plan), cudaErrorInvalidValue);
   }
-  expect("empty plan", PlanBatchCompress(nullptr, 0, &plan), cudaSuccess);
+  expect("empty plan", PlanBatchCompress(nullptr, 0, 0, &plan), cudaSuccess);
   BatchCompressParams p;
   p.plan = plan;
   expect("empty compress", BatchCompress(p, stream), cudaSuccess);
@@ -496,15 +501,17 @@ int Main(int argc, char** argv) {
     std::vector<Section> batch = MakeBatch(dt, quick, rng);
     DeviceBatch db;
     Upload(&batch, &db);
-    for (uint8_t poison : {0xA5, 0x5A}) failures += RunAndCheck(batch, &db, poison, stream);
+    failures += RunAndCheck(batch, &db, db.plan, 0xA5, stream);
+    failures += RunAndCheck(batch, &db, db.plan_one_sm, 0x5A, stream);
     Free(&db);
     sections += batch.size();
     for (const Section& s : batch) {
       vectors += s.f.kind == SectionKind::kDense ? 0 : s.f.vectors();
       bytes += s.cpu.size();
     }
-    std::printf("%s: %zu sections in one launch, %lld tiles\n", DTypeName(dt), batch.size(),
-                static_cast<long long>(db.plan.num_tiles));
+    std::printf("%s: %zu sections in one launch, %lld tiles, %d and %d blocks\n", DTypeName(dt),
+                batch.size(), static_cast<long long>(db.plan.num_tiles), db.plan.num_blocks,
+                db.plan_one_sm.num_blocks);
   }
   CUDA_OK(cudaStreamDestroy(stream));
   std::printf(
