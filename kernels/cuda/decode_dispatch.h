@@ -7,12 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/cuda/batch_decode.h"
-
-#if defined(__CUDACC__)
-#define SPARSEKV_HOST_DEVICE __host__ __device__
-#else
-#define SPARSEKV_HOST_DEVICE
-#endif
+#include "kernels/cuda/host_device.h"
 
 namespace sparsekv::kernels::cuda::internal {
 

@@ -45,6 +45,7 @@
 
 #include "kernels/cuda/batch_decode.h"
 #include "kernels/cuda/decode_dispatch.h"
+#include "kernels/cuda/device_dtype.cuh"
 
 namespace sparsekv::kernels::cuda::internal {
 
@@ -124,24 +125,8 @@ __device__ __forceinline__ uint32_t MoveMatrixT(uint32_t a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 16-bit conversions.
+// 16-bit conversions (ToBits / FromBits: device_dtype.cuh).
 
-template <bool kBf16>
-__device__ __forceinline__ uint16_t ToBits(float x) {
-  if constexpr (kBf16) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  } else {
-    return __half_as_ushort(__float2half_rn(x));
-  }
-}
-template <bool kBf16>
-__device__ __forceinline__ float FromBits(uint16_t b) {
-  if constexpr (kBf16) {
-    return __bfloat162float(__ushort_as_bfloat16(b));
-  } else {
-    return __half2float(__ushort_as_half(b));
-  }
-}
 // x = hi + lo with hi = round(x) in the storage dtype; lo = round(x - hi). Returns lo16 = hi.
 template <bool kBf16>
 __device__ __forceinline__ uint32_t SplitHiLo(float x) {

@@ -33,6 +33,7 @@
 #include "kernels/cuda/batch_decode.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/dtype.h"
+#include "tests/bench/cuda/bench_util.cuh"
 
 namespace sparsekv::bench {
 namespace {
@@ -41,16 +42,6 @@ using kernels::DType;
 using kernels::SectionFormat;
 using kernels::SectionKind;
 namespace kc = kernels::cuda;
-
-std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  const std::string key = "--" + name;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == key && i + 1 < argc) return argv[i + 1];
-    if (a.rfind(key + "=", 0) == 0) return a.substr(key.size() + 1);
-  }
-  return fallback;
-}
 
 struct Shape {
   int batch;
@@ -307,21 +298,6 @@ std::vector<std::vector<DeviceSet>> BuildSets(const Shape& sh, const std::vector
     }
   }
   return result;
-}
-
-// Keeps the GPU busy for ~`ns` while the host queues the timed launch behind it, so that the
-// events measure GPU time only (not the host's submission latency).
-__global__ void SpinKernel(long long ns) {
-  const long long start = clock64();
-  const long long cycles = ns * 2;  // ~2 GHz
-  while (clock64() - start < cycles) {
-  }
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 int Main(int argc, char** argv) {

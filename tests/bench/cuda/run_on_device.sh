@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # On the GPU machine (H200), from the repository root: builds kernels/ and their GPU tests and
-# benchmark with CUDA + CMake only, runs the GPU tests, compute-sanitizer memcheck and racecheck
-# on the test binary (--quick sizes), the benchmark and the PyTorch SDPA baseline in the same
-# run, and merges them into a table. Logs go to OUT_DIR (default $OUT, else /tmp/sparsekv_gpu):
+# benchmarks with CUDA + CMake only, runs the GPU tests, compute-sanitizer on the test binaries
+# (--quick sizes; memcheck and racecheck, plus initcheck for cuda_compress_test), the decode
+# benchmark and the PyTorch SDPA baseline in the same run (merged into a table), and the
+# compression benchmark. Logs go to OUT_DIR (default $OUT, else /tmp/sparsekv_gpu):
 #   build.log test.log sanitizer.log bench.log bench.jsonl baseline.jsonl report.md
+#   compress.log compress.jsonl (cuda_compress_bench: GB/s of dense input vs a D2D copy)
 #   (bench: per-token steps expanded by scatter, SPARSEKV_DECODE_SCATTER_MAX_KEEP=256; legacy:
 #   bench_legacy.jsonl, the compressed modes again with the slot-by-slot expansion, the default,
 #   SPARSEKV_DECODE_SCATTER_MAX_KEEP=0, for a before/after in the same run)
 # Usage: bash tests/bench/cuda/run_on_device.sh [OUT_DIR]
-# Env: BUILD_DIR (default build-gpu), STEPS (default "build test bench baseline legacy
+# Env: BUILD_DIR (default build-gpu), STEPS (default "build test bench baseline legacy compress
 # sanitize"), BUDGET_S (default 470: steps are cut short or skipped so that the script ends
 # within it), BENCH_ARGS (extra benchmark flags, e.g. "--only 16x32768").
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 out=${1:-${OUT:-/tmp/sparsekv_gpu}}
 build=${BUILD_DIR:-build-gpu}
-steps=${STEPS:-build test bench baseline legacy sanitize}
+steps=${STEPS:-build test bench baseline legacy compress sanitize}
 mkdir -p "$out"
 start=$(date +%s)
 status=0
@@ -41,7 +43,7 @@ if has test; then
   note "GPU tests (ctest -L gpu)"
   timeout "$(lim 200)" ctest --test-dir "$build" -L gpu --output-on-failure -V > "$out/test.log" 2>&1 ||
     status=1
-  grep -E "batch_decode_test:|max error|PASSED|FAILED|FAIL |tests passed|Skipped|Passed|Failed" \
+  grep -E "batch_decode_test:|compress_test:|max error|PASSED|FAILED|FAIL |tests passed|Skipped|Passed|Failed" \
     "$out/test.log" | head -40
 fi
 
@@ -77,6 +79,13 @@ if [ -s "$out/bench.jsonl" ] && [ -s "$out/baseline.jsonl" ]; then
   echo; tail -n +6 "$out/report.md"
 fi
 
+if has compress; then
+  note "compression benchmark (cuda_compress_bench)"
+  timeout "$(lim 120)" "$build/bin/cuda_compress_bench" --iters "${ITERS:-30}" \
+    --json "$out/compress.jsonl" > "$out/compress.log" 2>&1 || status=1
+  grep -E "^\||device:|SKIP" "$out/compress.log"
+fi
+
 if has ncu; then
   note "ncu profile: sparse 0.7 and dense at batch 16, context 32k"
   for m in s0.7; do
@@ -92,6 +101,12 @@ fi
 if has sanitize; then
   note "compute-sanitizer memcheck + racecheck (--quick)"
   {
+    for tool in memcheck racecheck initcheck; do
+      echo "=== $tool cuda_compress_test"
+      extra=(); [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+      timeout "$(lim 60)" compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 3 \
+        "$build/bin/cuda_compress_test" --quick; echo "$tool cuda_compress_test rc=$?"
+    done
     echo "=== memcheck"
     timeout "$(lim 120)" compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$build/bin/cuda_batch_decode_test" --quick; echo "memcheck rc=$?"
