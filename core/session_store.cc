@@ -98,7 +98,6 @@ SessionStore::SessionStore(SessionStoreOptions options)
   }
   DecodeBatcherOptions b;
   b.window = options_.decode_batch_window;
-  b.spin = absl::Microseconds(std::max(0, options_.decode_spin_us));
   batcher_ = std::make_unique<DecodeBatcher>(this, b);
 }
 

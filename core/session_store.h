@@ -46,7 +46,7 @@ struct SessionStoreOptions {
   // CPU backend: worker threads that split a decode batch across items, KV heads and chunks;
   // -1 = one fewer than the hardware threads (the calling thread works too), 0 = no splitting.
   int decode_threads = -1;
-  // How long decode workers (and the batcher's dispatcher) poll for work before sleeping: see
+  // How long the CPU backend's decode workers poll for work before sleeping: see
   // kernels/cpu/thread_pool.h. 0 = sleep at once (no idle CPU burnt, slower split steps).
   int decode_spin_us = 250;
   // How long the decode batcher waits after a request for more to join its batch (see
