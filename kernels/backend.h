@@ -1,5 +1,6 @@
-// The narrow interface through which core/ runs kernels, with one implementation per device
-// and, on the CPU, per instruction-set variant.
+// One CPU instruction-set variant's decode kernel (portable, AVX2, AVX-512), per KV head.
+// The CPU ComputeBackend (kernels/compute_backend.h) runs one of them over its worker threads;
+// tests and benchmarks compare the variants directly.
 //
 // A Backend is immutable after construction and safe to call from any number of threads.
 #ifndef SPARSEKV_KERNELS_BACKEND_H_
@@ -11,8 +12,6 @@
 #include "kernels/attention.h"
 
 namespace sparsekv::kernels {
-
-class ThreadPool;
 
 class Backend {
  public:
@@ -35,13 +34,6 @@ class Backend {
 
 // Partial + finalize: writes p.out and p.lse.
 void DecodeAttention(const Backend& backend, const DecodeAttentionParams& p);
-
-// Split-KV form: p's chunks are divided into up to `max_splits` contiguous ranges (the dense
-// spans join the last one), the ranges run on `pool` (null = the calling thread) and their
-// states merge by log-sum-exp. Writes p.out and p.lse. Results equal DecodeAttention's up to
-// float rounding of the merge.
-void ParallelDecodeAttention(const Backend& backend, const DecodeAttentionParams& p,
-                             ThreadPool* pool, int max_splits);
 
 // The best CPU variant this machine supports (chosen once, on first use).
 const Backend& CpuBackend();

@@ -52,6 +52,30 @@ struct DecodeBatch {
   int num_items = 0;
 };
 
+// The one-KV-head item of p (its chunks, then its spans; p.out and p.lse receive the result);
+// *run holds the chunk run the item points to. For tests and benchmarks that build
+// DecodeAttentionParams.
+inline DecodeBatchItem SingleHeadItem(const DecodeAttentionParams& p, ChunkRun* run) {
+  *run = {p.k_format, p.v_format, p.chunks, p.num_chunks};
+  DecodeBatchItem it;
+  it.num_kv_heads = 1;
+  it.group = p.group;
+  it.head_dim = p.head_dim;
+  it.dtype = p.dtype;
+  it.scale = p.scale;
+  it.compute = p.compute;
+  it.q = p.q;
+  it.out = p.out;
+  it.lse = p.lse;
+  it.runs = run;
+  it.num_runs = p.num_chunks > 0 ? 1 : 0;
+  it.tail = p.spans;
+  it.num_tail_spans = p.num_spans;
+  for (int s = 0; s < p.num_spans; ++s) it.tail_tokens += p.spans[s].tokens;
+  it.tokens = it.tail_tokens + static_cast<int64_t>(p.num_chunks) * p.k_format.tokens;
+  return it;
+}
+
 }  // namespace sparsekv::kernels
 
 #endif  // SPARSEKV_KERNELS_DECODE_BATCH_H_

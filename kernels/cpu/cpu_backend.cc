@@ -9,7 +9,6 @@
 #include "kernels/cpu/avx512_attention.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/portable_attention.h"
-#include "kernels/cpu/thread_pool.h"
 
 namespace sparsekv::kernels {
 namespace {
@@ -69,27 +68,6 @@ void DecodeAttention(const Backend& backend, const DecodeAttentionParams& p) {
   AttentionState state;
   backend.DecodeAttentionPartial(p, &state);
   FinalizeAttentionState(state, p.out, p.lse);
-}
-
-void ParallelDecodeAttention(const Backend& backend, const DecodeAttentionParams& p,
-                             ThreadPool* pool, int max_splits) {
-  const int splits = std::max(1, std::min(max_splits, p.num_chunks));
-  if (splits == 1 || pool == nullptr) {
-    DecodeAttention(backend, p);
-    return;
-  }
-  std::vector<AttentionState> states(splits);
-  pool->Run(splits, [&](int i) {
-    DecodeAttentionParams part = p;
-    const int begin = static_cast<int>(static_cast<int64_t>(p.num_chunks) * i / splits);
-    const int end = static_cast<int>(static_cast<int64_t>(p.num_chunks) * (i + 1) / splits);
-    part.chunks = p.chunks + begin;
-    part.num_chunks = end - begin;
-    if (i != splits - 1) part.num_spans = 0;
-    backend.DecodeAttentionPartial(part, &states[i]);
-  });
-  for (int i = 1; i < splits; ++i) MergeAttentionState(states[i], &states[0]);
-  FinalizeAttentionState(states[0], p.out, p.lse);
 }
 
 }  // namespace sparsekv::kernels

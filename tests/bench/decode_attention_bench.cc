@@ -23,6 +23,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/compressed_format.h"
+#include "kernels/compute_backend.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/thread_pool.h"
 #include "tests/bench/bench_util.h"
@@ -93,33 +94,29 @@ Cache Build(const Config& c, double sparsity, const std::vector<uint8_t>& k_rows
   return cache;
 }
 
-// Median seconds per step (one layer, all KV heads).
-double TimeSteps(const Config& c, const kernels::Backend& backend, const Cache& cache,
-                 const std::vector<float>& q, kernels::DecodeCompute compute, int threads,
-                 kernels::ThreadPool* pool) {
+// Median seconds per step (one layer, all KV heads: one item of the CPU ComputeBackend, as
+// the server runs a decode step).
+double TimeSteps(const Config& c, const kernels::ComputeBackend& backend, const Cache& cache,
+                 const std::vector<float>& q, kernels::DecodeCompute compute) {
   const int64_t chunks = c.tokens / c.chunk;
-  std::vector<float> out(c.group * c.head_dim), lse(c.group);
+  std::vector<float> out(c.kv_heads * c.group * c.head_dim), lse(c.kv_heads * c.group);
   auto step = [&](int64_t layer) {
-    for (int64_t h = 0; h < c.kv_heads; ++h) {
-      DecodeAttentionParams p;
-      p.q = q.data() + h * c.group * c.head_dim;
-      p.group = static_cast<int>(c.group);
-      p.head_dim = static_cast<int>(c.head_dim);
-      p.dtype = c.dtype;
-      p.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-      p.compute = compute;
-      p.k_format = cache.kf;
-      p.v_format = cache.vf;
-      p.chunks = cache.refs.data() + (layer * c.kv_heads + h) * chunks;
-      p.num_chunks = static_cast<int>(chunks);
-      p.out = out.data();
-      p.lse = lse.data();
-      if (threads == 1) {
-        kernels::DecodeAttention(backend, p);
-      } else {
-        kernels::ParallelDecodeAttention(backend, p, pool, threads);
-      }
-    }
+    kernels::ChunkRun run{cache.kf, cache.vf, cache.refs.data() + layer * c.kv_heads * chunks,
+                          static_cast<int>(chunks)};
+    kernels::DecodeBatchItem it;
+    it.num_kv_heads = static_cast<int>(c.kv_heads);
+    it.group = static_cast<int>(c.group);
+    it.head_dim = static_cast<int>(c.head_dim);
+    it.dtype = c.dtype;
+    it.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    it.compute = compute;
+    it.q = q.data();
+    it.out = out.data();
+    it.lse = lse.data();
+    it.runs = &run;
+    it.num_runs = 1;
+    it.tokens = c.tokens;
+    if (!backend.Decode({&it, 1}).ok()) std::abort();
   };
   for (int64_t l = 0; l < c.layers; ++l) step(l);  // warm-up: page faults, thread start
   std::vector<double> times;
@@ -192,8 +189,16 @@ int Main(int argc, char** argv) {
   k_rows = {};
   v_rows = {};
 
-  std::unique_ptr<kernels::ThreadPool> pool;
+  std::unique_ptr<kernels::ThreadPool> pool;  // for the streaming-read baseline
   if (c.threads > 1) pool = std::make_unique<kernels::ThreadPool>(static_cast<int>(c.threads - 1));
+  // One thread, and c.threads (the caller + c.threads - 1 workers).
+  std::vector<std::unique_ptr<kernels::ComputeBackend>> backends;
+  for (int64_t t : {int64_t{1}, c.threads}) {
+    kernels::ComputeBackendOptions o;
+    o.threads = static_cast<int>(t - 1);
+    o.cpu_variant = backend;
+    backends.push_back(kernels::MakeCpuComputeBackend(o));
+  }
   std::vector<float> stream_buf(static_cast<size_t>(c.stream_mib) << 18, 1.0f);
 
   // Format bytes (K + V per token per KV head).
@@ -219,7 +224,7 @@ int Main(int argc, char** argv) {
     for (kernels::DecodeCompute m : c.computes) {
       double dense_time = 0;
       for (const Cache& cache : caches) {
-        const double sec = TimeSteps(c, *backend, cache, q, m, t, pool.get());
+        const double sec = TimeSteps(c, *backends[t == 1 ? 0 : 1], cache, q, m);
         if (cache.sparsity == 0.0) dense_time = sec;
         if (cache.sparsity == 0.0 && m == kernels::DecodeCompute::kFloat32) f32_dense = sec;
         const double gbps = cache.bytes_per_layer / sec / 1e9;

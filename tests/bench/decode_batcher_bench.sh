@@ -28,8 +28,15 @@ run() {
   server_pid=$!
   for _ in $(seq 100); do [ -s "$ready" ] && break; sleep 0.1; done
   local port; port=$(sed -n 's/^grpc_port=//p' "$ready")
-  "$build/bin/sparsekv" --server="127.0.0.1:$port" --server_pid="$server_pid" --json bench \
-    --duration="$dur" "$@" > "$out/$name.$mode.$rep.json"
+  # One retry: on a shared VM a client has (rarely) failed to connect to a server that was up.
+  for attempt in 1 2; do
+    if "$build/bin/sparsekv" --server="127.0.0.1:$port" --server_pid="$server_pid" --json bench \
+        --duration="$dur" "$@" > "$out/$name.$mode.$rep.json"; then
+      break
+    fi
+    echo "  client failed (attempt $attempt)" >&2
+    [ "$attempt" = 2 ] && exit 1
+  done
   stop_server
 }
 

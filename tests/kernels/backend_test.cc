@@ -16,6 +16,7 @@
 
 #include "kernels/compute_backend.h"
 #include "kernels/cpu/thread_pool.h"
+#include "tests/kernels/split_decode.h"
 
 namespace sparsekv::kernels {
 namespace {
@@ -111,14 +112,13 @@ TEST_P(BackendTest, EveryVariantMatchesReference) {
 
   // float32 accumulation against float64: a few ulps per merge step, scaled by |V|.
   const float tol = 5e-5f * std::fmax(cache.max_v, 1.0f);
-  ThreadPool pool(3);
   for (const Backend* b : CpuBackendVariants()) {
     for (int splits : {1, 3}) {
       std::vector<float> out(n, NAN), lse(c.group, NAN);
       DecodeAttentionParams p = cache.p;
       p.out = out.data();
       p.lse = lse.data();
-      ParallelDecodeAttention(*b, p, &pool, splits);
+      SplitDecode(*b, p, splits);
       for (size_t i = 0; i < n; ++i) {
         ASSERT_NEAR(out[i], want[i], tol) << b->variant() << " splits " << splits << " i " << i;
       }

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
-#include "kernels/cpu/thread_pool.h"
+#include "tests/kernels/split_decode.h"
 
 namespace sparsekv::kernels {
 namespace {
@@ -107,13 +107,13 @@ void Build(const Shape& s, KGen kgen, VGen vgen, QGen qgen, Problem* pr) {
 }
 
 void RunDecode(const Backend& b, DecodeAttentionParams p, DecodeCompute compute, int splits,
-               ThreadPool* pool, std::vector<float>* out, std::vector<float>* lse) {
+               std::vector<float>* out, std::vector<float>* lse) {
   out->assign(static_cast<size_t>(p.group) * p.head_dim, 0.0f);
   lse->assign(p.group, 0.0f);
   p.compute = compute;
   p.out = out->data();
   p.lse = lse->data();
-  ParallelDecodeAttention(b, p, pool, splits);
+  SplitDecode(b, p, splits);
 }
 
 void Reference(const Problem& pr, std::vector<float>* out, std::vector<float>* lse) {
@@ -179,7 +179,6 @@ std::vector<Shape> Shapes() {
 TEST(Fp16ArithmeticTest, MatchesFloat64ReferenceWithinFp16Tolerance) {
   const Backend& b = CpuBackend();
   if (!b.Fp16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512-FP16 on this CPU";
-  ThreadPool pool(2);
   uint32_t seed = 11;
   for (const Shape& s : Shapes()) {
     SCOPED_TRACE(Name(s));
@@ -192,7 +191,7 @@ TEST(Fp16ArithmeticTest, MatchesFloat64ReferenceWithinFp16Tolerance) {
     Reference(pr, &want, &want_lse);
     for (int splits : {1, 3}) {
       SCOPED_TRACE("splits " + std::to_string(splits));
-      RunDecode(b, pr.p, DecodeCompute::kFloat16, splits, &pool, &got, &lse);
+      RunDecode(b, pr.p, DecodeCompute::kFloat16, splits, &got, &lse);
       ExpectFp16Accurate(pr, want, want_lse, got, lse);
     }
   }
@@ -211,7 +210,7 @@ TEST(Fp16ArithmeticTest, PeakedScoresStayWithinTolerance) {
   Build({4, 128, 2, 128, 40, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, g, g, qg, &pr);
   std::vector<float> want, want_lse, got, lse;
   Reference(pr, &want, &want_lse);
-  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, &got, &lse);
   ExpectFp16Accurate(pr, want, want_lse, got, lse);
 }
 
@@ -225,8 +224,8 @@ TEST(Fp16ArithmeticTest, DiffersFromFp32WhereItApplies) {
   auto g = [&] { return n01(rng); };
   Build({4, 128, 2, 256, 10, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, g, g, g, &pr);
   std::vector<float> a, la, c, lc;
-  RunDecode(b, pr.p, DecodeCompute::kFloat32, 1, nullptr, &a, &la);
-  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &c, &lc);
+  RunDecode(b, pr.p, DecodeCompute::kFloat32, 1, &a, &la);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, &c, &lc);
   EXPECT_NE(a, c);
 }
 
@@ -244,8 +243,8 @@ TEST(Fp16ArithmeticTest, RequestIsExactFp32WhereItCannotApply) {
       Build({4, 128, 2, 64, 7, SectionKind::kPerToken, SectionKind::kPerToken, 0.7, dt}, g, g, g,
             &pr);
       std::vector<float> a, la, c, lc;
-      RunDecode(*b, pr.p, DecodeCompute::kFloat32, 1, nullptr, &a, &la);
-      RunDecode(*b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &c, &lc);
+      RunDecode(*b, pr.p, DecodeCompute::kFloat32, 1, &a, &la);
+      RunDecode(*b, pr.p, DecodeCompute::kFloat16, 1, &c, &lc);
       EXPECT_EQ(a, c);
       EXPECT_EQ(la, lc);
     }
@@ -278,7 +277,7 @@ TEST(Fp16ArithmeticTest, KOverflowFallsBackToFp32) {
   Problem pr;
   Build({4, 128, 2, 64, 9, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, kg, vg, qg, &pr);
   std::vector<float> got, lse;
-  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, &got, &lse);
   ExpectFp32Accurate(pr, got, lse);
 }
 
@@ -294,7 +293,7 @@ TEST(Fp16ArithmeticTest, VOverflowFallsBackToFp32) {
   Problem pr;
   Build({4, 128, 2, 64, 9, SectionKind::kPerToken, SectionKind::kPerToken, 0.5}, kg, vg, kg, &pr);
   std::vector<float> got, lse;
-  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, &got, &lse);
   ExpectFp32Accurate(pr, got, lse);
 }
 
@@ -309,7 +308,7 @@ TEST(Fp16ArithmeticTest, QueryBeyondFp16RunsFp32) {
   Build({4, 64, 1, 64, 3, SectionKind::kPerToken, SectionKind::kPerToken, 0.7}, g, g, g, &pr);
   pr.q[3] = 1e6f;  // * scale 1/8 = 125000 > 65504
   std::vector<float> got, lse;
-  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, &got, &lse);
   ExpectFp32Accurate(pr, got, lse);
 }
 
@@ -324,7 +323,7 @@ TEST(Fp16ArithmeticTest, NanInQueryPropagates) {
   Build({4, 64, 1, 64, 3, SectionKind::kPerToken, SectionKind::kPerToken, 0.5}, g, g, g, &pr);
   pr.q[64 + 5] = NAN;  // head 1
   std::vector<float> got, lse;
-  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, nullptr, &got, &lse);
+  RunDecode(b, pr.p, DecodeCompute::kFloat16, 1, &got, &lse);
   EXPECT_TRUE(std::isnan(got[64]));
   EXPECT_FALSE(std::isnan(got[0]));
 }

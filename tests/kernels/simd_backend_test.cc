@@ -12,7 +12,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_features.h"
-#include "kernels/cpu/thread_pool.h"
+#include "tests/kernels/split_decode.h"
 
 namespace sparsekv::kernels {
 namespace {
@@ -82,11 +82,10 @@ void RunCase(const Backend& b, const EdgeCase& c, uint32_t seed) {
   ref.lse = want_lse.data();
   ReferenceDecodeAttention(ref);
   const float tol = 5e-5f * std::fmax(max_v, 1.0f);
-  ThreadPool pool(2);
   for (int splits : {1, 2, 5}) {
     p.out = got.data();
     p.lse = lse.data();
-    ParallelDecodeAttention(b, p, &pool, splits);
+    SplitDecode(b, p, splits);
     for (size_t i = 0; i < got.size(); ++i) {
       ASSERT_NEAR(got[i], want[i], tol) << b.variant() << " splits " << splits << " i " << i;
     }
