@@ -131,7 +131,13 @@ absl::Status Session::Reserve(int64_t bytes) {
                                                      bytes_ + pending_ + bytes, " bytes, over ",
                                                      cap, " (--max_session_bytes)"));
   }
-  SPARSEKV_RETURN_IF_ERROR(env_.budget->Reserve(info_.tenant, bytes));
+  absl::Status st = env_.budget->Reserve(info_.tenant, bytes);
+  if (!st.ok() && shadow_) {
+    // The session's own quality shadow yields before its cache does.
+    DropShadowLocked();
+    st = env_.budget->Reserve(info_.tenant, bytes);
+  }
+  SPARSEKV_RETURN_IF_ERROR(st);
   pending_ += bytes;
   return absl::OkStatus();
 }

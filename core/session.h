@@ -117,8 +117,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // Bytes a decode step of `in` may add to the session (a new dense block for its token);
   // what the caller reserves with Reserve before calling DecodeReserved.
   int64_t DecodeBytes(const DecodeInput& in) const;
-  // Reserves `bytes` against the host, tenant and per-session budgets for a coming change.
-  // ResourceExhausted (nothing reserved) when any would be exceeded.
+  // Reserves `bytes` against the host, tenant and per-session budgets for a coming change,
+  // dropping the session's quality shadow first if that makes them fit. ResourceExhausted
+  // (nothing reserved) when any would be exceeded.
   absl::Status Reserve(int64_t bytes);
   // Returns a reservation that will not be used.
   void Unreserve(int64_t bytes);

@@ -225,6 +225,24 @@ TEST(QualityShadowTest, AShadowYieldsToTheHostBudget) {
   EXPECT_EQ(store.budget().used(), plain);
 }
 
+TEST(QualityShadowTest, ASessionsShadowMakesRoomForItsOwnRows) {
+  // The budget holds the session with its shadow; the next rows fit only without the shadow.
+  SessionStore store(Options(1.0));
+  ASSERT_TRUE(store.Create(Params("r-1", 0.5f)).ok());
+  std::mt19937 rng(21);
+  Fill(store.Get("r-1")->get(), 32, 0, &rng);
+  const SessionStats st = (*store.Get("r-1"))->Info().stats;
+  SessionStore tight(Options(1.0, 0, st.bytes_accounted + LayerStore::BlockBytes(kLayout)));
+  ASSERT_TRUE(tight.Create(Params("r-1", 0.5f)).ok());
+  std::mt19937 again(21);
+  Fill(tight.Get("r-1")->get(), 32, 0, &again);
+  EXPECT_EQ(tight.Quality().shadow_sessions, 1);
+  Fill(tight.Get("r-1")->get(), 1, 0, &again);  // one block per layer: two blocks
+  EXPECT_EQ(tight.Quality().shadow_sessions, 0);
+  EXPECT_EQ(tight.Quality().shadow_dropped_total, 1);
+  EXPECT_EQ(tight.budget().used(), BudgetOfSessions(tight));
+}
+
 TEST(QualityShadowTest, DeleteAndEvictionReturnTheShadowsBytes) {
   SessionStore store(Options(1.0));
   CreateSessionParams evicted = Params("d-2", 0.7f);
