@@ -18,10 +18,18 @@ ShapeKey KeyOf(const kernels::DecodeBatchItem& it) {
   return {it.num_kv_heads, it.group, it.head_dim, static_cast<int>(it.dtype)};
 }
 
+// Powers of two up to the default max_items (a shadowed step adds a second item, so a full
+// batch can pass it: +Inf holds those).
+std::vector<double> ItemBounds() {
+  std::vector<double> b;
+  for (double x = 1; x <= 1024; x *= 2) b.push_back(x);
+  return b;
+}
+
 }  // namespace
 
 DecodeBatcher::DecodeBatcher(SessionStore* store, DecodeBatcherOptions options)
-    : store_(store), options_(options) {
+    : store_(store), options_(options), items_per_batch_(ItemBounds()) {
   dispatcher_ = std::thread([this] { Loop(); });
 }
 
@@ -116,7 +124,8 @@ void DecodeBatcher::Run(std::vector<Request>* batch) {
   std::map<ShapeKey, std::vector<std::pair<Admitted*, kernels::DecodeBatchItem>>> groups;
   for (Admitted& a : admitted)
     for (Session::PreparedDecode& step : a.steps)
-      groups[KeyOf(step.plan.item)].emplace_back(&a, step.plan.item);
+      for (const kernels::DecodeBatchItem& item : step.items())
+        groups[KeyOf(item)].emplace_back(&a, item);
   std::vector<kernels::DecodeBatchItem> items;
   for (auto& [key, members] : groups) {
     items.clear();
@@ -129,6 +138,7 @@ void DecodeBatcher::Run(std::vector<Request>* batch) {
             .count());
     batches_.fetch_add(1);
     items_.fetch_add(static_cast<int64_t>(items.size()));
+    items_per_batch_.Observe(static_cast<double>(items.size()));
     if (!ks.ok()) {
       for (const auto& m : members) m.first->status = FromKernelStatus(ks);
     }
@@ -152,6 +162,7 @@ DecodeBatcherStats DecodeBatcher::Stats() const {
   s.items = items_.load();
   s.requests = requests_.load();
   s.backend_seconds = static_cast<double>(backend_nanos_.load()) * 1e-9;
+  s.items_per_batch = items_per_batch_.Snapshot();
   return s;
 }
 

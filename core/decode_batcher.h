@@ -27,6 +27,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "core/histogram.h"
 #include "core/mutex.h"
 #include "core/session.h"
 
@@ -49,10 +50,13 @@ struct DecodeBatcherOptions {
 };
 
 struct DecodeBatcherStats {
-  int64_t batches = 0;         // backend calls
-  int64_t items = 0;           // items they ran
-  int64_t requests = 0;        // requests completed (failed ones included)
-  double backend_seconds = 0;  // time inside the backend
+  int64_t batches = 0;  // backend calls
+  // Items they ran: one per decode step, plus one per step of a session with a quality
+  // shadow (its dense attention runs in the same call).
+  int64_t items = 0;
+  int64_t requests = 0;               // requests completed (failed ones included)
+  double backend_seconds = 0;         // time inside the backend
+  HistogramSnapshot items_per_batch;  // items of each backend call
 };
 
 using DecodeDone = std::function<void(absl::Status, std::vector<DecodeOutput>)>;
@@ -93,6 +97,7 @@ class DecodeBatcher {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<int64_t> pending_{0};  // queue_.size(), for polling without mu_
   std::atomic<int64_t> batches_{0}, items_{0}, requests_{0}, backend_nanos_{0};
+  Histogram items_per_batch_;
   std::thread dispatcher_;
 };
 

@@ -84,6 +84,12 @@ Session::Session(SessionInfo info, SessionEnv env)
   for (int l = 0; l < info_.layout.num_layers; ++l) layers_.emplace_back(info_.layout);
   last_access_ = info_.create_time;
   bytes_ = FixedBytes(info_);
+  // A session that prunes nothing would measure an error of 0: no shadow.
+  if (env_.quality && (info_.policy.k.AnySparse() || info_.policy.v.AnySparse()) &&
+      env_.quality->Selects(info_.id)) {
+    MutexLock lock(&mu_);
+    shadow_ = QualityShadow::Start(info_.layout, info_.tenant, env_.quality, env_.budget);
+  }
 }
 
 Session::~Session() { Close(); }
@@ -105,8 +111,15 @@ int64_t Session::Close() {
   MutexLock lock(&mu_);
   if (closed_) return 0;
   closed_ = true;
+  const int64_t shadow = shadow_ ? shadow_->bytes() : 0;
+  shadow_.reset();  // returns its own bytes
   if (bytes_ > 0) env_.budget->Release(info_.tenant, bytes_);
-  return bytes_;
+  return bytes_ + shadow;
+}
+
+void Session::DropShadowLocked() {
+  env_.quality->CountDropped();
+  shadow_.reset();
 }
 
 absl::Status Session::Reserve(int64_t bytes) {
@@ -118,7 +131,13 @@ absl::Status Session::Reserve(int64_t bytes) {
                                                      bytes_ + pending_ + bytes, " bytes, over ",
                                                      cap, " (--max_session_bytes)"));
   }
-  SPARSEKV_RETURN_IF_ERROR(env_.budget->Reserve(info_.tenant, bytes));
+  absl::Status st = env_.budget->Reserve(info_.tenant, bytes);
+  if (!st.ok() && shadow_) {
+    // The session's own quality shadow yields before its cache does.
+    DropShadowLocked();
+    st = env_.budget->Reserve(info_.tenant, bytes);
+  }
+  SPARSEKV_RETURN_IF_ERROR(st);
   pending_ += bytes;
   return absl::OkStatus();
 }
@@ -259,11 +278,15 @@ absl::StatusOr<int64_t> Session::Append(int layer_begin, const TensorView& k, co
     const size_t layer_stride = token_stride * tokens;
     for (int64_t i = 0; i < layers; ++i) {
       const int layer = layer_begin + static_cast<int>(i);
+      const uint8_t* layer_k = static_cast<const uint8_t*>(k.data) + i * layer_stride;
+      const uint8_t* layer_v = static_cast<const uint8_t*>(v.data) + i * layer_stride;
       MutexLock lock(&mu_);
       const int64_t n =
-          layers_[layer].Append(k.dtype, static_cast<const uint8_t*>(k.data) + i * layer_stride,
-                                static_cast<const uint8_t*>(v.data) + i * layer_stride, tokens,
-                                token_stride, head_stride);
+          layers_[layer].Append(k.dtype, layer_k, layer_v, tokens, token_stride, head_stride);
+      if (shadow_ &&
+          !shadow_->Append(layer, k.dtype, layer_k, layer_v, tokens, token_stride, head_stride)) {
+        DropShadowLocked();
+      }
       CommitLocked(n * block_bytes_);
       ++generation_;
       blocks += n;
@@ -338,6 +361,7 @@ absl::Status Session::AppendObserved(int layer_begin, const TensorView& k, const
     // with their rows into the layer.
     if (staged[i].seen) ApplyScoringLocked(layer, staged[i].snap, staged[i].mass, staged[i].energy);
     const int64_t n = layers_[layer].AppendStaged(staged[i].rows);
+    if (shadow_ && !shadow_->AppendStaged(layer, staged[i].rows)) DropShadowLocked();
     CommitLocked(n * block_bytes_);
     ++generation_;
     *blocks += n;
@@ -427,7 +451,9 @@ absl::Status Session::Decode(const DecodeInput& in, DecodeOutput* out) {
 
 absl::Status Session::DecodeReserved(const DecodeInput& in, int64_t reserved, DecodeOutput* out) {
   PreparedDecode step = PrepareDecode(in, reserved);
-  SPARSEKV_RETURN_IF_ERROR(FromKernelStatus(env_.backend->Decode({&step.plan.item, 1})));
+  const std::vector<kernels::DecodeBatchItem> items = step.items();
+  SPARSEKV_RETURN_IF_ERROR(
+      FromKernelStatus(env_.backend->Decode({items.data(), static_cast<int>(items.size())})));
   FinishDecode(&step, out);
   return absl::OkStatus();
 }
@@ -448,13 +474,20 @@ Session::PreparedDecode Session::PrepareDecode(const DecodeInput& in, int64_t re
     if (!in.new_k.empty()) {
       const size_t head_stride =
           static_cast<size_t>(l.head_dim) * kernels::DTypeSize(in.new_k.dtype);
-      used = block_bytes_ * layer.Append(in.new_k.dtype, static_cast<const uint8_t*>(in.new_k.data),
-                                         static_cast<const uint8_t*>(in.new_v.data), 1, 0,
-                                         head_stride);
+      const auto* k = static_cast<const uint8_t*>(in.new_k.data);
+      const auto* v = static_cast<const uint8_t*>(in.new_v.data);
+      used = block_bytes_ * layer.Append(in.new_k.dtype, k, v, 1, 0, head_stride);
+      if (shadow_ && !shadow_->Append(in.layer, in.new_k.dtype, k, v, 1, 0, head_stride)) {
+        DropShadowLocked();
+      }
       CommitLocked(used);
       MaybeSchedule(in.layer);
     }
     p.snap = layer.Snapshot();
+    if (shadow_) {
+      p.shadow = std::make_unique<PreparedDecode::Shadow>();
+      p.shadow->snap = shadow_->Snapshot(in.layer);
+    }
     ++decode_steps_;
     ++generation_;
     TouchLocked();
@@ -466,7 +499,21 @@ Session::PreparedDecode Session::PrepareDecode(const DecodeInput& in, int64_t re
   options.compute = info_.policy.decode_compute;
   p.plan = PlanStep(l, p.snap, p.q.data(), options, p.out.data(), p.lse.data(),
                     plan_.needs_mass() ? p.mass.data() : nullptr);
+  if (p.shadow) {
+    // Same query, scale and arithmetic over the never-pruned rows: the two outputs differ by
+    // what pruning removed (both read the same storage-dtype values).
+    p.shadow->out.assign(p.q.size(), 0.0f);
+    p.shadow->lse.resize(l.num_q_heads);
+    p.shadow->plan = PlanStep(l, p.shadow->snap, p.q.data(), options, p.shadow->out.data(),
+                              p.shadow->lse.data(), nullptr);
+  }
   return p;
+}
+
+std::vector<kernels::DecodeBatchItem> Session::PreparedDecode::items() const {
+  std::vector<kernels::DecodeBatchItem> items{plan.item};
+  if (shadow) items.push_back(shadow->plan.item);
+  return items;
 }
 
 void Session::FinishDecode(PreparedDecode* p, DecodeOutput* out) {
@@ -481,6 +528,10 @@ void Session::FinishDecode(PreparedDecode* p, DecodeOutput* out) {
   if (AccumulateScoring(p->q.data(), p->lse.data(), p->mass, &mass, &energy)) {
     MutexLock lock(&mu_);
     ApplyScoringLocked(p->layer, p->snap, mass, energy);
+  }
+  if (p->shadow) {
+    env_.quality->RecordError(
+        RelativeError(p->out.data(), p->shadow->out.data(), p->shadow->out.size()));
   }
   out->out = std::move(p->out);
   if (p->want_lse) out->lse = std::move(p->lse);
@@ -640,6 +691,7 @@ absl::Status Session::Restore(const SessionImage& image) {
   absl::Status st;
   {
     MutexLock lock(&mu_);
+    shadow_.reset();  // its empty layers would no longer mirror the session's
     for (size_t i = 0; i < layers_.size() && i < image.layers.size(); ++i) {
       absl::StatusOr<int64_t> blocks = layers_[i].Restore(image.layers[i], env_.pools.get());
       if (!blocks.ok()) {
@@ -705,7 +757,8 @@ SessionInfo Session::Info() const {
                     info_.layout.dtype == DType::kFloat16 && env_.backend->Fp16Arithmetic();
   st.decode_compute_in_force = fp16 ? DecodeCompute::kFloat16 : DecodeCompute::kFloat32;
   st.decode_steps = decode_steps_;
-  st.bytes_accounted = bytes_;
+  st.bytes_shadow = shadow_ ? shadow_->bytes() : 0;
+  st.bytes_accounted = bytes_ + st.bytes_shadow;
   return info;
 }
 

@@ -23,6 +23,8 @@
 #include "core/memory_budget.h"
 #include "core/mutex.h"
 #include "core/policy_plan.h"
+#include "core/quality.h"
+#include "core/quality_shadow.h"
 #include "core/slab_pool.h"
 #include "core/snapshot.h"
 #include "core/types.h"
@@ -55,6 +57,8 @@ struct SessionEnv {
   std::shared_ptr<SlabPoolSet> pools;       // chunk memory
   // Every decode and observation step runs here; outlives the store.
   std::shared_ptr<const kernels::ComputeBackend> backend;
+  // Picks the sessions that keep a dense shadow and records their decode error; null = none.
+  std::shared_ptr<QualityMonitor> quality;
   // Process-wide pruning counters (read by metrics).
   struct Counters {
     std::atomic<int64_t> chunks{0};
@@ -113,8 +117,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // Bytes a decode step of `in` may add to the session (a new dense block for its token);
   // what the caller reserves with Reserve before calling DecodeReserved.
   int64_t DecodeBytes(const DecodeInput& in) const;
-  // Reserves `bytes` against the host, tenant and per-session budgets for a coming change.
-  // ResourceExhausted (nothing reserved) when any would be exceeded.
+  // Reserves `bytes` against the host, tenant and per-session budgets for a coming change,
+  // dropping the session's quality shadow first if that makes them fit. ResourceExhausted
+  // (nothing reserved) when any would be exceeded.
   absl::Status Reserve(int64_t bytes);
   // Returns a reservation that will not be used.
   void Unreserve(int64_t bytes);
@@ -136,12 +141,23 @@ class Session : public std::enable_shared_from_this<Session> {
   // snapshot (`plan.item`, pointing into the struct's own buffers and the snapshot); once the
   // backend has run plan.item, FinishDecode applies the scoring statistics and moves the
   // result out. Movable; the item's pointers stay valid when it moves.
+  // A session with a quality shadow (core/quality.h) plans a second item: dense attention of
+  // the same query over the shadow, run in the same backend call; FinishDecode records the
+  // sparse output's relative error against it.
   struct PreparedDecode {
+    struct Shadow {
+      LayerSnapshot snap;
+      std::vector<float> out, lse;
+      PlannedStep plan;
+    };
     int layer = 0;
     bool want_lse = false;
     LayerSnapshot snap;
     std::vector<float> q, out, lse, mass;
     PlannedStep plan;
+    std::unique_ptr<Shadow> shadow;  // null without a shadow
+    // What the backend must run for this step: plan.item, then the shadow's item if any.
+    std::vector<kernels::DecodeBatchItem> items() const;
   };
   // REQUIRES as DecodeReserved.
   PreparedDecode PrepareDecode(const DecodeInput& in, int64_t reserved);
@@ -170,9 +186,10 @@ class Session : public std::enable_shared_from_this<Session> {
   // only what changed.
   uint64_t generation() const;
   // Fills the layers of a session that holds no tokens yet from `image` (same layout), with
-  // its scoring statistics and counters. ResourceExhausted over a budget; InvalidArgument
-  // when a layer's contents do not fit the layout (LayerStore::Restore). On error the caller
-  // drops the session (Close returns what it held).
+  // its scoring statistics and counters. A quality shadow is not restored (an image holds
+  // no dense history): the session has none from here. ResourceExhausted over a budget;
+  // InvalidArgument when a layer's contents do not fit the layout (LayerStore::Restore). On error
+  // the caller drops the session (Close returns what it held).
   absl::Status Restore(const SessionImage& image);
 
   // Metadata and live stats.
@@ -183,9 +200,10 @@ class Session : public std::enable_shared_from_this<Session> {
   int64_t tokens(int layer) const;
   int64_t bytes() const;
   absl::Time last_access() const;
-  // Returns the session's bytes to the budget now, when the store drops it (delete, TTL), not
-  // when the last reference goes: a background job or a running step may still hold one.
-  // Charges made after Close are returned at once. Returns the bytes released.
+  // Returns the session's bytes (its quality shadow's included) to the budget now, when the
+  // store drops it (delete, TTL), not when the last reference goes: a background job or a
+  // running step may still hold one. Charges made after Close are returned at once. Returns
+  // the bytes released.
   int64_t Close();
   bool expired(absl::Time now) const;
 
@@ -220,6 +238,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void ApplyScoringLocked(int layer, const LayerSnapshot& snap, const std::vector<float>& mass,
                           const std::vector<double>& energy) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   float Scale(float requested) const;
+  // Gives up the quality shadow (its growth was refused), counted as dropped.
+  void DropShadowLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const SessionEnv env_;
   SessionInfo info_;  // immutable after construction (stats unused)
@@ -227,6 +247,8 @@ class Session : public std::enable_shared_from_this<Session> {
   mutable Mutex mu_;
   std::condition_variable idle_cv_;  // a layer's busy flag went false
   std::vector<LayerStore> layers_ ABSL_GUARDED_BY(mu_);
+  // Dense copy of every layer for the quality metric; null for most sessions.
+  std::unique_ptr<QualityShadow> shadow_ ABSL_GUARDED_BY(mu_);
   const int64_t block_bytes_;                 // LayerStore::BlockBytes(layout)
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;    // held against the budget
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;  // reserved, not yet committed

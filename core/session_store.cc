@@ -88,6 +88,7 @@ SessionStore::SessionStore(SessionStoreOptions options)
   env_.budget = budget_;
   env_.backend = backend_;
   env_.pools = std::make_shared<SlabPoolSet>();
+  env_.quality = std::make_shared<QualityMonitor>(options_.quality);
   // Compression runs at a lower priority: decode steps and uploads come first, the pruner
   // takes the idle CPU (measured by tests/bench/prefill_interference_bench).
   env_.pruner = std::make_shared<BoundedExecutor>(std::max(1, options_.pruner_threads),
@@ -408,6 +409,7 @@ FormStats SessionStore::Forms() const {
     f.bytes_dense += st.bytes_dense;
     f.bytes_compressed += st.bytes_compressed;
     f.bytes_accounted += st.bytes_accounted;
+    f.bytes_shadow += st.bytes_shadow;
     f.bytes_dense_equivalent += st.bytes_dense_equivalent;
     f.compressed_elements += st.compressed_elements;
     f.kept_k += st.kept_k;

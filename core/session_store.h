@@ -55,6 +55,8 @@ struct SessionStoreOptions {
   // false: SubmitDecode runs each request on its caller's thread, alone (DecodeBatch), as the
   // service did before the batcher; the baseline tests/bench/decode_batcher_bench.sh compares.
   bool decode_batching = true;
+  // The quality metric's dense shadows (core/quality.h); off by default.
+  QualityOptions quality;
 };
 
 // The backend `name` (auto | cpu | cuda) asks for, with the CPU's threads from `options`;
@@ -93,9 +95,11 @@ struct StoreStats {
 
 // What the live sessions hold, by form, summed over sessions (SessionStore::FormStats).
 struct FormStats {
-  int64_t bytes_dense = 0;             // dense K/V rows (tails, dense chunks)
-  int64_t bytes_compressed = 0;        // compressed chunks: values and bitmaps
-  int64_t bytes_accounted = 0;         // everything charged: the above, slack, statistics, metadata
+  int64_t bytes_dense = 0;       // dense K/V rows (tails, dense chunks)
+  int64_t bytes_compressed = 0;  // compressed chunks: values and bitmaps
+  int64_t bytes_accounted = 0;   // everything charged: the above, slack, statistics, metadata,
+                                 // quality shadows
+  int64_t bytes_shadow = 0;      // quality shadows (core/quality_shadow.h)
   int64_t bytes_dense_equivalent = 0;  // the same tokens stored dense
   int64_t compressed_elements = 0;     // elements of K (= of V) in compressed chunks
   int64_t kept_k = 0;
@@ -151,6 +155,8 @@ class SessionStore {
                            std::vector<std::shared_ptr<Session>>* sessions,
                            std::vector<int64_t>* reserved);
   DecodeBatcherStats BatcherStats() const { return batcher_->Stats(); }
+  // The quality metric: error histogram and shadow figures.
+  QualityStats Quality() const { return env_.quality->Stats(); }
 
   // Every live session, ordered by id (snapshots to disk). Not an access: TTLs go on.
   std::vector<std::shared_ptr<Session>> All() const;

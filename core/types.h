@@ -100,8 +100,10 @@ struct SessionStats {
   int64_t bytes_compressed = 0;
   int64_t bytes_dense_equivalent = 0;
   // Everything the session holds against the byte budget: payload, dense-block slack, pool
-  // rounding, scoring statistics and metadata.
+  // rounding, scoring statistics, metadata and its quality shadow.
   int64_t bytes_accounted = 0;
+  // Of bytes_accounted: the dense shadow of the quality metric (core/quality_shadow.h).
+  int64_t bytes_shadow = 0;
   float achieved_sparsity_k = 0.0f;
   float achieved_sparsity_v = 0.0f;
   // What the achieved sparsities are computed from: elements of K (= of V) in compressed

@@ -80,6 +80,14 @@ ABSL_FLAG(absl::Duration, decode_batch_window, absl::ZeroDuration(),
 ABSL_FLAG(bool, decode_batching, true,
           "Decode steps go through the batcher (one backend call for the steps of many "
           "requests); false runs each request on its gRPC thread alone (a benchmark baseline)");
+ABSL_FLAG(double, quality_shadow_fraction, 0.01,
+          "Share of sessions (0..1, picked by a hash of the session id) that keep a dense "
+          "shadow of their cache: their decode steps also attend densely, and the sparse "
+          "output's relative error goes to sparsekv_quality_relative_error (README \"Quality "
+          "metric\"); sessions with sparsity 0 never do; 0 = off");
+ABSL_FLAG(int64_t, quality_shadow_max_bytes, int64_t{256} << 20,
+          "Bytes all dense shadows may hold together (they count against the host budget "
+          "too); a shadow that would pass it is dropped; 0 = only the budgets limit them");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long running RPCs may take to finish");
 ABSL_FLAG(std::string, snapshot_dir, "",
@@ -159,6 +167,15 @@ int main(int argc, char** argv) {
   options.store.decode_spin_us = absl::GetFlag(FLAGS_decode_spin_us);
   options.store.decode_batch_window = absl::GetFlag(FLAGS_decode_batch_window);
   options.store.decode_batching = absl::GetFlag(FLAGS_decode_batching);
+  options.store.quality.shadow_fraction = absl::GetFlag(FLAGS_quality_shadow_fraction);
+  options.store.quality.shadow_max_bytes = absl::GetFlag(FLAGS_quality_shadow_max_bytes);
+  if (!(options.store.quality.shadow_fraction >= 0 && options.store.quality.shadow_fraction <= 1) ||
+      options.store.quality.shadow_max_bytes < 0) {
+    std::fprintf(stderr,
+                 "sparsekv-server: --quality_shadow_fraction must be in [0, 1] and "
+                 "--quality_shadow_max_bytes >= 0\n");
+    return 2;
+  }
   options.backend = absl::GetFlag(FLAGS_backend);
   options.snapshot_dir = absl::GetFlag(FLAGS_snapshot_dir);
   options.checkpoint_interval = absl::GetFlag(FLAGS_checkpoint_interval);

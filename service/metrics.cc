@@ -6,6 +6,7 @@
 #include <prometheus/text_serializer.h>
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -61,13 +62,15 @@ class StoreCollector final : public prometheus::Collectable {
         prometheus::MetricType::Gauge, static_cast<double>(s.slab_reserved_bytes), {}));
     // By form: what compression saves is dense_equivalent / (dense + compressed), computed
     // from these, not guessed; "metadata" is the rest of what the budget is charged
-    // (dense-block slack, pool rounding, scoring statistics, ids and labels).
+    // (dense-block slack, pool rounding, scoring statistics, ids and labels) but the quality
+    // shadows, which have their own gauge.
     const FormStats f = store_->Forms();
-    const double other = static_cast<double>(
-        std::max<int64_t>(0, f.bytes_accounted - f.bytes_dense - f.bytes_compressed));
+    const double other = static_cast<double>(std::max<int64_t>(
+        0, f.bytes_accounted - f.bytes_dense - f.bytes_compressed - f.bytes_shadow));
     out.push_back(Family("sparsekv_kv_form_bytes",
                          "Bytes the live sessions hold, by form: dense rows, compressed chunks "
-                         "(values and bitmaps), metadata (slack, statistics, ids).",
+                         "(values and bitmaps), metadata (slack, statistics, ids); quality "
+                         "shadows are sparsekv_quality_shadow_bytes.",
                          prometheus::MetricType::Gauge,
                          {{{{"tier", "host"}, {"form", "dense"}}, double(f.bytes_dense)},
                           {{{"tier", "host"}, {"form", "compressed"}}, double(f.bytes_compressed)},
@@ -86,11 +89,74 @@ class StoreCollector final : public prometheus::Collectable {
                "kept / sparsekv_compressed_elements.",
                prometheus::MetricType::Gauge,
                {{{{"tensor", "k"}}, double(f.kept_k)}, {{{"tensor", "v"}}, double(f.kept_v)}}));
+    CollectQuality(&out);
+    CollectBatcher(&out);
     return out;
   }
 
  private:
   using Labels = std::vector<prometheus::ClientMetric::Label>;
+
+  // The quality metric (core/quality.h).
+  void CollectQuality(std::vector<prometheus::MetricFamily>* out) const {
+    const QualityStats q = store_->Quality();
+    out->push_back(HistogramFamily(
+        "sparsekv_quality_relative_error",
+        "Relative error ||sparse - dense||_2 / ||dense||_2 of decode outputs of the sessions "
+        "with a dense shadow (--quality_shadow_fraction), one value per step and layer.",
+        q.relative_error, {}));
+    out->push_back(Single("sparsekv_quality_shadow_sessions",
+                          "Sessions that keep a dense shadow for the quality metric.",
+                          prometheus::MetricType::Gauge, double(q.shadow_sessions), {}));
+    out->push_back(Single("sparsekv_quality_shadow_bytes",
+                          "Bytes of the dense shadows (charged to the host budget too; capped "
+                          "by --quality_shadow_max_bytes).",
+                          prometheus::MetricType::Gauge, double(q.shadow_bytes), {}));
+    out->push_back(Single("sparsekv_quality_shadow_dropped_total",
+                          "Dense shadows given up because they would pass "
+                          "--quality_shadow_max_bytes or a byte budget.",
+                          prometheus::MetricType::Counter, double(q.shadow_dropped_total), {}));
+  }
+
+  // The decode batcher's backend calls (core/decode_batcher.h), by backend.
+  void CollectBatcher(std::vector<prometheus::MetricFamily>* out) const {
+    const DecodeBatcherStats b = store_->BatcherStats();
+    const Labels backend = {{"backend", store_->backend().name()}};
+    out->push_back(Single("sparsekv_decode_batches_total",
+                          "Backend calls of the decode batcher (one per batch and shape).",
+                          prometheus::MetricType::Counter, double(b.batches), backend));
+    out->push_back(Single("sparsekv_decode_batch_items_total",
+                          "Items the decode batcher's backend calls ran (one per session and "
+                          "layer, plus one per step of a session with a quality shadow).",
+                          prometheus::MetricType::Counter, double(b.items), backend));
+    out->push_back(Single("sparsekv_decode_backend_seconds_total",
+                          "Time the decode batcher spent inside backend calls.",
+                          prometheus::MetricType::Counter, b.backend_seconds, backend));
+    out->push_back(HistogramFamily("sparsekv_decode_batch_size_items",
+                                   "Items per backend call of the decode batcher.",
+                                   b.items_per_batch, backend));
+  }
+
+  static prometheus::MetricFamily HistogramFamily(const char* name, const char* help,
+                                                  const HistogramSnapshot& h, Labels labels) {
+    prometheus::MetricFamily f;
+    f.name = name;
+    f.help = help;
+    f.type = prometheus::MetricType::Histogram;
+    prometheus::ClientMetric m;
+    m.label = std::move(labels);
+    m.histogram.sample_count = static_cast<uint64_t>(h.count);
+    m.histogram.sample_sum = h.sum;
+    uint64_t cumulative = 0;
+    for (size_t i = 0; i < h.counts.size(); ++i) {
+      cumulative += static_cast<uint64_t>(h.counts[i]);
+      const double bound =
+          i < h.bounds.size() ? h.bounds[i] : std::numeric_limits<double>::infinity();
+      m.histogram.bucket.push_back({cumulative, bound});
+    }
+    f.metric.push_back(std::move(m));
+    return f;
+  }
 
   static prometheus::MetricFamily Single(const char* name, const char* help,
                                          prometheus::MetricType type, double value, Labels labels) {

@@ -218,10 +218,11 @@ def run(tmp, procs):
     if not seed_snapshots(procs, tmp, snapshots):
         return 1
     # -- server: a byte budget so that the budget panels and the capacity alert have data;
-    # the seeded snapshot directory and 1 s checkpoints for the snapshot panels and alerts
+    # the seeded snapshot directory and 1 s checkpoints for the snapshot panels and alerts;
+    # every pruning session shadowed, so that the quality panels and alert have data
     server, ports = start_server(procs, tmp, "server", [
         "--host_budget_bytes=1073741824", "--decode_spin_us=0", "--snapshot_dir=" + snapshots,
-        "--checkpoint_interval=1s"])
+        "--checkpoint_interval=1s", "--quality_shadow_fraction=1"])
     if not ports:
         return 1
     grpc, metrics = ports["grpc_port"], ports["metrics_port"]

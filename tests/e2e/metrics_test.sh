@@ -10,7 +10,10 @@
 # - every RPC method has its code="OK" series from the first scrape, at 0,
 # - sparsekv_rpc_requests_total{method,code} grew by exactly the calls made, errors under
 #   their status code name (NOT_FOUND, ALREADY_EXISTS, INVALID_ARGUMENT, UNIMPLEMENTED),
-# - the latency histogram counts, the work counters and the session gauge moved as expected.
+# - the latency histogram counts, the work counters and the session gauge moved as expected,
+# - the quality metric (--quality_shadow_fraction=1: the one sparse session keeps a dense
+#   shadow) recorded its decode step's error, and the decode batcher's series by backend count
+#   every backend call and item (the shadow's dense item included).
 # Prints "N passed, M failed"; exits non-zero on any failure.
 set -u
 
@@ -56,7 +59,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$SERVER_BIN" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --ready_file="$TMP/ready" \
-  >"$TMP/server.log" 2>&1 &
+  --quality_shadow_fraction=1 >"$TMP/server.log" 2>&1 &
 SERVER_PID=$!
 
 GRPC_PORT=""
@@ -183,6 +186,9 @@ req3 = pb2.AppendKVRequest(session_id="m-3", k=fx.make_tensor(pb2, k3),
                            v=fx.make_tensor(pb2, k3))
 call("AppendKV", "OK", lambda: stub.AppendKV(iter([req3]), timeout=10))
 call("Flush", "OK", lambda: stub.Flush(pb2.FlushRequest(session_id="m-3"), timeout=10))
+# m-3 prunes, so it keeps a dense shadow: its step is a sparse and a dense item.
+call("Decode", "OK", lambda: stub.Decode(pb2.DecodeRequest(
+    items=[pb2.DecodeItem(session_id="m-3", layer=0, q=q)]), timeout=10))
 call("Flush", "NOT_FOUND", lambda: stub.Flush(pb2.FlushRequest(session_id="nope"), timeout=10))
 call("ExportSession", "OK", lambda: list(stub.ExportSession(
     pb2.ExportSessionRequest(session_id="m-0"), timeout=10)))
@@ -202,8 +208,13 @@ forms = {f: sum(getattr(s.stats, f) for s in listed[0].sessions)
          for f in ("bytes_dense", "bytes_compressed", "bytes_dense_equivalent")}
 stats3 = [s.stats for s in listed[0].sessions if s.id == "m-3"][0]
 extra = {
-    # items served: 1 + 2 (Decode) + 2 good stream messages
-    "sparsekv_decode_items_total": 5,
+    # items served: 1 + 2 (Decode m-0) + 2 good stream messages + 1 (Decode m-3)
+    "sparsekv_decode_items_total": 6,
+    # what the backend ran: the same, plus m-3's dense shadow item
+    "sparsekv_decode_batch_items_total": 7,
+    "sparsekv_decode_batch_size_items_sum": 7,
+    "sparsekv_quality_relative_error_count": 1,
+    "sparsekv_quality_shadow_sessions": 1,
     # rows = layers x tokens appended
     "sparsekv_appended_token_rows_total": 20 + 200,
     # K and V as sent: 2 x 2*10*2*64 float32, then 2 x 2*100*2*64
@@ -323,8 +334,9 @@ else:
 f = plan["forms"]
 got = {form: value(after, "sparsekv_kv_form_bytes", tier="host", form=form)
        for form in ("dense", "compressed", "metadata")}
+shadow = value(after, "sparsekv_quality_shadow_bytes")
 want = {"dense": f["bytes_dense"], "compressed": f["bytes_compressed"],
-        "metadata": plan["accounted"] - f["bytes_dense"] - f["bytes_compressed"]}
+        "metadata": plan["accounted"] - f["bytes_dense"] - f["bytes_compressed"] - (shadow or 0)}
 if got != want or want["compressed"] <= 0 or want["metadata"] <= 0:
     print("FAIL: sparsekv_kv_form_bytes %s, expected %s (all > 0)" % (got, want))
 else:
@@ -345,6 +357,37 @@ if not el or any(s is None or abs(s - w) > 1e-6 for s, w in zip(sp, plan["sparsi
           "says %s" % (sp, el, kept, plan["sparsity"]))
 else:
     print("PASS: achieved sparsity from the metrics = the session's %s" % plan["sparsity"])
+
+# Quality: m-3's shadow holds its 2 x 100 rows dense; its one step's error is a ratio in (0, 1).
+if not shadow or shadow <= 2 * 100 * 2 * 64 * 2 * 2:
+    print("FAIL: sparsekv_quality_shadow_bytes = %s, expected more than m-3's dense rows" % shadow)
+else:
+    print("PASS: sparsekv_quality_shadow_bytes = %d" % shadow)
+err = [value(x, "sparsekv_quality_relative_error_sum") or 0.0 for x in (before, after)]
+inf = value(after, "sparsekv_quality_relative_error_bucket", le="+Inf")
+if not 0 < err[1] - err[0] < 1 or inf != value(after, "sparsekv_quality_relative_error_count"):
+    print("FAIL: sparsekv_quality_relative_error sum %s -> %s, +Inf bucket %s" % (err[0], err[1], inf))
+else:
+    print("PASS: sparsekv_quality_relative_error recorded %.4f for m-3's step" % (err[1] - err[0]))
+if value(after, "sparsekv_quality_shadow_dropped_total") != 0:
+    print("FAIL: sparsekv_quality_shadow_dropped_total = %s, expected 0"
+          % value(after, "sparsekv_quality_shadow_dropped_total"))
+else:
+    print("PASS: sparsekv_quality_shadow_dropped_total = 0")
+
+# Batcher: one backend call per Decode request and stream message (4 or 5: the two stream
+# messages may share one), as many as the items-per-call histogram counts, time > 0.
+batches = [value(x, "sparsekv_decode_batches_total", backend="cpu") or 0.0 for x in (before, after)]
+hist = [value(x, "sparsekv_decode_batch_size_items_count", backend="cpu") or 0.0
+        for x in (before, after)]
+secs = value(after, "sparsekv_decode_backend_seconds_total", backend="cpu")
+if not 4 <= batches[1] - batches[0] <= 5 or hist[1] - hist[0] != batches[1] - batches[0] \
+        or not secs or secs <= 0:
+    print('FAIL: sparsekv_decode_batches_total{backend="cpu"} +%s, histogram count +%s, '
+          'backend seconds %s' % (batches[1] - batches[0], hist[1] - hist[0], secs))
+else:
+    print('PASS: sparsekv_decode_batches_total{backend="cpu"} +%d = the items-per-call '
+          'histogram count; backend seconds %.6f' % (batches[1] - batches[0], secs))
 PYEOF
 while IFS= read -r line; do
   case "$line" in
