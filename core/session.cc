@@ -75,6 +75,11 @@ absl::Status CheckImageValues(const SessionImage& image, const Layout& l, bool r
 
 }  // namespace
 
+std::vector<double> ChunkSecondsBounds() {
+  return {1e-5, 2.5e-5, 5e-5,   1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+          5e-3, 1e-2,   2.5e-2, 5e-2, 0.1,    0.25, 0.5,  1.0};
+}
+
 Session::Session(SessionInfo info, SessionEnv env)
     : env_(std::move(env)),
       info_(std::move(info)),
@@ -600,7 +605,9 @@ bool Session::CompressAndPublish(int layer, int tokens) {
   }
   env_.counters->chunks.fetch_add(1);
   env_.counters->tokens.fetch_add(tokens);
-  env_.counters->nanos.fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start));
+  const absl::Duration took = absl::Now() - start;
+  env_.counters->nanos.fetch_add(absl::ToInt64Nanoseconds(took));
+  env_.counters->chunk_seconds.Observe(absl::ToDoubleSeconds(took));
   return true;
 }
 

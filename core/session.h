@@ -19,6 +19,7 @@
 #include "absl/time/time.h"
 #include "core/attend.h"
 #include "core/executor.h"
+#include "core/histogram.h"
 #include "core/layer_store.h"
 #include "core/memory_budget.h"
 #include "core/mutex.h"
@@ -49,6 +50,10 @@ struct DecodeOutput {
   int64_t tokens_attended = 0;
 };
 
+// Bucket bounds of SessionEnv::Counters::chunk_seconds: 10 us to 1 s (a 256-token chunk of
+// 8 KV heads x D 128 takes ~1-3 ms on one core).
+std::vector<double> ChunkSecondsBounds();
+
 // Shared machinery sessions use; owned by the SessionStore, outliving every session.
 struct SessionEnv {
   SessionLimits limits;
@@ -65,6 +70,8 @@ struct SessionEnv {
     std::atomic<int64_t> tokens{0};
     std::atomic<int64_t> nanos{0};
     std::atomic<int64_t> rejected{0};  // jobs the full queue refused (retried later)
+    // Seconds per published chunk (every layer's chunk of a job is one observation).
+    Histogram chunk_seconds{ChunkSecondsBounds()};
   };
   std::shared_ptr<Counters> counters = std::make_shared<Counters>();
 };

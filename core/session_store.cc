@@ -427,6 +427,7 @@ StoreStats SessionStore::Stats() const {
   s.pruner_rejected_total = c.rejected.load();
   s.pruner_queued = env_.pruner->queued();
   s.slab_reserved_bytes = static_cast<int64_t>(env_.pools->reserved_bytes());
+  s.chunk_compress_seconds = c.chunk_seconds.Snapshot();
   {
     MutexLock lock(&mu_);
     s.sessions = static_cast<int64_t>(sessions_.size());

@@ -88,9 +88,10 @@ struct StoreStats {
   int64_t chunks_compressed_total = 0;
   int64_t tokens_compressed_total = 0;  // summed over layers
   double compress_seconds_total = 0;
-  int64_t pruner_rejected_total = 0;  // jobs refused by the full queue (retried later)
-  int64_t pruner_queued = 0;          // jobs waiting now
-  int64_t slab_reserved_bytes = 0;    // chunk memory taken from the system
+  int64_t pruner_rejected_total = 0;         // jobs refused by the full queue (retried later)
+  int64_t pruner_queued = 0;                 // jobs waiting now
+  int64_t slab_reserved_bytes = 0;           // chunk memory taken from the system
+  HistogramSnapshot chunk_compress_seconds;  // per published chunk
 };
 
 // What the live sessions hold, by form, summed over sessions (SessionStore::FormStats).

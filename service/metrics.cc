@@ -39,9 +39,12 @@ class StoreCollector final : public prometheus::Collectable {
                          "Byte budget for cached K/V; 0 means unlimited.",
                          prometheus::MetricType::Gauge,
                          static_cast<double>(store_->budget().limit()), {{"tier", "host"}}));
-    out.push_back(
-        Single("sparsekv_sessions_evicted_total", "Sessions removed because their TTL expired.",
-               prometheus::MetricType::Counter, static_cast<double>(s.evicted_total), {}));
+    // By reason: the TTL is the only one today (a full budget refuses requests, it evicts
+    // nothing); the label keeps dashboards stable when tiers add more.
+    out.push_back(Single("sparsekv_sessions_evicted_total",
+                         "Sessions removed by the server, by reason (ttl: idle past their TTL).",
+                         prometheus::MetricType::Counter, static_cast<double>(s.evicted_total),
+                         {{"reason", "ttl"}}));
     out.push_back(Single("sparsekv_pruned_chunks_total", "Chunks compressed (all layers).",
                          prometheus::MetricType::Counter,
                          static_cast<double>(s.chunks_compressed_total), {}));
@@ -51,6 +54,9 @@ class StoreCollector final : public prometheus::Collectable {
     out.push_back(Single("sparsekv_prune_seconds_total",
                          "Time spent compressing chunks (background and Flush).",
                          prometheus::MetricType::Counter, s.compress_seconds_total, {}));
+    out.push_back(HistogramFamily("sparsekv_prune_chunk_duration_seconds",
+                                  "Time to compress and publish one chunk (background and Flush).",
+                                  s.chunk_compress_seconds, {}));
     out.push_back(Single("sparsekv_pruner_rejected_total",
                          "Compression jobs refused by the full pruner queue (retried later).",
                          prometheus::MetricType::Counter,

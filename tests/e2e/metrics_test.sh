@@ -315,6 +315,18 @@ for name, n in sorted(plan["extra"].items()):
     else:
         print("PASS: %s +%d" % (name, n))
 
+# One duration per published chunk.
+chunks = value(after, "sparsekv_pruned_chunks_total")
+durations = value(after, "sparsekv_prune_chunk_duration_seconds_count")
+if durations is None or durations != chunks:
+    print("FAIL: sparsekv_prune_chunk_duration_seconds_count = %s, pruned chunks %s"
+          % (durations, chunks))
+else:
+    print("PASS: one pruning duration per chunk (%d)" % chunks)
+if value(after, "sparsekv_sessions_evicted_total", reason="ttl") is None:
+    print('FAIL: sparsekv_sessions_evicted_total{reason="ttl"} missing')
+else:
+    print('PASS: sparsekv_sessions_evicted_total{reason="ttl"} present')
 for name in ("sparsekv_kv_bytes", "sparsekv_kv_budget_bytes", "sparsekv_build_info",
              "sparsekv_sessions_evicted_total"):
     if value(after, name) is None:
