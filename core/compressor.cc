@@ -31,7 +31,8 @@ bool Weights(const TensorPlan& p, bool is_k, const CompressionInput& in, int hea
 
 std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const PolicyPlan& plan,
                                                     int layer, const CompressionInput& in,
-                                                    SlabPoolSet* pools) {
+                                                    SlabPoolSet* pools,
+                                                    const kernels::ComputeBackend* backend) {
   const kernels::SectionFormat kf = plan.KFormat(layer, in.tokens);
   const kernels::SectionFormat vf = plan.VFormat(layer, in.tokens);
   const LayerPlan& lp = plan.layer(layer);
@@ -45,23 +46,42 @@ std::shared_ptr<const CompressedChunk> CompressRows(const Layout& layout, const 
   bool v_aware = Weights(lp.v, false, in, 0, d, &tw, &cw);
   auto chunk = std::make_shared<CompressedChunk>(kf, vf, heads, pool, k_aware, v_aware);
 
+  // Every head's K and V rows and weights, then one backend call for all 2 x heads sections.
   const size_t row = static_cast<size_t>(d) * kernels::DTypeSize(layout.dtype);
-  std::vector<uint8_t> kbuf(static_cast<size_t>(in.tokens) * row), vbuf(kbuf.size());
+  const size_t section = static_cast<size_t>(in.tokens) * row;
+  std::vector<uint8_t> rows(2 * heads * section);
+  std::vector<std::vector<float>> token_w(2 * heads), channel_w(2 * heads);
+  std::vector<kernels::CompressJob> jobs(2 * heads);
   for (int h = 0; h < heads; ++h) {
+    uint8_t* k = rows.data() + (2 * h) * section;
+    uint8_t* v = k + section;
     size_t off = 0;
     for (const BlockRows& r : in.rows) {
       for (int i = r.begin; i < r.end; ++i, off += row) {
-        std::memcpy(kbuf.data() + off, r.block->k_row(h, i), row);
-        std::memcpy(vbuf.data() + off, r.block->v_row(h, i), row);
+        std::memcpy(k + off, r.block->k_row(h, i), row);
+        std::memcpy(v + off, r.block->v_row(h, i), row);
       }
     }
-    const bool ka = Weights(lp.k, true, in, h, d, &tw, &cw) && k_aware;
-    kernels::CompressSection(kf, kbuf.data(), ka && !tw.empty() ? tw.data() : nullptr,
-                             ka && !cw.empty() ? cw.data() : nullptr, chunk->mutable_k(h));
-    const bool va = Weights(lp.v, false, in, h, d, &tw, &cw) && v_aware;
-    kernels::CompressSection(vf, vbuf.data(), va && !tw.empty() ? tw.data() : nullptr,
-                             va && !cw.empty() ? cw.data() : nullptr, chunk->mutable_v(h));
+    for (int t = 0; t < 2; ++t) {
+      const bool is_k = t == 0;
+      const int j = 2 * h + t;
+      const bool aware = Weights(is_k ? lp.k : lp.v, is_k, in, h, d, &token_w[j], &channel_w[j]) &&
+                         (is_k ? k_aware : v_aware);
+      kernels::CompressJob& job = jobs[j];
+      job.format = is_k ? kf : vf;
+      job.rows = is_k ? k : v;
+      job.token_weights = aware && !token_w[j].empty() ? token_w[j].data() : nullptr;
+      job.channel_weights = aware && !channel_w[j].empty() ? channel_w[j].data() : nullptr;
+      job.out = is_k ? chunk->mutable_k(h) : chunk->mutable_v(h);
+    }
   }
+  static const std::unique_ptr<kernels::ComputeBackend> caller_only = [] {
+    kernels::ComputeBackendOptions o;
+    o.threads = 0;
+    return kernels::MakeCpuComputeBackend(o);
+  }();
+  if (backend == nullptr) backend = caller_only.get();
+  if (!backend->Compress({jobs.data(), static_cast<int>(jobs.size())}).ok()) return nullptr;
   return chunk;
 }
 

@@ -582,7 +582,12 @@ bool Session::CompressAndPublish(int layer, int tokens) {
     in = layers_[layer].TakeOldest(tokens);
   }
   std::shared_ptr<const CompressedChunk> chunk =
-      CompressRows(info_.layout, plan_, layer, in, env_.pools.get());
+      CompressRows(info_.layout, plan_, layer, in, env_.pools.get(), env_.backend.get());
+  if (!chunk) {
+    // The backend failed (a device error): the rows stay dense; the next job tries again.
+    env_.counters->failed.fetch_add(1);
+    return false;
+  }
   const int64_t chunk_bytes = static_cast<int64_t>(chunk->memory_bytes());
   {
     MutexLock lock(&mu_);

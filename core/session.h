@@ -70,6 +70,7 @@ struct SessionEnv {
     std::atomic<int64_t> tokens{0};
     std::atomic<int64_t> nanos{0};
     std::atomic<int64_t> rejected{0};  // jobs the full queue refused (retried later)
+    std::atomic<int64_t> failed{0};    // chunks the backend failed to compress (rows stay dense)
     // Seconds per published chunk (every layer's chunk of a job is one observation).
     Histogram chunk_seconds{ChunkSecondsBounds()};
   };

@@ -425,6 +425,7 @@ StoreStats SessionStore::Stats() const {
   s.tokens_compressed_total = c.tokens.load();
   s.compress_seconds_total = static_cast<double>(c.nanos.load()) * 1e-9;
   s.pruner_rejected_total = c.rejected.load();
+  s.prune_failed_total = c.failed.load();
   s.pruner_queued = env_.pruner->queued();
   s.slab_reserved_bytes = static_cast<int64_t>(env_.pools->reserved_bytes());
   s.chunk_compress_seconds = c.chunk_seconds.Snapshot();

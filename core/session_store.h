@@ -89,6 +89,7 @@ struct StoreStats {
   int64_t tokens_compressed_total = 0;  // summed over layers
   double compress_seconds_total = 0;
   int64_t pruner_rejected_total = 0;         // jobs refused by the full queue (retried later)
+  int64_t prune_failed_total = 0;            // chunks the backend failed to compress
   int64_t pruner_queued = 0;                 // jobs waiting now
   int64_t slab_reserved_bytes = 0;           // chunk memory taken from the system
   HistogramSnapshot chunk_compress_seconds;  // per published chunk

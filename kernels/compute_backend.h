@@ -1,8 +1,9 @@
 // The seam between core/ and a device: a ComputeBackend owns every computation on its device
-// (today batched decode attention with the tail probabilities output-aware scoring needs; the
-// CPU backend also owns its worker threads and how a batch is split over them). core/ builds
-// a DecodeBatch from session snapshots and calls Decode once per batch; it never sees
-// threads, instruction sets or device memory.
+// (batched decode attention with the tail probabilities output-aware scoring needs, and the
+// top-k compression of a chunk's sections; the CPU backend also owns its worker threads and
+// how a decode batch is split over them). core/ builds a DecodeBatch from session snapshots
+// and calls Decode once per batch, and a CompressBatch per chunk; it never sees threads,
+// instruction sets or device memory.
 //
 // The registry (CreateComputeBackend) picks one by name: "auto", "cpu" or "cuda".
 //
@@ -13,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "kernels/compress_batch.h"
 #include "kernels/decode_batch.h"
 #include "kernels/status.h"
 
@@ -36,6 +38,10 @@ class ComputeBackend {
   // Runs every item of `batch`; returns when all outputs are written. InvalidArgument for an
   // item the backend cannot run (nothing is guaranteed written then).
   virtual KernelStatus Decode(const DecodeBatch& batch) const = 0;
+  // Compresses every job of `batch` (exact top-k per vector, ties to the lower index: the
+  // same bytes on every backend). The CPU backend runs it on the calling thread (the pruner's,
+  // at low priority), never on the decode workers.
+  virtual KernelStatus Compress(const CompressBatch& batch) const = 0;
 };
 
 struct ComputeBackendOptions {

@@ -57,6 +57,10 @@ class StoreCollector final : public prometheus::Collectable {
     out.push_back(HistogramFamily("sparsekv_prune_chunk_duration_seconds",
                                   "Time to compress and publish one chunk (background and Flush).",
                                   s.chunk_compress_seconds, {}));
+    out.push_back(Single("sparsekv_prune_failures_total",
+                         "Chunks the compute backend failed to compress (their rows stay dense).",
+                         prometheus::MetricType::Counter, static_cast<double>(s.prune_failed_total),
+                         {}));
     out.push_back(Single("sparsekv_pruner_rejected_total",
                          "Compression jobs refused by the full pruner queue (retried later).",
                          prometheus::MetricType::Counter,

@@ -123,6 +123,21 @@ class CpuComputeBackend final : public ComputeBackend {
     return KernelStatus::Ok();
   }
 
+  KernelStatus Compress(const CompressBatch& batch) const override {
+    for (int i = 0; i < batch.num_jobs; ++i) {
+      const CompressJob& j = batch.jobs[i];
+      if (!j.rows || !j.out || j.format.tokens < 1 || j.format.head_dim < 1) {
+        return KernelStatus::Error(KernelStatus::Code::kInvalidArgument,
+                                   "compress job " + std::to_string(i) + " is malformed");
+      }
+    }
+    for (int i = 0; i < batch.num_jobs; ++i) {
+      const CompressJob& j = batch.jobs[i];
+      CompressSection(j.format, j.rows, j.token_weights, j.channel_weights, j.out);
+    }
+    return KernelStatus::Ok();
+  }
+
  private:
   static void AssignUnits(const DecodeBatchItem& it, ItemPlan* plan) {
     const int64_t total = std::max<int64_t>(1, it.tokens);

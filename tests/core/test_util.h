@@ -69,17 +69,19 @@ inline std::vector<double> AttentionReference(const std::vector<double>& q,
 }
 
 // A session with its own environment (budget, one pruner thread, pools, decode threads);
-// `backend` null = kernels::CpuBackend().
+// `backend` null = kernels::CpuBackend(); `compute`, when given, replaces the CPU
+// ComputeBackend made from `backend`.
 struct Fixture {
   explicit Fixture(Layout layout, int64_t budget = 0, Policy policy = Policy(),
-                   const kernels::Backend* backend = nullptr) {
+                   const kernels::Backend* backend = nullptr,
+                   std::shared_ptr<const kernels::ComputeBackend> compute = nullptr) {
     env.budget = std::make_shared<MemoryBudget>(budget, 0);
     env.pruner = std::make_shared<BoundedExecutor>(1, 1024);
     env.pools = std::make_shared<SlabPoolSet>();
     kernels::ComputeBackendOptions cpu;
     cpu.threads = 2;
     cpu.cpu_variant = backend;
-    env.backend = kernels::MakeCpuComputeBackend(cpu);
+    env.backend = compute ? std::move(compute) : kernels::MakeCpuComputeBackend(cpu);
     SessionInfo info;
     info.id = "s";
     info.tenant = "t";
