@@ -134,15 +134,16 @@ void Handlers::DecodeAsync(const Caller& caller, const v1::DecodeRequest& req,
     done(std::move(st));
     return;
   }
-  // What the answer needs of each item once the batcher has taken the items.
+  // What the answer needs of each item once the batcher has taken the items. The q shape is
+  // unchecked here (the batcher's admission checks it): it is read only on success.
   struct Shape {
-    int64_t heads, dim;
+    std::vector<int64_t> q;
     bool want_lse, appended;
   };
   std::vector<Shape> shapes;
   shapes.reserve(items.size());
   for (const DecodeInput& in : items)
-    shapes.push_back({in.q.shape[0], in.q.shape[1], in.want_lse, !in.new_k.empty()});
+    shapes.push_back({in.q.shape, in.want_lse, !in.new_k.empty()});
   const uint64_t request_id = req.request_id();
   store_->SubmitDecode(
       std::move(items),
@@ -157,8 +158,9 @@ void Handlers::DecodeAsync(const Caller& caller, const v1::DecodeRequest& req,
           const DecodeOutput& o = outputs[i];
           const Shape& sh = shapes[i];
           v1::DecodeResult* r = out->add_results();
-          FloatsToTensor(o.out, {sh.heads, sh.dim}, out_dtype, r->mutable_out());
-          if (sh.want_lse) FloatsToTensor(o.lse, {sh.heads}, DType::kFloat32, r->mutable_lse());
+          // Admitted: q is [num_q_heads, head_dim].
+          FloatsToTensor(o.out, sh.q, out_dtype, r->mutable_out());
+          if (sh.want_lse) FloatsToTensor(o.lse, {sh.q[0]}, DType::kFloat32, r->mutable_lse());
           r->set_tokens_attended(o.tokens_attended);
           appended += sh.appended ? 1 : 0;
         }

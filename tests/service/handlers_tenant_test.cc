@@ -229,5 +229,24 @@ TEST_F(HandlersTenantTest, SessionQuotaPerTenant) {
   EXPECT_TRUE(Create(alpha_, "a-4").ok());  // a deleted session frees its place
 }
 
+// A query of the wrong rank is refused by the batcher's admission; the answer is built only
+// from admitted shapes (a one-dimensional q once read past its shape).
+TEST_F(HandlersTenantTest, DecodeRefusesAQueryOfTheWrongRank) {
+  ASSERT_TRUE(Create(alpha_, "q-rank").ok());
+  ASSERT_TRUE(Append(alpha_, "q-rank").ok());
+  for (const std::vector<int64_t>& shape :
+       {std::vector<int64_t>{kQ * kDim}, std::vector<int64_t>{1, kQ, kDim}}) {
+    v1::DecodeRequest req;
+    v1::DecodeItem* item = req.add_items();
+    item->set_session_id("q-rank");
+    *item->mutable_q() = F32(shape, &rng_);
+    v1::DecodeResponse out;
+    const absl::Status st = h_.Decode(alpha_, req, {}, &out);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    EXPECT_EQ(out.results_size(), 0);
+  }
+  EXPECT_TRUE(Decode(alpha_, "q-rank").ok());
+}
+
 }  // namespace
 }  // namespace sparsekv::service
