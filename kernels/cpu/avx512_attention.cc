@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/avx512_bf16_attention.h"
 #include "kernels/cpu/avx512_common.h"
 #include "kernels/cpu/avx512_fp16_attention.h"
 #include "kernels/cpu/row_source.h"
@@ -29,12 +30,14 @@ namespace sparsekv::kernels {
 
 bool Avx512AttentionCompiled() { return false; }
 bool Avx512Fp16ArithmeticAvailable() { return false; }
+bool Avx512Bf16ArithmeticAvailable() { return false; }
 void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {}
 
 #else
 
 bool Avx512AttentionCompiled() { return true; }
 bool Avx512Fp16ArithmeticAvailable() { return avx512_detail::Fp16ArithmeticAvailable(); }
+bool Avx512Bf16ArithmeticAvailable() { return avx512_detail::Bf16ArithmeticAvailable(); }
 
 namespace {
 
@@ -634,10 +637,21 @@ bool Fp16Rows(const SectionBlock& b, const Work& w) {
          (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
 }
 
+// Whether the bf16 dot-product score kernel takes this K section: fp16 or bf16 per-token or
+// dense rows.
+bool Bf16Rows(const SectionBlock& b, const Work& w) {
+  return w.bf16 && (b.dtype == DType::kFloat16 || b.dtype == DType::kBFloat16) &&
+         (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
+}
+
 SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) {
-  // The fp16 score kernel reports a non-finite result (fp16 overflow or non-finite input);
-  // the block's scores are then recomputed in fp32 (the V kernel falls back by itself).
-  if (!Fp16Rows(k, *w) || !Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)) RunSection<true>(k, w);
+  // The reduced-arithmetic score kernels report a non-finite result (overflow or non-finite
+  // input); the block's scores are then recomputed in fp32 (the V kernel falls back by itself).
+  const bool reduced_scores = Fp16Rows(k, *w) ? Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)
+                              : Bf16Rows(k, *w)
+                                  ? Bf16RowScores(MakeRowBlock(k, *w), k.rows, k.dtype, w)
+                                  : false;
+  if (!reduced_scores) RunSection<true>(k, w);
   const bool vh = Fp16Rows(v, *w);
   SoftmaxBlock(w, k.rows, vh);
   if (vh) {
@@ -755,6 +769,7 @@ void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState
   thread_local Work w;
   w.Reset(p);
   PrepareFp16(p, &w);
+  PrepareBf16(p, &w);
   RunAll(p, &w);
   state->Assign(p.group, p.head_dim, w.m.data(), w.l.data(), w.acc.data(), w.dpad);
 }

@@ -35,28 +35,10 @@ namespace {
 
 constexpr int kNonFinite = 0x99;  // vfpclass: QNaN | +inf | -inf | SNaN
 
-// How a block's rows are stored: compressed (expand by the bitmap words), dense with a partial
-// last word (head_dim % 32 != 0: masked loads there) or dense in whole words (plain loads, no
-// mask work in the row loops).
-enum RowKind { kSparseRows, kDenseRows, kFullRows };
-
-template <int kRows>
-SKV_INLINE uint32_t Mask(const RowBlock& rb, int r, int w) {
-  if (kRows == kFullRows) return 0xffffffffu;
-  return RowMask<kRows == kSparseRows>(rb, r, w);
-}
-
 // One 32-column word of a row as 32 fp16 lanes, zeros where the mask is clear.
 template <int kRows>
 SKV_AVX512FP16 SKV_INLINE __m512h Word(const uint8_t* p, uint32_t mask) {
-  if (kRows == kSparseRows) return _mm512_castsi512_ph(_mm512_maskz_expandloadu_epi16(mask, p));
-  if (kRows == kFullRows || mask == 0xffffffffu) return _mm512_castsi512_ph(_mm512_loadu_si512(p));
-  return _mm512_castsi512_ph(_mm512_maskz_loadu_epi16(mask, p));
-}
-
-template <int kRows>
-SKV_INLINE size_t WordBytes(uint32_t mask) {
-  return kRows == kSparseRows ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
+  return _mm512_castsi512_ph(Word16<kRows>(p, mask));
 }
 
 // ---- reduction of K partial sums, four heads at a time ----
@@ -433,16 +415,7 @@ SKV_AVX512FP16 bool Fp16RowScores(const RowBlock& rb, int rows, Work* w) {
   } else {
     ScoresAll<kDenseRows>(rb, rows, w);
   }
-  __mmask16 bad = 0;
-  for (int h = 0; h < w->group; ++h) {
-    const float* s = w->p.data() + h * kBlock;
-    for (int c = 0; c < rows; c += 16) {
-      const __mmask16 valid =
-          static_cast<__mmask16>(rows - c >= 16 ? 0xffffu : (1u << (rows - c)) - 1);
-      bad |= _mm512_mask_fpclass_ps_mask(valid, _mm512_loadu_ps(s + c), kNonFinite);
-    }
-  }
-  return bad == 0;
+  return ScoresFinite(*w, rows);
 }
 
 SKV_AVX512FP16 void Fp16RowValues(const RowBlock& rb, int rows, Work* w) {

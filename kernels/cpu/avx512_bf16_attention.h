@@ -1,0 +1,45 @@
+// bf16 dot-product score kernels of the AVX-512 decode attention (DecodeCompute::kBFloat16),
+// for fp16 and bf16 caches on CPUs with AVX512_BF16 (AMD Zen 4/5, Intel Cooper Lake, Sapphire
+// Rapids). Per-token and dense K rows only; V, per-channel sections and fp32 caches stay on the
+// fp32 path. Internal to avx512_attention.cc.
+//
+// Why: the fp32 sparse path is compute-bound (tests/bench/RESULTS.md section 1): per 32 columns
+// of a K row it spends an expand, an extract, two 2-uop conversions and 2 * group FMAs. With
+// vdpbf16ps the expanded word of a bf16 row feeds the dot products as it is (no conversion),
+// each instruction doing 32 multiplies into 16 fp32 lanes. On CPUs without AVX512-FP16 this is
+// the only packed arithmetic narrower than fp32.
+//
+// Numerics (measured in RESULTS.md section 12):
+//   bf16 caches: q * scale is split into bf16 hi + lo (|q - hi - lo| <= 2^-18 |q|) and each row
+//     word takes two vdpbf16ps per head. Products of bf16 values are exact in fp32 and the sums
+//     are fp32, so scores are within ~2^-18 relative of the fp32 path's.
+//   fp16 caches: K values are rounded to bf16 (8-bit significand, unit roundoff 2^-9) and q * scale
+//     too (one vdpbf16ps per head): each product carries two bf16 roundings, sums are fp32.
+// vdpbf16ps treats denormal inputs as zero; a bf16 denormal is below 1.2e-38, so this only
+// drops products far below any score that matters. A block with a non-finite score (inf/NaN
+// in q or K, or fp32 overflow) is recomputed in fp32, which gives the fp32 path's semantics.
+#ifndef SPARSEKV_KERNELS_CPU_AVX512_BF16_ATTENTION_H_
+#define SPARSEKV_KERNELS_CPU_AVX512_BF16_ATTENTION_H_
+
+#include "kernels/cpu/avx512_common.h"
+
+#ifdef SPARSEKV_HAVE_AVX512_VARIANT
+
+namespace sparsekv::kernels::avx512_detail {
+
+// Built with AVX512_BF16 intrinsics and the CPU has AVX512_BF16.
+bool Bf16ArithmeticAvailable();
+
+// Sets w->bf16 (after w->Reset(p)) when p asks for kBFloat16, the cache is fp16 or bf16 and
+// this build and CPU have AVX512_BF16; then fills w->qb_hi and w->qb_lo.
+void PrepareBf16(const DecodeAttentionParams& p, Work* w);
+
+// w->p[h, 0..rows) = bf16 dot-product scores of rb's rows (dtype: the cache's, fp16 or bf16)
+// for every head of the group. False when any score is non-finite: the caller recomputes the
+// block in fp32.
+bool Bf16RowScores(const RowBlock& rb, int rows, DType dtype, Work* w);
+
+}  // namespace sparsekv::kernels::avx512_detail
+
+#endif  // SPARSEKV_HAVE_AVX512_VARIANT
+#endif  // SPARSEKV_KERNELS_CPU_AVX512_BF16_ATTENTION_H_
