@@ -1,4 +1,4 @@
-"""Emulates the fp16-arithmetic decode kernel's roundings in numpy, on real q/k/v.
+"""Emulates the reduced-arithmetic decode kernels' roundings in numpy, on real q/k/v.
 
 This chose the design of kernels/cpu/avx512_fp16_attention.cc (tests/bench/RESULTS.md,
 section 1, "Numerics"). Every step that the kernel rounds to fp16 is rounded to fp16 here;
@@ -13,6 +13,12 @@ Candidates:
      allfp16     all five folds in fp16
   V  v16         weights rounded to fp16, p * v summed per 64-token block in fp16, blocks in
                  fp32 (the kernel)
+bf16 dot products (DecodeCompute::kBFloat16, kernels/cpu/avx512_bf16_attention.cc; V exact):
+  K  bf16        fp16 cache: K and q * scale rounded to bf16, exact products and sums (the
+                 kernel's fp32 sums of exact bf16 products add ~1e-7)
+     bf16split   bf16 cache (K/V stored as bf16, the reference too): q * scale = hi + lo, both
+                 bf16, K as stored (the kernel for bf16 caches)
+     bf16hi      bf16 cache, q * scale rounded to bf16 once (the split's alternative)
 
 Run (about 15 s; docs-byte-10m window 0, 512 tokens):
   /usr/bin/python3 tests/eval/fp16_arith_emulation.py
@@ -39,10 +45,27 @@ def r16(x):
     return np.asarray(x).astype(np.float16).astype(np.float64)
 
 
+def rb16(x):
+    """Round to bf16 (nearest even), as vcvtneps2bf16 does for finite values."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+BF16_MODES = [("bf16", "fp16"), ("bf16split", "bf16"), ("bf16hi", "bf16")]  # (K mode, storage)
+
+
 def scores(qs, K, mode):
     """qs [D] (scaled), K [T, D] (fp16 values); D a multiple of 32."""
     if mode == "exact":
         return K @ qs
+    if mode == "bf16":
+        return rb16(K) @ rb16(qs)
+    if mode == "bf16split":
+        hi = rb16(qs)
+        return K @ (hi + rb16(qs - hi))
+    if mode == "bf16hi":
+        return K @ rb16(qs)
     qh = r16(qs)
     if mode == "q16":
         return K @ qh
@@ -81,7 +104,7 @@ def main():
     m = L.load(os.path.join(L.MODELS, MODEL))
     x, _ = L.docs_window(L.docs_valid_stream(), 0)
     _, caps = L.capture_qkv(m, x[:512])
-    errs = {md: [] for md in MODES}
+    errs = {md: [] for md in MODES + BF16_MODES}
     for c in caps:
         q, k, v = c["q"], c["k"], c["v"]  # [T, heads, D]
         T, hq, d = q.shape
@@ -96,10 +119,25 @@ def main():
                 for md in MODES:
                     o = attend(qs, K, V, *md)
                     errs[md].append(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-30))
+                # bf16 caches: K/V stored as bf16, the reference over the same stored values.
+                Kb = np.pad(rb16(k[:t + 1, h // g]), ((0, 0), (0, pad)))
+                Vb = rb16(v[:t + 1, h // g])
+                refb = attend(qs, Kb, Vb, "exact", "exact")
+                for kmode, store in BF16_MODES:
+                    if store == "fp16":
+                        o, r = attend(qs, K, V, kmode, "exact"), ref
+                    else:
+                        o, r = attend(qs, Kb, Vb, kmode, "exact"), refb
+                    errs[(kmode, store)].append(
+                        np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
     print("%s, head_dim %d: attention-output relative error vs float64" % (MODEL, d))
     for md in MODES:
         e = np.array(errs[md])
         print("  K %-8s V %-5s mean %.2e  p90 %.2e  max %.2e"
+              % (md[0], md[1], e.mean(), np.percentile(e, 90), e.max()))
+    for md in BF16_MODES:
+        e = np.array(errs[md])
+        print("  K %-9s (%s cache) V exact mean %.2e  p90 %.2e  max %.2e"
               % (md[0], md[1], e.mean(), np.percentile(e, 90), e.max()))
     return 0
 
