@@ -347,7 +347,12 @@ SKV_AVX512 void ChannelValues(const uint8_t* bitmaps, const uint8_t* values, int
 // round_f16: p is rounded to fp16 before it is summed into l and also written to w->p16 as fp16
 // pairs, for the fp16 V kernel (the weights it multiplies with are then exactly the ones l
 // normalises).
-SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
+// bf16 / bf16_split: the same for the bf16 V kernel through Bf16Weights (bf16 pairs of rows;
+// with split, exact-to-2^-18 hi + lo pairs and p kept in fp32).
+enum class Weights { kFp32, kFp16, kBf16, kBf16Split };
+
+SKV_AVX512 void SoftmaxBlock(Work* w, int rows, Weights form) {
+  const bool round_f16 = form == Weights::kFp16;
   alignas(64) float bmax[16], alpha[16], mnew[16];
   for (int h0 = 0; h0 < w->group; h0 += 16) {
     const int hn = std::min(16, w->group - h0);
@@ -406,7 +411,11 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
         _mm512_storeu_ps(s + c, e);
         sum = _mm512_add_ps(sum, e);
       }
-      w->l[h] = w->l[h] * alpha[i] + _mm512_reduce_add_ps(sum);
+      const float total =
+          form == Weights::kBf16 || form == Weights::kBf16Split
+              ? Bf16Weights(s, w->p16.data() + h * kBlock, form == Weights::kBf16Split)
+              : _mm512_reduce_add_ps(sum);
+      w->l[h] = w->l[h] * alpha[i] + total;
       w->m[h] = mnew[i];
     }
   }
@@ -637,8 +646,7 @@ bool Fp16Rows(const SectionBlock& b, const Work& w) {
          (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
 }
 
-// Whether the bf16 dot-product score kernel takes this K section: fp16 or bf16 per-token or
-// dense rows.
+// Whether the bf16 dot-product kernels take this section: fp16 or bf16 per-token or dense rows.
 bool Bf16Rows(const SectionBlock& b, const Work& w) {
   return w.bf16 && (b.dtype == DType::kFloat16 || b.dtype == DType::kBFloat16) &&
          (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
@@ -653,9 +661,15 @@ SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) 
                                   : false;
   if (!reduced_scores) RunSection<true>(k, w);
   const bool vh = Fp16Rows(v, *w);
-  SoftmaxBlock(w, k.rows, vh);
+  const bool vb = !vh && Bf16Rows(v, *w);
+  SoftmaxBlock(w, k.rows,
+               vh   ? Weights::kFp16
+               : vb ? (v.dtype == DType::kBFloat16 ? Weights::kBf16Split : Weights::kBf16)
+                    : Weights::kFp32);
   if (vh) {
     Fp16RowValues(MakeRowBlock(v, *w), v.rows, w);
+  } else if (vb) {
+    Bf16RowValues(MakeRowBlock(v, *w), v.rows, v.dtype, w);
   } else {
     RunSection<false>(v, w);
   }

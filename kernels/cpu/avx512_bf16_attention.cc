@@ -22,6 +22,8 @@ namespace sparsekv::kernels::avx512_detail {
 bool Bf16ArithmeticAvailable() { return false; }
 void PrepareBf16(const DecodeAttentionParams&, Work* w) { w->bf16 = false; }
 bool Bf16RowScores(const RowBlock&, int, DType, Work*) { return false; }
+float Bf16Weights(float*, uint32_t*, bool) { return 0.0f; }
+void Bf16RowValues(const RowBlock&, int, DType, Work*) {}
 
 #else
 
@@ -130,6 +132,134 @@ SKV_AVX512BF16 void ScoresByRows(const RowBlock& rb, int rows, Work* w) {
   return ScoresAll<kDenseRows, kF16>(rb, rows, w);
 }
 
+// ---- values: two rows per vdpbf16ps ----
+// vdpbf16ps sums the two bf16 halves of each 32-bit lane, so the row pair (r, r + 1) is
+// interleaved per channel (vpunpck{l,h}wd: lane j holds channel c's values of both rows) and
+// multiplied by the broadcast pair (p_r, p_r+1): 2 * HT instructions per pair and word where
+// the fp32 kernel spends 4 * HT FMAs and two widenings per row.
+//
+// After vpunpcklwd / vpunpckhwd of a 32-channel word, fp32 lane 4L + j of the lo product holds
+// channel 8L + j and of the hi product channel 8L + 4 + j (L the 128-bit lane, j < 4); these
+// indices put channels 0-15 and 16-31 back in order.
+SKV_AVX512BF16 SKV_INLINE void Deinterleave(__m512 lo, __m512 hi, __m512* c0, __m512* c1) {
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  *c0 = _mm512_permutex2var_ps(lo, i0, hi);
+  *c1 = _mm512_permutex2var_ps(lo, i1, hi);
+}
+
+// acc[h, 32*w0 .. 32*(w0+NW)) += sum_r p[h, r] * v_r, fp32 sums of exact bf16 products. An odd
+// last row is paired with zeros (not with itself: 0 * inf would make a NaN the fp32 path has
+// not). Each row's cursor is found from its bitmap as the row is read (as in the fp16 kernel).
+template <int kRows, bool kF16, bool kSplit, int HT, int NW>
+SKV_AVX512BF16 void ValuesSlice(const RowBlock& rb, int rows, int w0, const uint32_t* p16,
+                                float* acc, int dpad, Prefetcher* pfp) {
+  Prefetcher pf = *pfp;
+  __m512 a[HT][2 * NW];
+#pragma GCC unroll 16
+  for (int h = 0; h < HT; ++h)
+#pragma GCC unroll 16
+    for (int z = 0; z < 2 * NW; ++z) a[h][z] = _mm512_setzero_ps();
+  const int step = std::max(1, Prefetcher::kUnitsPerRow * NW / rb.words);
+  for (int r = 0; r < rows; r += 2) {
+    pf.Step(2 * step);
+    if (w0 == 0) {
+      PrefetchRowL1<kRows == kSparseRows, kRows == kSparseRows ? kRowLinesSparse : kRowLinesDense>(
+          rb, r + kL1Ahead);
+      PrefetchRowL1<kRows == kSparseRows, kRows == kSparseRows ? kRowLinesSparse : kRowLinesDense>(
+          rb, r + 1 + kL1Ahead);
+    }
+    const bool twin = r + 1 < rows;
+    const uint8_t* p0 = RowCursor<kRows>(rb, r, w0);
+    const uint8_t* p1 = RowCursor<kRows>(rb, twin ? r + 1 : r, w0);
+    __m512bh lo[NW], hi[NW];
+#pragma GCC unroll 16
+    for (int z = 0; z < NW; ++z) {
+      const uint32_t m0 = Mask<kRows>(rb, r, w0 + z);
+      const uint32_t m1 = twin ? Mask<kRows>(rb, r + 1, w0 + z) : 0u;
+      const __m512i x0 = (__m512i)AsBf16<kF16>(Word16<kRows>(p0, m0));
+      const __m512i x1 =
+          twin ? (__m512i)AsBf16<kF16>(Word16<kRows>(p1, m1)) : _mm512_setzero_si512();
+      p0 += WordBytes<kRows>(m0);
+      p1 += WordBytes<kRows>(m1);
+      lo[z] = (__m512bh)_mm512_unpacklo_epi16(x0, x1);
+      hi[z] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < HT; ++h) {
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(p16[h * kBlock + r / 2]));
+#pragma GCC unroll 16
+      for (int z = 0; z < NW; ++z) {
+        a[h][2 * z] = _mm512_dpbf16_ps(a[h][2 * z], lo[z], pp);
+        a[h][2 * z + 1] = _mm512_dpbf16_ps(a[h][2 * z + 1], hi[z], pp);
+      }
+      if (kSplit) {
+        const __m512bh pl =
+            (__m512bh)_mm512_set1_epi32(static_cast<int>(p16[h * kBlock + 32 + r / 2]));
+#pragma GCC unroll 16
+        for (int z = 0; z < NW; ++z) {
+          a[h][2 * z] = _mm512_dpbf16_ps(a[h][2 * z], lo[z], pl);
+          a[h][2 * z + 1] = _mm512_dpbf16_ps(a[h][2 * z + 1], hi[z], pl);
+        }
+      }
+    }
+  }
+  *pfp = pf;
+#pragma GCC unroll 16
+  for (int h = 0; h < HT; ++h) {
+#pragma GCC unroll 16
+    for (int z = 0; z < NW; ++z) {
+      __m512 c0, c1;
+      Deinterleave(a[h][2 * z], a[h][2 * z + 1], &c0, &c1);
+      float* o = acc + h * dpad + 32 * (w0 + z);
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), c0));
+      _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), c1));
+    }
+  }
+}
+
+// Up to NW words per pass, as many as keep the 2 * HT * NW accumulators and the row words in
+// the 32 zmm registers.
+template <int kRows, bool kF16, bool kSplit, int HT, int NW>
+SKV_AVX512BF16 void ValuesTile(const RowBlock& rb, int rows, const uint32_t* p16, float* acc,
+                               int dpad, Prefetcher* pf) {
+  int w0 = 0;
+  if constexpr (NW >= 4) {
+    for (; w0 + 4 <= rb.words; w0 += 4)
+      ValuesSlice<kRows, kF16, kSplit, HT, 4>(rb, rows, w0, p16, acc, dpad, pf);
+  }
+  if constexpr (NW >= 2) {
+    for (; w0 + 2 <= rb.words; w0 += 2)
+      ValuesSlice<kRows, kF16, kSplit, HT, 2>(rb, rows, w0, p16, acc, dpad, pf);
+  }
+  for (; w0 < rb.words; ++w0)
+    ValuesSlice<kRows, kF16, kSplit, HT, 1>(rb, rows, w0, p16, acc, dpad, pf);
+}
+
+template <int kRows, bool kF16>
+SKV_AVX512BF16 void ValuesAll(const RowBlock& rb, int rows, Work* w) {
+  constexpr bool kSplit = !kF16;  // as for K: only bf16 caches are exact enough to need it
+  for (int h0 = 0; h0 < w->group;) {
+    const int ht = Tile(w->group - h0, 8);
+    const uint32_t* p16 = w->p16.data() + h0 * kBlock;
+    float* acc = w->acc.data() + h0 * w->dpad;
+    WithTile(ht, [&](auto tile) {
+      constexpr int HT = decltype(tile)::value;
+      constexpr int NW = HT >= 8 ? 1 : HT >= 3 ? 2 : 4;
+      ValuesTile<kRows, kF16, kSplit, HT, NW>(rb, rows, p16, acc, w->dpad, &w->pf);
+    });
+    h0 += ht;
+  }
+}
+
+template <bool kF16>
+SKV_AVX512BF16 void ValuesByRows(const RowBlock& rb, int rows, Work* w) {
+  if (rb.bitmaps != nullptr) return ValuesAll<kSparseRows, kF16>(rb, rows, w);
+  if (rb.dense_mask[rb.words - 1] == 0xffffffffu) return ValuesAll<kFullRows, kF16>(rb, rows, w);
+  return ValuesAll<kDenseRows, kF16>(rb, rows, w);
+}
+
 // bf16 value of 16 floats, widened back to fp32 (exact).
 SKV_AVX512BF16 SKV_INLINE __m512 Bf16Float(__m256bh b) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
@@ -156,6 +286,7 @@ SKV_AVX512BF16 void PrepareBf16(const DecodeAttentionParams& p, Work* w) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w->qb_hi.data() + i), (__m256i)hi);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w->qb_lo.data() + i), (__m256i)lo);
   }
+  w->p16.assign(static_cast<size_t>(w->group) * kBlock, 0u);
   w->bf16 = true;
 }
 
@@ -166,6 +297,31 @@ SKV_AVX512BF16 bool Bf16RowScores(const RowBlock& rb, int rows, DType dtype, Wor
     ScoresByRows<false>(rb, rows, w);
   }
   return ScoresFinite(*w, rows);
+}
+
+SKV_AVX512BF16 float Bf16Weights(float* s, uint32_t* pairs, bool split) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < kBlock; c += 16) {
+    const __m512 e = _mm512_loadu_ps(s + c);
+    const __m256bh hi = _mm512_cvtneps_pbh(e);
+    // 16 bf16 weights = 8 pairs of consecutive rows, one per 32-bit word.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + c / 2), (__m256i)hi);
+    if (split) {
+      const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(e, Bf16Float(hi)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 32 + c / 2), (__m256i)lo);
+      sum = _mm512_add_ps(sum, e);
+    } else {
+      const __m512 r = Bf16Float(hi);
+      _mm512_storeu_ps(s + c, r);
+      sum = _mm512_add_ps(sum, r);
+    }
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+SKV_AVX512BF16 void Bf16RowValues(const RowBlock& rb, int rows, DType dtype, Work* w) {
+  if (dtype == DType::kFloat16) return ValuesByRows<true>(rb, rows, w);
+  ValuesByRows<false>(rb, rows, w);
 }
 
 #endif  // SPARSEKV_HAVE_BF16_ARITHMETIC

@@ -39,6 +39,16 @@ void PrepareBf16(const DecodeAttentionParams& p, Work* w);
 // block in fp32.
 bool Bf16RowScores(const RowBlock& rb, int rows, DType dtype, Work* w);
 
+// Rounds one head's block weights s[0..kBlock) (exp(score - m), zero past the rows) for the
+// bf16 V kernel: writes them as bf16 pairs of consecutive rows to pairs[0..32) and, when
+// `split`, the rounding remainders' pairs to pairs[32..64). Without split s is rounded in
+// place, so that l sums exactly the weights the kernel multiplies with. Returns the sum of s.
+float Bf16Weights(float* s, uint32_t* pairs, bool split);
+
+// w->acc += p . V over rb's rows (dtype: fp16 or bf16) from the pairs Bf16Weights wrote to
+// w->p16; bf16 caches use the lo pairs too.
+void Bf16RowValues(const RowBlock& rb, int rows, DType dtype, Work* w);
+
 }  // namespace sparsekv::kernels::avx512_detail
 
 #endif  // SPARSEKV_HAVE_AVX512_VARIANT

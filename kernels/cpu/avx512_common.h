@@ -77,7 +77,9 @@ struct Work {
   std::vector<uint16_t> q16;
   std::vector<uint32_t> p16;
   // bf16 dot products (DecodeCompute::kBFloat16, avx512_bf16_attention.cc): q * scale as bf16
-  // hi + lo parts [group, dpad] each (lo: q - hi rounded again; used for bf16 caches).
+  // hi + lo parts [group, dpad] each (lo: q - hi rounded again; used for bf16 caches). p16
+  // then holds the V weights as bf16 pairs of consecutive rows: [group, kBlock], per head 32
+  // hi pairs, then 32 lo pairs (p - hi rounded again; bf16 caches only).
   bool bf16 = false;
   std::vector<uint16_t> qb_hi, qb_lo;
 
@@ -143,6 +145,28 @@ SKV_AVX512 SKV_INLINE __m512i Word16(const uint8_t* p, uint32_t mask) {
 template <int kRows>
 SKV_INLINE size_t WordBytes(uint32_t mask) {
   return kRows == kSparseRows ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
+}
+
+// Popcount of a row's first n bitmap words: where word n's packed values start.
+SKV_INLINE size_t PrefixCount(const uint8_t* bm, int n) {
+  size_t c = 0;
+  int i = 0;
+  for (; i + 2 <= n; i += 2) {
+    uint64_t x;
+    std::memcpy(&x, bm + 4 * i, sizeof(x));
+    c += static_cast<size_t>(__builtin_popcountll(x));
+  }
+  if (i < n) c += static_cast<size_t>(__builtin_popcount(Load32(bm + 4 * i)));
+  return c;
+}
+
+// Cursor of row r at word w0.
+template <int kRows>
+SKV_INLINE const uint8_t* RowCursor(const RowBlock& rb, int r, int w0) {
+  const uint8_t* ptr = rb.values + r * rb.val_stride;
+  if (w0 == 0) return ptr;
+  return ptr +
+         (kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0);
 }
 
 // Calls f(std::integral_constant<int, W>) with W = words when it is one of the unrolled word

@@ -226,28 +226,6 @@ SKV_AVX512FP16 void ScoresAll(const RowBlock& rb, int rows, Work* w) {
   }
 }
 
-// Popcount of a row's first n bitmap words: where word n's packed values start.
-SKV_INLINE size_t PrefixCount(const uint8_t* bm, int n) {
-  size_t c = 0;
-  int i = 0;
-  for (; i + 2 <= n; i += 2) {
-    uint64_t x;
-    std::memcpy(&x, bm + 4 * i, sizeof(x));
-    c += static_cast<size_t>(__builtin_popcountll(x));
-  }
-  if (i < n) c += static_cast<size_t>(__builtin_popcount(Load32(bm + 4 * i)));
-  return c;
-}
-
-// Cursor of row r at word w0.
-template <int kRows>
-SKV_INLINE const uint8_t* RowCursor(const RowBlock& rb, int r, int w0) {
-  const uint8_t* ptr = rb.values + r * rb.val_stride;
-  if (w0 == 0) return ptr;
-  return ptr +
-         (kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0);
-}
-
 // The fp32 recomputation of one slice (rare: an fp16 partial sum overflowed, or the inputs are
 // not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h, r] * v_r, in the fp32 kernel's order
 // of operations (row by row, fused multiply-adds), so it matches that kernel.
