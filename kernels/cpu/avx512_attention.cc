@@ -413,7 +413,8 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows, Weights form) {
       }
       const float total =
           form == Weights::kBf16 || form == Weights::kBf16Split
-              ? Bf16Weights(s, w->p16.data() + h * kBlock, form == Weights::kBf16Split)
+              ? Bf16Weights(s, w->p16.data() + h * kBlock,
+                            form == Weights::kBf16Split ? DType::kBFloat16 : DType::kFloat16)
               : _mm512_reduce_add_ps(sum);
       w->l[h] = w->l[h] * alpha[i] + total;
       w->m[h] = mnew[i];

@@ -40,10 +40,11 @@ void PrepareBf16(const DecodeAttentionParams& p, Work* w);
 bool Bf16RowScores(const RowBlock& rb, int rows, DType dtype, Work* w);
 
 // Rounds one head's block weights s[0..kBlock) (exp(score - m), zero past the rows) for the
-// bf16 V kernel: writes them as bf16 pairs of consecutive rows to pairs[0..32) and, when
-// `split`, the rounding remainders' pairs to pairs[32..64). Without split s is rounded in
-// place, so that l sums exactly the weights the kernel multiplies with. Returns the sum of s.
-float Bf16Weights(float* s, uint32_t* pairs, bool split);
+// bf16 V kernel over rows of `dtype`: writes them as bf16 pairs of consecutive rows to
+// pairs[0..32) and, for bf16 rows, the rounding remainders' pairs to pairs[32..64). For fp16
+// rows s is rounded in place instead, so that l sums exactly the weights the kernel multiplies
+// with. Returns the sum of s.
+float Bf16Weights(float* s, uint32_t* pairs, DType dtype);
 
 // w->acc += p . V over rb's rows (dtype: fp16 or bf16) from the pairs Bf16Weights wrote to
 // w->p16; bf16 caches use the lo pairs too.

@@ -226,30 +226,6 @@ SKV_AVX512FP16 void ScoresAll(const RowBlock& rb, int rows, Work* w) {
   }
 }
 
-// The fp32 recomputation of one slice (rare: an fp16 partial sum overflowed, or the inputs are
-// not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h, r] * v_r, in the fp32 kernel's order
-// of operations (row by row, fused multiply-adds), so it matches that kernel.
-template <int kRows>
-SKV_AVX512FP16 void SliceFp32(const RowBlock& rb, int rows, int w0, int nw, int ht, const float* p,
-                              float* acc, int dpad) {
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* ptr = RowCursor<kRows>(rb, r, w0);
-    for (int z = 0; z < nw; ++z) {
-      const uint32_t m = Mask<kRows>(rb, r, w0 + z);
-      const __m512i x = _mm512_castph_si512(Word<kRows>(ptr, m));
-      ptr += WordBytes<kRows>(m);
-      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
-      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
-      for (int h = 0; h < ht; ++h) {
-        const __m512 pb = _mm512_set1_ps(p[h * kBlock + r]);
-        float* o = acc + h * dpad + 32 * (w0 + z);
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(pb, lo, _mm512_loadu_ps(o)));
-        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(pb, hi, _mm512_loadu_ps(o + 16)));
-      }
-    }
-  }
-}
-
 // acc[h, 32*w0 .. 32*(w0+NW)) += sum_r p[h, r] * v_r, the sum in fp16, widened to fp32 once
 // per block. p16 holds each weight twice per 32-bit word, so that a plain 32-bit broadcast (a
 // load-port operation) fills all 32 lanes. Each row's cursor is found from its bitmap as the
