@@ -171,8 +171,8 @@ SKV_AVX512BF16 SKV_INLINE void Deinterleave(__m512 lo, __m512 hi, __m512* c0, __
 // acc[h, 32*w0 .. 32*(w0+NW)) += sum_r p[h, r] * v_r, fp32 sums of exact bf16 products. An odd
 // last row is paired with zeros (not with itself: 0 * inf would make a NaN the fp32 path has
 // not). Each row's cursor is found from its bitmap as the row is read (as in the fp16 kernel).
-// A slice of fp16 rows with inf or NaN is recomputed in fp32 from p (the same weights as
-// floats).
+// A slice with inf or NaN in its rows (fp16) or sums (bf16) is recomputed in fp32 from p (the
+// same weights as floats).
 template <int kRows, bool kF16, bool kSplit, int HT, int NW>
 SKV_AVX512BF16 void ValuesSlice(const RowBlock& rb, int rows, int w0, const uint32_t* p16,
                                 const float* p, float* acc, int dpad, Prefetcher* pfp) {
@@ -228,8 +228,16 @@ SKV_AVX512BF16 void ValuesSlice(const RowBlock& rb, int rows, int w0, const uint
     }
   }
   *pfp = pf;
-  if (kF16 && __builtin_expect(bad != 0, 0)) {
-    SliceFp32<kRows>(rb, rows, w0, NW, HT, p, acc, dpad);
+  if (!kF16) {
+    // bf16 rows carry inf and NaN through vdpbf16ps, but p's lo part can be an exact zero
+    // where fp32's weight is not: inf * 0 would be a NaN where fp32 has inf.
+#pragma GCC unroll 16
+    for (int h = 0; h < HT; ++h)
+#pragma GCC unroll 16
+      for (int z = 0; z < 2 * NW; ++z) bad |= _mm512_fpclass_ps_mask(a[h][z], 0x99);
+  }
+  if (__builtin_expect(bad != 0, 0)) {
+    SliceFp32<kRows, !kF16>(rb, rows, w0, NW, HT, p, acc, dpad);
     return;
   }
 #pragma GCC unroll 16

@@ -169,11 +169,11 @@ SKV_INLINE const uint8_t* RowCursor(const RowBlock& rb, int r, int w0) {
          (kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0);
 }
 
-// The fp32 recomputation of one slice of fp16 rows (rare: a reduced-arithmetic partial sum
-// overflowed, or the inputs are not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h, r] * v_r, in
-// the fp32 kernel's order of operations (row by row, fused multiply-adds), so it matches that
-// kernel.
-template <int kRows>
+// The fp32 recomputation of one slice of fp16 (or, kBf16, bf16) rows (rare: a reduced-arithmetic
+// partial sum overflowed, or the inputs are not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h,
+// r] * v_r, in the fp32 kernel's order of operations (row by row, fused multiply-adds), so it
+// matches that kernel.
+template <int kRows, bool kBf16 = false>
 SKV_AVX512 void SliceFp32(const RowBlock& rb, int rows, int w0, int nw, int ht, const float* p,
                           float* acc, int dpad) {
   for (int r = 0; r < rows; ++r) {
@@ -182,8 +182,13 @@ SKV_AVX512 void SliceFp32(const RowBlock& rb, int rows, int w0, int nw, int ht, 
       const uint32_t m = Mask<kRows>(rb, r, w0 + z);
       const __m512i x = Word16<kRows>(ptr, m);
       ptr += WordBytes<kRows>(m);
-      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
-      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
+      const __m256i x0 = _mm512_castsi512_si256(x), x1 = _mm512_extracti64x4_epi64(x, 1);
+      const __m512 lo = kBf16
+                            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x0), 16))
+                            : _mm512_cvtph_ps(x0);
+      const __m512 hi = kBf16
+                            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x1), 16))
+                            : _mm512_cvtph_ps(x1);
       for (int h = 0; h < ht; ++h) {
         const __m512 pb = _mm512_set1_ps(p[h * kBlock + r]);
         float* o = acc + h * dpad + 32 * (w0 + z);

@@ -222,6 +222,50 @@ TEST(Bf16ArithmeticTest, NanInQueryPropagates) {
   }
 }
 
+// inf or NaN in K or V, compressed or dense: the outputs that are non-finite in fp32 are
+// non-finite here too, in the same places and kinds (fp16 caches detect them in the integer
+// conversion and recompute in fp32; in bf16 caches they propagate through vdpbf16ps).
+TEST(Bf16ArithmeticTest, NonFiniteCacheValuesMatchFp32) {
+  const Backend& b = CpuBackend();
+  if (!b.Bf16Arithmetic()) GTEST_SKIP() << b.variant() << ": no AVX512_BF16 on this CPU";
+  std::mt19937 rng(19);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  auto g = [&] { return n01(rng); };
+  const float inf = std::numeric_limits<float>::infinity();
+  for (DType dt : {DType::kFloat16, DType::kBFloat16}) {
+    for (float bad : {NAN, inf, -inf}) {
+      for (int where = 0; where < 4; ++where) {  // K dense, V dense, K compressed, V compressed
+        SCOPED_TRACE(std::string(DTypeName(dt)) + " value " + std::to_string(bad) + " where " +
+                     std::to_string(where));
+        Problem pr;
+        Build({4, 64, 1, 64, 3, SectionKind::kPerToken, SectionKind::kPerToken, 0.5, dt}, g, g, g,
+              &pr);
+        if (where == 0) StoreFromFloat(dt, pr.kd.data(), 64 + 7, bad);
+        if (where == 1) StoreFromFloat(dt, pr.vd.data(), 64 + 7, bad);
+        // The first kept value of chunk row 0 (K) or 5 (V): values follow the 64 rows' bitmaps.
+        const size_t values = pr.p.k_format.bitmap_bytes();
+        if (where == 2) StoreFromFloat(dt, pr.secs[0].data() + values, 0, bad);
+        if (where == 3) StoreFromFloat(dt, pr.secs[1].data() + values, 5 * pr.p.v_format.k, bad);
+        std::vector<float> a, la, c, lc;
+        RunDecode(b, pr.p, DecodeCompute::kFloat32, 1, &a, &la);
+        RunDecode(b, pr.p, DecodeCompute::kBFloat16, 1, &c, &lc);
+        int non_finite = 0;
+        for (size_t i = 0; i < a.size(); ++i) {
+          non_finite += !std::isfinite(a[i]);
+          EXPECT_EQ(std::isnan(a[i]), std::isnan(c[i])) << i;
+          if (std::isinf(a[i])) {
+            EXPECT_EQ(a[i], c[i]) << i;
+          }
+        }
+        // -inf in K may only mask a token out; the others always reach some output.
+        if (std::isnan(bad) || where % 2 == 1) {
+          EXPECT_GT(non_finite, 0);
+        }
+      }
+    }
+  }
+}
+
 // NaN in a K row of the dense span: every head's score of that token is NaN, so every output
 // is NaN, as in fp32.
 TEST(Bf16ArithmeticTest, NanInKeysPropagates) {
