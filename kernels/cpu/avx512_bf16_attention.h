@@ -1,23 +1,27 @@
-// bf16 dot-product score kernels of the AVX-512 decode attention (DecodeCompute::kBFloat16),
-// for fp16 and bf16 caches on CPUs with AVX512_BF16 (AMD Zen 4/5, Intel Cooper Lake, Sapphire
-// Rapids). Per-token and dense K rows only; V, per-channel sections and fp32 caches stay on the
-// fp32 path. Internal to avx512_attention.cc.
+// bf16 dot-product kernels of the AVX-512 decode attention (DecodeCompute::kBFloat16), for
+// fp16 and bf16 caches on CPUs with AVX512_BF16 (AMD Zen 4/5, Intel Cooper Lake, Sapphire
+// Rapids): q . K and p . V of per-token and dense rows. Per-channel sections and fp32 caches
+// stay on the fp32 path. Internal to avx512_attention.cc.
 //
-// Why: the fp32 sparse path is compute-bound (tests/bench/RESULTS.md section 1): per 32 columns
-// of a K row it spends an expand, an extract, two 2-uop conversions and 2 * group FMAs. With
-// vdpbf16ps the expanded word of a bf16 row feeds the dot products as it is (no conversion),
-// each instruction doing 32 multiplies into 16 fp32 lanes. On CPUs without AVX512-FP16 this is
-// the only packed arithmetic narrower than fp32.
+// Why: the fp32 sparse path is compute-bound (tests/bench/RESULTS.md sections 1 and 12): per 32
+// columns of a row it spends an expand, an extract, two 2-uop conversions and 2 * group FMAs.
+// vdpbf16ps does 32 multiplies into 16 fp32 lanes and takes the expanded word of a bf16 row as
+// it is; on CPUs without AVX512-FP16 it is the only packed arithmetic narrower than fp32.
+//   K: one vdpbf16ps per head and row word (two with q's hi + lo split).
+//   V: two rows per vdpbf16ps: their words interleaved per channel, times the weight pair.
+//   fp16 rows become bf16 through integer instructions (AsBf16 in the .cc: the value is
+//   x * 2^-112, folded into q and the weights).
 //
 // Numerics (measured in RESULTS.md section 12):
-//   bf16 caches: q * scale is split into bf16 hi + lo (|q - hi - lo| <= 2^-18 |q|) and each row
-//     word takes two vdpbf16ps per head. Products of bf16 values are exact in fp32 and the sums
-//     are fp32, so scores are within ~2^-18 relative of the fp32 path's.
-//   fp16 caches: K values are rounded to bf16 (8-bit significand, unit roundoff 2^-9) and q * scale
-//     too (one vdpbf16ps per head): each product carries two bf16 roundings, sums are fp32.
-// vdpbf16ps treats denormal inputs as zero; a bf16 denormal is below 1.2e-38, so this only
-// drops products far below any score that matters. A block with a non-finite score (inf/NaN
-// in q or K, or fp32 overflow) is recomputed in fp32, which gives the fp32 path's semantics.
+//   bf16 caches: q * scale and the softmax weights are split into bf16 hi + lo (error <= 2^-18
+//     relative); products of bf16 values are exact in fp32 and every sum is fp32, so results are
+//     within a few 1e-6 of the fp32 path's.
+//   fp16 caches: K and V are rounded to bf16 (8-bit significand, unit roundoff 2^-9), as are
+//     q * scale and the weights (l sums the rounded weights, so they stay normalised); fp16
+//     subnormals (|x| < 6.1e-5) count as zero. Output error ~3e-3 relative on real K/V.
+// vdpbf16ps treats denormal inputs as zero; otherwise only values below 1.2e-38 are affected.
+// A K block with a non-finite score (inf/NaN in q or K, or fp32 overflow) and a V slice with
+// inf/NaN are recomputed in fp32, which gives the fp32 path's semantics.
 #ifndef SPARSEKV_KERNELS_CPU_AVX512_BF16_ATTENTION_H_
 #define SPARSEKV_KERNELS_CPU_AVX512_BF16_ATTENTION_H_
 
