@@ -655,7 +655,7 @@ bool Bf16Rows(const SectionBlock& b, const Work& w) {
 
 SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) {
   // The reduced-arithmetic score kernels report a non-finite result (overflow or non-finite
-  // input); the block's scores are then recomputed in fp32 (the V kernel falls back by itself).
+  // input); the block's scores are then recomputed in fp32 (the V kernels fall back by themselves).
   const bool reduced_scores = Fp16Rows(k, *w) ? Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)
                               : Bf16Rows(k, *w)
                                   ? Bf16RowScores(MakeRowBlock(k, *w), k.rows, k.dtype, w)

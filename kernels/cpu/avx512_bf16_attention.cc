@@ -1,11 +1,11 @@
-// bf16 dot-product score kernels. See avx512_bf16_attention.h for the contract and numerics.
+// bf16 dot-product kernels. See avx512_bf16_attention.h for the contract and numerics.
 #include "kernels/cpu/avx512_bf16_attention.h"
 
 #include "kernels/cpu/cpu_features.h"
 
 #ifdef SPARSEKV_HAVE_AVX512_VARIANT
 
-// The AVX512_BF16 intrinsics used here (_mm512_dpbf16_ps, _mm512_cvtne2ps_pbh) are in GCC 10
+// The AVX512_BF16 intrinsics used here (_mm512_dpbf16_ps, _mm512_cvtneps_pbh) are in GCC 10
 // and Clang 9; older compilers build without this path (PrepareBf16 then leaves calls fp32).
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
 #define SPARSEKV_HAVE_BF16_ARITHMETIC 1
