@@ -30,8 +30,13 @@ struct ChunkRef {
 // default). kFloat16: for fp16 caches on CPUs with AVX512-FP16, products and short partial sums
 // (at most head_dim / 32 terms per lane for K, one 64-token block for V) in fp16, everything
 // longer in fp32; about 2.5x less compute, attention-output error ~1e-3 relative (see
-// tests/bench/RESULTS.md). A request the hardware or dtype cannot serve runs kFloat32.
-enum class DecodeCompute { kFloat32 = 0, kFloat16 = 1 };
+// tests/bench/RESULTS.md). kBFloat16: for fp16 and bf16 caches on CPUs with AVX512_BF16
+// (AMD Zen 4/5 and Intel CPUs without AVX512-FP16 among them), q . K and p . V as bf16 dot
+// products with fp32 sums (kernels/cpu/avx512_bf16_attention.h). bf16 caches stay within a few
+// 1e-6 of fp32 (q and the weights are split into two bf16 parts); fp16 caches have K, V, q and
+// the weights rounded to bf16, ~3e-3 relative error on real K/V (RESULTS.md section 12). A
+// request the hardware or dtype cannot serve runs kFloat32.
+enum class DecodeCompute { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Parameters of one decode attention call. The cache is the chunks followed by the spans
 // (order does not change the result).

@@ -30,6 +30,9 @@ class Backend {
   // Whether DecodeCompute::kFloat16 takes effect here (for fp16 caches); when false such
   // requests run in fp32.
   virtual bool Fp16Arithmetic() const { return false; }
+  // Whether DecodeCompute::kBFloat16 takes effect here (for fp16 and bf16 caches); when false
+  // such requests run in fp32.
+  virtual bool Bf16Arithmetic() const { return false; }
 };
 
 // Partial + finalize: writes p.out and p.lse.

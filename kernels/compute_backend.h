@@ -33,6 +33,9 @@ class ComputeBackend {
   virtual std::string features() const = 0;
   // Whether DecodeCompute::kFloat16 takes effect (for fp16 caches).
   virtual bool Fp16Arithmetic() const = 0;
+  // Whether DecodeCompute::kBFloat16 takes effect (for fp16 and bf16 caches). Not pure, so that
+  // backends without reduced arithmetic need not say so.
+  virtual bool Bf16Arithmetic() const { return false; }
   // Worker threads a Decode may use besides the caller (0: the caller alone).
   virtual int threads() const = 0;
   // Runs every item of `batch`; returns when all outputs are written. InvalidArgument for an

@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/avx512_bf16_attention.h"
 #include "kernels/cpu/avx512_common.h"
 #include "kernels/cpu/avx512_fp16_attention.h"
 #include "kernels/cpu/row_source.h"
@@ -29,12 +30,14 @@ namespace sparsekv::kernels {
 
 bool Avx512AttentionCompiled() { return false; }
 bool Avx512Fp16ArithmeticAvailable() { return false; }
+bool Avx512Bf16ArithmeticAvailable() { return false; }
 void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state) {}
 
 #else
 
 bool Avx512AttentionCompiled() { return true; }
 bool Avx512Fp16ArithmeticAvailable() { return avx512_detail::Fp16ArithmeticAvailable(); }
+bool Avx512Bf16ArithmeticAvailable() { return avx512_detail::Bf16ArithmeticAvailable(); }
 
 namespace {
 
@@ -344,7 +347,12 @@ SKV_AVX512 void ChannelValues(const uint8_t* bitmaps, const uint8_t* values, int
 // round_f16: p is rounded to fp16 before it is summed into l and also written to w->p16 as fp16
 // pairs, for the fp16 V kernel (the weights it multiplies with are then exactly the ones l
 // normalises).
-SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
+// bf16 / bf16_split: the same for the bf16 V kernel through Bf16Weights (bf16 pairs of rows;
+// with split, exact-to-2^-18 hi + lo pairs and p kept in fp32).
+enum class Weights { kFp32, kFp16, kBf16, kBf16Split };
+
+SKV_AVX512 void SoftmaxBlock(Work* w, int rows, Weights form) {
+  const bool round_f16 = form == Weights::kFp16;
   alignas(64) float bmax[16], alpha[16], mnew[16];
   for (int h0 = 0; h0 < w->group; h0 += 16) {
     const int hn = std::min(16, w->group - h0);
@@ -403,7 +411,12 @@ SKV_AVX512 void SoftmaxBlock(Work* w, int rows, bool round_f16) {
         _mm512_storeu_ps(s + c, e);
         sum = _mm512_add_ps(sum, e);
       }
-      w->l[h] = w->l[h] * alpha[i] + _mm512_reduce_add_ps(sum);
+      const float total =
+          form == Weights::kBf16 || form == Weights::kBf16Split
+              ? Bf16Weights(s, w->p16.data() + h * kBlock,
+                            form == Weights::kBf16Split ? DType::kBFloat16 : DType::kFloat16)
+              : _mm512_reduce_add_ps(sum);
+      w->l[h] = w->l[h] * alpha[i] + total;
       w->m[h] = mnew[i];
     }
   }
@@ -634,14 +647,30 @@ bool Fp16Rows(const SectionBlock& b, const Work& w) {
          (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
 }
 
+// Whether the bf16 dot-product kernels take this section: fp16 or bf16 per-token or dense rows.
+bool Bf16Rows(const SectionBlock& b, const Work& w) {
+  return w.bf16 && (b.dtype == DType::kFloat16 || b.dtype == DType::kBFloat16) &&
+         (b.fmt == nullptr || b.fmt->kind != SectionKind::kPerChannel);
+}
+
 SKV_AVX512 void RunBlock(const SectionBlock& k, const SectionBlock& v, Work* w) {
-  // The fp16 score kernel reports a non-finite result (fp16 overflow or non-finite input);
-  // the block's scores are then recomputed in fp32 (the V kernel falls back by itself).
-  if (!Fp16Rows(k, *w) || !Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)) RunSection<true>(k, w);
+  // The reduced-arithmetic score kernels report a non-finite result (overflow or non-finite
+  // input); the block's scores are then recomputed in fp32 (the V kernels fall back by themselves).
+  const bool reduced_scores = Fp16Rows(k, *w) ? Fp16RowScores(MakeRowBlock(k, *w), k.rows, w)
+                              : Bf16Rows(k, *w)
+                                  ? Bf16RowScores(MakeRowBlock(k, *w), k.rows, k.dtype, w)
+                                  : false;
+  if (!reduced_scores) RunSection<true>(k, w);
   const bool vh = Fp16Rows(v, *w);
-  SoftmaxBlock(w, k.rows, vh);
+  const bool vb = !vh && Bf16Rows(v, *w);
+  SoftmaxBlock(w, k.rows,
+               vh   ? Weights::kFp16
+               : vb ? (v.dtype == DType::kBFloat16 ? Weights::kBf16Split : Weights::kBf16)
+                    : Weights::kFp32);
   if (vh) {
     Fp16RowValues(MakeRowBlock(v, *w), v.rows, w);
+  } else if (vb) {
+    Bf16RowValues(MakeRowBlock(v, *w), v.rows, v.dtype, w);
   } else {
     RunSection<false>(v, w);
   }
@@ -755,6 +784,7 @@ void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState
   thread_local Work w;
   w.Reset(p);
   PrepareFp16(p, &w);
+  PrepareBf16(p, &w);
   RunAll(p, &w);
   state->Assign(p.group, p.head_dim, w.m.data(), w.l.data(), w.acc.data(), w.dpad);
 }

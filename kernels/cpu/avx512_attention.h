@@ -20,6 +20,10 @@ bool Avx512AttentionCompiled();
 // has it (avx512_fp16_attention.h).
 bool Avx512Fp16ArithmeticAvailable();
 
+// Whether DecodeCompute::kBFloat16 takes effect: built with AVX512_BF16 support and the CPU
+// has it (avx512_bf16_attention.h).
+bool Avx512Bf16ArithmeticAvailable();
+
 // See Backend::DecodeAttentionPartial.
 void Avx512DecodeAttentionPartial(const DecodeAttentionParams& p, AttentionState* state);
 

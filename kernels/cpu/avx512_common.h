@@ -1,6 +1,8 @@
 // Internals shared by the AVX-512 decode-attention files (avx512_attention.cc: fp32
-// arithmetic; avx512_fp16_attention.cc: fp16 arithmetic on AVX512-FP16): the per-call scratch,
-// the prefetcher, the row-block view and the transposed reduction. Include only from those.
+// arithmetic; avx512_fp16_attention.cc: fp16 arithmetic on AVX512-FP16;
+// avx512_bf16_attention.cc: bf16 dot products on AVX512_BF16): the per-call scratch, the
+// prefetcher, the row-block view, row-word loads and the transposed reduction. Include only
+// from those.
 #ifndef SPARSEKV_KERNELS_CPU_AVX512_COMMON_H_
 #define SPARSEKV_KERNELS_CPU_AVX512_COMMON_H_
 
@@ -8,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/attention.h"
@@ -73,6 +76,12 @@ struct Work {
   bool f16 = false;
   std::vector<uint16_t> q16;
   std::vector<uint32_t> p16;
+  // bf16 dot products (DecodeCompute::kBFloat16, avx512_bf16_attention.cc): q * scale as bf16
+  // hi + lo parts [group, dpad] each (lo: q - hi rounded again; used for bf16 caches). p16
+  // then holds the V weights as bf16 pairs of consecutive rows: [group, kBlock], per head 32
+  // hi pairs, then 32 lo pairs (p - hi rounded again; bf16 caches only).
+  bool bf16 = false;
+  std::vector<uint16_t> qb_hi, qb_lo;
 
   void Reset(const DecodeAttentionParams& params) {
     group = params.group;
@@ -110,6 +119,132 @@ struct RowBlock {
 template <bool kSparse>
 SKV_INLINE uint32_t RowMask(const RowBlock& rb, int r, int w) {
   return kSparse ? Load32(rb.bitmaps + r * rb.bm_stride + 4 * w) : rb.dense_mask[w];
+}
+
+// How a block's rows are stored, for the reduced-arithmetic kernels: compressed (expand by the
+// bitmap words), dense with a partial last word (head_dim % 32 != 0: masked loads there) or
+// dense in whole words (plain loads, no mask work in the row loops).
+enum RowKind { kSparseRows, kDenseRows, kFullRows };
+
+template <int kRows>
+SKV_INLINE uint32_t Mask(const RowBlock& rb, int r, int w) {
+  if (kRows == kFullRows) return 0xffffffffu;
+  return RowMask<kRows == kSparseRows>(rb, r, w);
+}
+
+// One 32-column word of a row of 16-bit elements (fp16 or bf16) in 32 lanes, zeros where the
+// mask is clear.
+template <int kRows>
+SKV_AVX512 SKV_INLINE __m512i Word16(const uint8_t* p, uint32_t mask) {
+  if (kRows == kSparseRows) return _mm512_maskz_expandloadu_epi16(mask, p);
+  if (kRows == kFullRows || mask == 0xffffffffu) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi16(mask, p);
+}
+
+// Bytes of 16-bit elements a row word under `mask` occupies.
+template <int kRows>
+SKV_INLINE size_t WordBytes(uint32_t mask) {
+  return kRows == kSparseRows ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
+}
+
+// Popcount of a row's first n bitmap words: where word n's packed values start.
+SKV_INLINE size_t PrefixCount(const uint8_t* bm, int n) {
+  size_t c = 0;
+  int i = 0;
+  for (; i + 2 <= n; i += 2) {
+    uint64_t x;
+    std::memcpy(&x, bm + 4 * i, sizeof(x));
+    c += static_cast<size_t>(__builtin_popcountll(x));
+  }
+  if (i < n) c += static_cast<size_t>(__builtin_popcount(Load32(bm + 4 * i)));
+  return c;
+}
+
+// Cursor of row r at word w0.
+template <int kRows>
+SKV_INLINE const uint8_t* RowCursor(const RowBlock& rb, int r, int w0) {
+  const uint8_t* ptr = rb.values + r * rb.val_stride;
+  if (w0 == 0) return ptr;
+  return ptr +
+         (kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0);
+}
+
+// The fp32 recomputation of one slice of fp16 (or, kBf16, bf16) rows (rare: a reduced-arithmetic
+// partial sum overflowed, or the inputs are not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h,
+// r] * v_r, in the fp32 kernel's order of operations (row by row, fused multiply-adds), so it
+// matches that kernel.
+template <int kRows, bool kBf16 = false>
+SKV_AVX512 void SliceFp32(const RowBlock& rb, int rows, int w0, int nw, int ht, const float* p,
+                          float* acc, int dpad) {
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* ptr = RowCursor<kRows>(rb, r, w0);
+    for (int z = 0; z < nw; ++z) {
+      const uint32_t m = Mask<kRows>(rb, r, w0 + z);
+      const __m512i x = Word16<kRows>(ptr, m);
+      ptr += WordBytes<kRows>(m);
+      const __m256i x0 = _mm512_castsi512_si256(x), x1 = _mm512_extracti64x4_epi64(x, 1);
+      const __m512 lo = kBf16
+                            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x0), 16))
+                            : _mm512_cvtph_ps(x0);
+      const __m512 hi = kBf16
+                            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x1), 16))
+                            : _mm512_cvtph_ps(x1);
+      for (int h = 0; h < ht; ++h) {
+        const __m512 pb = _mm512_set1_ps(p[h * kBlock + r]);
+        float* o = acc + h * dpad + 32 * (w0 + z);
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(pb, lo, _mm512_loadu_ps(o)));
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(pb, hi, _mm512_loadu_ps(o + 16)));
+      }
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, W>) with W = words when it is one of the unrolled word
+// counts (head_dim 64, 128, 256), else W = 0 (the count is read at run time).
+template <class F>
+SKV_INLINE void WithWords(int words, F&& f) {
+  switch (words) {
+    case 2:
+      return f(std::integral_constant<int, 2>());
+    case 4:
+      return f(std::integral_constant<int, 4>());
+    case 8:
+      return f(std::integral_constant<int, 8>());
+    default:
+      return f(std::integral_constant<int, 0>());
+  }
+}
+
+// Calls f(std::integral_constant<int, HT>) for a head tile HT in {1, 2, 3, 4, 8} (Tile's).
+template <class F>
+SKV_INLINE void WithTile(int ht, F&& f) {
+  switch (ht) {
+    case 8:
+      return f(std::integral_constant<int, 8>());
+    case 4:
+      return f(std::integral_constant<int, 4>());
+    case 3:
+      return f(std::integral_constant<int, 3>());
+    case 2:
+      return f(std::integral_constant<int, 2>());
+    default:
+      return f(std::integral_constant<int, 1>());
+  }
+}
+
+// Whether every score w->p[h, 0..rows) is finite: reduced-arithmetic kernels recompute a block
+// in fp32 otherwise (overflow, or non-finite inputs, which then get the fp32 path's semantics).
+SKV_AVX512 SKV_INLINE bool ScoresFinite(const Work& w, int rows) {
+  __mmask16 bad = 0;
+  for (int h = 0; h < w.group; ++h) {
+    const float* s = w.p.data() + h * kBlock;
+    for (int c = 0; c < rows; c += 16) {
+      const __mmask16 valid =
+          static_cast<__mmask16>(rows - c >= 16 ? 0xffffu : (1u << (rows - c)) - 1);
+      bad |= _mm512_mask_fpclass_ps_mask(valid, _mm512_loadu_ps(s + c), 0x99);  // NaN, +-inf
+    }
+  }
+  return bad == 0;
 }
 
 // Head tiles: up to 8 heads share one pass over rows (per-token/dense K), 4 elsewhere so that

@@ -35,28 +35,10 @@ namespace {
 
 constexpr int kNonFinite = 0x99;  // vfpclass: QNaN | +inf | -inf | SNaN
 
-// How a block's rows are stored: compressed (expand by the bitmap words), dense with a partial
-// last word (head_dim % 32 != 0: masked loads there) or dense in whole words (plain loads, no
-// mask work in the row loops).
-enum RowKind { kSparseRows, kDenseRows, kFullRows };
-
-template <int kRows>
-SKV_INLINE uint32_t Mask(const RowBlock& rb, int r, int w) {
-  if (kRows == kFullRows) return 0xffffffffu;
-  return RowMask<kRows == kSparseRows>(rb, r, w);
-}
-
 // One 32-column word of a row as 32 fp16 lanes, zeros where the mask is clear.
 template <int kRows>
 SKV_AVX512FP16 SKV_INLINE __m512h Word(const uint8_t* p, uint32_t mask) {
-  if (kRows == kSparseRows) return _mm512_castsi512_ph(_mm512_maskz_expandloadu_epi16(mask, p));
-  if (kRows == kFullRows || mask == 0xffffffffu) return _mm512_castsi512_ph(_mm512_loadu_si512(p));
-  return _mm512_castsi512_ph(_mm512_maskz_loadu_epi16(mask, p));
-}
-
-template <int kRows>
-SKV_INLINE size_t WordBytes(uint32_t mask) {
-  return kRows == kSparseRows ? static_cast<size_t>(__builtin_popcount(mask)) * 2 : 64;
+  return _mm512_castsi512_ph(Word16<kRows>(p, mask));
 }
 
 // ---- reduction of K partial sums, four heads at a time ----
@@ -244,52 +226,6 @@ SKV_AVX512FP16 void ScoresAll(const RowBlock& rb, int rows, Work* w) {
   }
 }
 
-// Popcount of a row's first n bitmap words: where word n's packed values start.
-SKV_INLINE size_t PrefixCount(const uint8_t* bm, int n) {
-  size_t c = 0;
-  int i = 0;
-  for (; i + 2 <= n; i += 2) {
-    uint64_t x;
-    std::memcpy(&x, bm + 4 * i, sizeof(x));
-    c += static_cast<size_t>(__builtin_popcountll(x));
-  }
-  if (i < n) c += static_cast<size_t>(__builtin_popcount(Load32(bm + 4 * i)));
-  return c;
-}
-
-// Cursor of row r at word w0.
-template <int kRows>
-SKV_INLINE const uint8_t* RowCursor(const RowBlock& rb, int r, int w0) {
-  const uint8_t* ptr = rb.values + r * rb.val_stride;
-  if (w0 == 0) return ptr;
-  return ptr +
-         (kRows == kSparseRows ? 2 * PrefixCount(rb.bitmaps + r * rb.bm_stride, w0) : 64 * w0);
-}
-
-// The fp32 recomputation of one slice (rare: an fp16 partial sum overflowed, or the inputs are
-// not finite): acc[h, 32*w0 .. 32*(w0+nw)) += sum_r p[h, r] * v_r, in the fp32 kernel's order
-// of operations (row by row, fused multiply-adds), so it matches that kernel.
-template <int kRows>
-SKV_AVX512FP16 void SliceFp32(const RowBlock& rb, int rows, int w0, int nw, int ht, const float* p,
-                              float* acc, int dpad) {
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* ptr = RowCursor<kRows>(rb, r, w0);
-    for (int z = 0; z < nw; ++z) {
-      const uint32_t m = Mask<kRows>(rb, r, w0 + z);
-      const __m512i x = _mm512_castph_si512(Word<kRows>(ptr, m));
-      ptr += WordBytes<kRows>(m);
-      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
-      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
-      for (int h = 0; h < ht; ++h) {
-        const __m512 pb = _mm512_set1_ps(p[h * kBlock + r]);
-        float* o = acc + h * dpad + 32 * (w0 + z);
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(pb, lo, _mm512_loadu_ps(o)));
-        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(pb, hi, _mm512_loadu_ps(o + 16)));
-      }
-    }
-  }
-}
-
 // acc[h, 32*w0 .. 32*(w0+NW)) += sum_r p[h, r] * v_r, the sum in fp16, widened to fp32 once
 // per block. p16 holds each weight twice per 32-bit word, so that a plain 32-bit broadcast (a
 // load-port operation) fills all 32 lanes. Each row's cursor is found from its bitmap as the
@@ -433,16 +369,7 @@ SKV_AVX512FP16 bool Fp16RowScores(const RowBlock& rb, int rows, Work* w) {
   } else {
     ScoresAll<kDenseRows>(rb, rows, w);
   }
-  __mmask16 bad = 0;
-  for (int h = 0; h < w->group; ++h) {
-    const float* s = w->p.data() + h * kBlock;
-    for (int c = 0; c < rows; c += 16) {
-      const __mmask16 valid =
-          static_cast<__mmask16>(rows - c >= 16 ? 0xffffu : (1u << (rows - c)) - 1);
-      bad |= _mm512_mask_fpclass_ps_mask(valid, _mm512_loadu_ps(s + c), kNonFinite);
-    }
-  }
-  return bad == 0;
+  return ScoresFinite(*w, rows);
 }
 
 SKV_AVX512FP16 void Fp16RowValues(const RowBlock& rb, int rows, Work* w) {

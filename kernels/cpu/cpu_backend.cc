@@ -45,6 +45,7 @@ class Avx512CpuBackend final : public Backend {
     Avx512DecodeAttentionPartial(p, state);
   }
   bool Fp16Arithmetic() const override { return Avx512Fp16ArithmeticAvailable(); }
+  bool Bf16Arithmetic() const override { return Avx512Bf16ArithmeticAvailable(); }
 };
 
 }  // namespace

@@ -46,6 +46,7 @@ class CpuComputeBackend final : public ComputeBackend {
   std::string variant() const override { return variant_.variant(); }
   std::string features() const override { return variant_.features(); }
   bool Fp16Arithmetic() const override { return variant_.Fp16Arithmetic(); }
+  bool Bf16Arithmetic() const override { return variant_.Bf16Arithmetic(); }
   int threads() const override { return pool_ ? pool_->size() : 0; }
 
   KernelStatus Decode(const DecodeBatch& batch) const override {

@@ -13,7 +13,7 @@ struct CpuFeatures {
   bool avx2 = false;    // with FMA, F16C, BMI2, POPCNT and OS-enabled YMM state
   bool avx512 = false;  // F, BW, VL, DQ, VBMI2 (vpexpandw) on top of avx2, OS-enabled ZMM state
   bool avx512_fp16 = false;  // on top of avx512: DecodeCompute::kFloat16 arithmetic
-  bool avx512_bf16 = false;  // informational
+  bool avx512_bf16 = false;  // on top of avx512: DecodeCompute::kBFloat16 dot products
 };
 
 // The features of this machine. Setting SPARSEKV_CPU_VARIANT=portable|avx2 in the environment

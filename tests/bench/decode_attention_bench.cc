@@ -8,13 +8,15 @@
 // default working set per sparsity exceeds a 260 MiB L3), as a real decode over many layers
 // does.
 //
-// Every configuration runs with fp32 arithmetic and, where the CPU has AVX512-FP16 and the
-// cache is fp16, also with fp16 arithmetic (DecodeCompute::kFloat16); each sparse row's
-// speedup is against dense with the same arithmetic, and the last column against fp32 dense.
+// Every configuration runs with fp32 arithmetic and, by default, every reduced arithmetic the
+// CPU and dtype allow: fp16 (DecodeCompute::kFloat16: fp16 cache, AVX512-FP16) and bf16 dot
+// products (kBFloat16: fp16 or bf16 cache, AVX512_BF16). Each sparse row's speedup is against
+// dense with the same arithmetic, then against fp32 dense and against the best dense path of
+// the run (the fastest dense row of its thread count).
 //
 // Flags: --tokens --kv_heads --group --head_dim --iters --layers --chunk --threads --variant
 //        (portable|avx2|avx512, default the best this CPU runs) --stream_mib --dtype (f16|bf16)
-//        --compute (both|f32|f16, default both)
+//        --compute (all|both|f32|f16|bf16; default all; both = f32 and f16)
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -45,7 +47,14 @@ struct Config {
 };
 
 const char* ComputeName(kernels::DecodeCompute m) {
-  return m == kernels::DecodeCompute::kFloat16 ? "f16" : "f32";
+  switch (m) {
+    case kernels::DecodeCompute::kFloat16:
+      return "f16";
+    case kernels::DecodeCompute::kBFloat16:
+      return "bf16";
+    default:
+      return "f32";
+  }
 }
 
 // All layers of one sparsity: chunk sections laid out layer-major, head-major, chunk order.
@@ -141,12 +150,23 @@ int Main(int argc, char** argv) {
   c.stream_mib = IntFlag(argc, argv, "stream_mib", 1024);
   c.dtype = Flag(argc, argv, "dtype", "f16") == "bf16" ? DType::kBFloat16 : DType::kFloat16;
   c.variant = Flag(argc, argv, "variant", "");
-  const std::string compute = Flag(argc, argv, "compute", "both");
+  const std::string compute = Flag(argc, argv, "compute", "all");
   const bool f16_ok = c.dtype == DType::kFloat16 && kernels::GetCpuFeatures().avx512_fp16;
-  if (compute != "f16") c.computes.push_back(kernels::DecodeCompute::kFloat32);
-  if (compute != "f32" && f16_ok) c.computes.push_back(kernels::DecodeCompute::kFloat16);
+  const bool bf16_ok = kernels::GetCpuFeatures().avx512_bf16;
+  if (compute == "all" || compute == "both" || compute == "f32") {
+    c.computes.push_back(kernels::DecodeCompute::kFloat32);
+  }
+  if ((compute == "all" || compute == "both" || compute == "f16") && f16_ok) {
+    c.computes.push_back(kernels::DecodeCompute::kFloat16);
+  }
+  if ((compute == "all" || compute == "bf16") && bf16_ok) {
+    c.computes.push_back(kernels::DecodeCompute::kBFloat16);
+  }
   if (c.computes.empty()) {
-    std::fprintf(stderr, "--compute f16 needs an fp16 cache and a CPU with AVX512-FP16\n");
+    std::fprintf(stderr,
+                 "--compute %s: f16 needs an fp16 cache and AVX512-FP16, bf16 needs AVX512_BF16 "
+                 "(flag values: all both f32 f16 bf16)\n",
+                 compute.c_str());
     return 2;
   }
   c.tokens = std::max<int64_t>(c.chunk, c.tokens / c.chunk * c.chunk);
@@ -215,30 +235,41 @@ int Main(int argc, char** argv) {
               (long long)c.kv_heads, (long long)c.tokens);
   std::printf(
       "| threads | compute | sparsity | MB read/step | ms/step | GB/s | stream GB/s | of stream | "
-      "speedup vs dense | vs f32 dense |\n|---|---|---|---|---|---|---|---|---|---|\n");
+      "speedup vs dense | vs f32 dense | vs best dense |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n");
   std::vector<int> thread_counts = {1};
   if (c.threads > 1) thread_counts.push_back(static_cast<int>(c.threads));
   for (int t : thread_counts) {
     const double stream = StreamReadGBps(stream_buf, t, pool.get(), 5);
-    double f32_dense = 0;
-    for (kernels::DecodeCompute m : c.computes) {
-      double dense_time = 0;
+    // [compute][cache] seconds; printed once all are timed, so that every row can be set
+    // against the best dense path of its thread count.
+    std::vector<std::vector<double>> sec(c.computes.size());
+    double best_dense = 0;
+    for (size_t m = 0; m < c.computes.size(); ++m) {
       for (const Cache& cache : caches) {
-        const double sec = TimeSteps(c, *backends[t == 1 ? 0 : 1], cache, q, m);
-        if (cache.sparsity == 0.0) dense_time = sec;
-        if (cache.sparsity == 0.0 && m == kernels::DecodeCompute::kFloat32) f32_dense = sec;
-        const double gbps = cache.bytes_per_layer / sec / 1e9;
-        std::printf("| %d | %s | %.1f | %.1f | %.3f | %.2f | %.2f | %.2f | %.2fx | ", t,
-                    ComputeName(m), cache.sparsity, cache.bytes_per_layer / 1e6, sec * 1e3, gbps,
-                    stream, gbps / stream, dense_time / sec);
-        if (f32_dense > 0) {
-          std::printf("%.2fx |\n", f32_dense / sec);
-        } else {
-          std::printf("- |\n");
+        sec[m].push_back(TimeSteps(c, *backends[t == 1 ? 0 : 1], cache, q, c.computes[m]));
+        if (cache.sparsity == 0.0 && (best_dense == 0 || sec[m].back() < best_dense)) {
+          best_dense = sec[m].back();
         }
-        std::fflush(stdout);
       }
     }
+    const double f32_dense = sec[0][0];  // computes[0] is fp32 unless --compute f16 or bf16
+    for (size_t m = 0; m < c.computes.size(); ++m) {
+      for (size_t i = 0; i < caches.size(); ++i) {
+        const Cache& cache = caches[i];
+        const double gbps = cache.bytes_per_layer / sec[m][i] / 1e9;
+        std::printf("| %d | %s | %.1f | %.1f | %.3f | %.2f | %.2f | %.2f | %.2fx | ", t,
+                    ComputeName(c.computes[m]), cache.sparsity, cache.bytes_per_layer / 1e6,
+                    sec[m][i] * 1e3, gbps, stream, gbps / stream, sec[m][0] / sec[m][i]);
+        if (c.computes[0] == kernels::DecodeCompute::kFloat32) {
+          std::printf("%.2fx | ", f32_dense / sec[m][i]);
+        } else {
+          std::printf("- | ");
+        }
+        std::printf("%.2fx |\n", best_dense / sec[m][i]);
+      }
+    }
+    std::fflush(stdout);
   }
   return 0;
 }

@@ -1,4 +1,4 @@
-"""Emulates the fp16-arithmetic decode kernel's roundings in numpy, on real q/k/v.
+"""Emulates the reduced-arithmetic decode kernels' roundings in numpy, on real q/k/v.
 
 This chose the design of kernels/cpu/avx512_fp16_attention.cc (tests/bench/RESULTS.md,
 section 1, "Numerics"). Every step that the kernel rounds to fp16 is rounded to fp16 here;
@@ -13,6 +13,15 @@ Candidates:
      allfp16     all five folds in fp16
   V  v16         weights rounded to fp16, p * v summed per 64-token block in fp16, blocks in
                  fp32 (the kernel)
+bf16 dot products (DecodeCompute::kBFloat16, kernels/cpu/avx512_bf16_attention.cc); products
+of bf16 values are exact and the kernel's sums are fp32 (~1e-7), so sums are exact here:
+  K  bf16        fp16 cache: q * scale rounded to bf16, K converted as the kernel does (the
+                 fp16 significand rounded to 7 bits half away from zero, fp16 subnormals zero)
+     bf16split   bf16 cache (K/V stored as bf16, the reference too): q * scale = hi + lo, both
+                 bf16, K as stored (the kernel for bf16 caches)
+     bf16hi      bf16 cache, q * scale rounded to bf16 once (the split's alternative)
+  V  vbf16       fp16 cache: weights rounded to bf16 (normalised by their rounded sum), V
+                 converted like K (the kernel); bf16 caches split the weights (exact here)
 
 Run (about 15 s; docs-byte-10m window 0, 512 tokens):
   /usr/bin/python3 tests/eval/fp16_arith_emulation.py
@@ -39,10 +48,37 @@ def r16(x):
     return np.asarray(x).astype(np.float16).astype(np.float64)
 
 
+def rb16(x):
+    """Round to bf16 (nearest even), as vcvtneps2bf16 does for finite values."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def f16_to_bf16(x):
+    """The kernel's integer fp16 -> bf16 conversion of fp16-stored x (values unscaled)."""
+    h = np.asarray(x).astype(np.float16).view(np.uint16).astype(np.uint32)
+    r = ((h & 0x7FFF) + 4) >> 3
+    b = ((r | (h & 0x8000)) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.where(r >> 7 == 0, 0.0, b * 2.0 ** 112)  # bf16 subnormal: zero in vdpbf16ps
+
+
+# (K mode, V mode, storage)
+BF16_MODES = [("bf16", "exact", "fp16"), ("bf16", "vbf16", "fp16"), ("bf16split", "exact", "bf16"),
+              ("bf16hi", "exact", "bf16")]
+
+
 def scores(qs, K, mode):
     """qs [D] (scaled), K [T, D] (fp16 values); D a multiple of 32."""
     if mode == "exact":
         return K @ qs
+    if mode == "bf16":
+        return f16_to_bf16(K) @ rb16(qs)
+    if mode == "bf16split":
+        hi = rb16(qs)
+        return K @ (hi + rb16(qs - hi))
+    if mode == "bf16hi":
+        return K @ rb16(qs)
     qh = r16(qs)
     if mode == "q16":
         return K @ qh
@@ -62,6 +98,9 @@ def attend(qs, K, V, kmode, vmode, block=64):
     if vmode == "exact":
         p = np.exp(s - s.max())
         return (p @ V) / p.sum()
+    if vmode == "vbf16":  # one max for the whole sequence; the kernel's is per 64-token block
+        p = rb16(np.exp(s - s.max()))
+        return (p @ f16_to_bf16(V)) / p.sum()
     m, l, acc = -np.inf, 0.0, np.zeros(V.shape[1])
     for b in range(0, len(s), block):
         mn = max(m, s[b:b + block].max())
@@ -81,7 +120,7 @@ def main():
     m = L.load(os.path.join(L.MODELS, MODEL))
     x, _ = L.docs_window(L.docs_valid_stream(), 0)
     _, caps = L.capture_qkv(m, x[:512])
-    errs = {md: [] for md in MODES}
+    errs = {md: [] for md in MODES + BF16_MODES}
     for c in caps:
         q, k, v = c["q"], c["k"], c["v"]  # [T, heads, D]
         T, hq, d = q.shape
@@ -96,11 +135,26 @@ def main():
                 for md in MODES:
                     o = attend(qs, K, V, *md)
                     errs[md].append(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-30))
+                # bf16 caches: K/V stored as bf16, the reference over the same stored values.
+                Kb = np.pad(rb16(k[:t + 1, h // g]), ((0, 0), (0, pad)))
+                Vb = rb16(v[:t + 1, h // g])
+                refb = attend(qs, Kb, Vb, "exact", "exact")
+                for kmode, vmode, store in BF16_MODES:
+                    if store == "fp16":
+                        o, r = attend(qs, K, V, kmode, vmode), ref
+                    else:
+                        o, r = attend(qs, Kb, Vb, kmode, vmode), refb
+                    errs[(kmode, vmode, store)].append(
+                        np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
     print("%s, head_dim %d: attention-output relative error vs float64" % (MODEL, d))
     for md in MODES:
         e = np.array(errs[md])
         print("  K %-8s V %-5s mean %.2e  p90 %.2e  max %.2e"
               % (md[0], md[1], e.mean(), np.percentile(e, 90), e.max()))
+    for md in BF16_MODES:
+        e = np.array(errs[md])
+        print("  K %-9s V %-5s (%s cache) mean %.2e  p90 %.2e  max %.2e"
+              % (md[0], md[1], md[2], e.mean(), np.percentile(e, 90), e.max()))
     return 0
 
 

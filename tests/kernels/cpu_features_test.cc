@@ -147,6 +147,13 @@ TEST(CpuFeaturesTest, VariantInUseIsTheBestSupportedOne) {
   if (CpuBackend().Fp16Arithmetic()) {
     EXPECT_TRUE(f.avx512_fp16);
   }
+  // bf16 dot products likewise, and only in the avx512 variant.
+  for (const Backend* b : CpuBackendVariants()) {
+    if (b->Bf16Arithmetic()) {
+      EXPECT_TRUE(f.avx512_bf16) << b->variant();
+      EXPECT_EQ(b->variant(), "avx512");
+    }
+  }
 }
 
 TEST(CpuFeaturesTest, SameResultOnEveryCallAndThread) {
