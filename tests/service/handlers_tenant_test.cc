@@ -10,26 +10,12 @@
 
 #include "service/auth.h"
 #include "service/handlers.h"
+#include "tests/service/test_tensors.h"
 
 namespace sparsekv::service {
 namespace {
 
 constexpr int kLayers = 1, kKv = 1, kQ = 2, kDim = 16;
-
-v1::Tensor F32(std::vector<int64_t> shape, std::mt19937* rng) {
-  v1::Tensor t;
-  t.set_dtype(v1::DTYPE_FLOAT32);
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    t.add_shape(d);
-    n *= d;
-  }
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(*rng);
-  t.mutable_data()->assign(reinterpret_cast<const char*>(v.data()), n * 4);
-  return t;
-}
 
 class HandlersTenantTest : public ::testing::Test {
  protected:

@@ -10,27 +10,12 @@
 
 #include "service/server.h"
 #include "sparsekv/v1/kv_cache.grpc.pb.h"
+#include "tests/service/test_tensors.h"
 
 namespace sparsekv::service {
 namespace {
 
 constexpr int kLayers = 2, kKv = 2, kQ = 8, kDim = 32;
-
-v1::Tensor F32(std::vector<int64_t> shape, std::mt19937* rng, std::vector<float>* keep = nullptr) {
-  v1::Tensor t;
-  t.set_dtype(v1::DTYPE_FLOAT32);
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    t.add_shape(d);
-    n *= d;
-  }
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(*rng);
-  t.mutable_data()->assign(reinterpret_cast<const char*>(v.data()), n * 4);
-  if (keep) *keep = v;
-  return t;
-}
 
 class ServiceTest : public ::testing::Test {
  protected:
